@@ -1,0 +1,69 @@
+// Per-element math shared by the CPU (C++) and CUDA kernels, so the CPU tests
+// exercise exactly the arithmetic the GPU runs. No torch headers here.
+//   - Philox4x32-10 (Random123) and the dropout keep rule of CONVENTIONS.md
+//   - the VGMR gate transform of SPEC §5 and its derivative
+#pragma once
+#include <math.h>
+#include <stdint.h>
+
+#if defined(__CUDACC__)
+#define VGMR_HD __host__ __device__ __forceinline__
+#else
+#define VGMR_HD inline
+#endif
+
+namespace vgmr {
+
+// ---- Philox4x32-10 -------------------------------------------------------
+struct U32x4 { uint32_t w[4]; };
+
+VGMR_HD void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
+  uint64_t p = (uint64_t)a * (uint64_t)b;
+  hi = (uint32_t)(p >> 32);
+  lo = (uint32_t)p;
+}
+
+// Four 32-bit words for counter n under key seed (both 64-bit, split lo/hi).
+VGMR_HD U32x4 philox4x32_10(uint64_t seed, uint64_t n) {
+  uint32_t c0 = (uint32_t)n, c1 = (uint32_t)(n >> 32), c2 = 0u, c3 = 0u;
+  uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    uint32_t hi0, lo0, hi1, lo1;
+    mulhilo32(0xD2511F53u, c0, hi0, lo0);
+    mulhilo32(0xCD9E8D57u, c2, hi1, lo1);
+    uint32_t n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
+    c0 = n0; c1 = lo1; c2 = n2; c3 = lo0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  U32x4 r;
+  r.w[0] = c0; r.w[1] = c1; r.w[2] = c2; r.w[3] = c3;
+  return r;
+}
+
+// Counter of element (row r, col c) of a row-major [R, D] tensor: four
+// consecutive columns share one Philox call (word c % 4).
+VGMR_HD uint64_t philox_counter(int64_t r, int64_t c, int64_t D) {
+  return (uint64_t)r * (uint64_t)((D + 3) / 4) + (uint64_t)(c / 4);
+}
+
+// keep iff word >= threshold, threshold = min(2^32-1, floor(p * 2^32)) (host, double).
+VGMR_HD bool dropout_keep(uint32_t word, uint32_t threshold) { return word >= threshold; }
+
+// ---- Gate (SPEC §5) ----------------------------------------------------------
+// G = sigmoid(z); Ghat = 1 + alpha(2G-1); Geff = beta + (1-beta) Ghat.
+VGMR_HD float sigmoidf_(float z) {
+  // expf (not __expf) on both sides so CPU and GPU round alike.
+  return 1.0f / (1.0f + expf(-z));
+}
+
+VGMR_HD float gate_eff(float g, float alpha, float beta) {
+  return beta + (1.0f - beta) * (1.0f + alpha * (2.0f * g - 1.0f));
+}
+
+// dGeff/dz = 2 alpha (1-beta) G (1-G)
+VGMR_HD float gate_eff_grad(float g, float alpha, float beta) {
+  return 2.0f * alpha * (1.0f - beta) * g * (1.0f - g);
+}
+
+}  // namespace vgmr
