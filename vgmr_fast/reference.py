@@ -238,6 +238,8 @@ class VGMR(nn.Module):
     ``torch.nn.functional.dropout`` instead (what a plain-PyTorch user would write; benchmarks use it).
     """
 
+    has_aux = True  # backbones ask for the auxiliaries with return_aux=True
+
     def __init__(
         self,
         widths,
