@@ -1,0 +1,257 @@
+"""vgmr_triton::interaction and interaction_backward against vgmr_fast.reference.interaction.
+
+Interpreter-sized on a CPU machine (TRITON_INTERPRET=1); large sizes on a GPU only.
+Test rule (CONVENTIONS.md): error <= 2x the eager reference's error in the same dtype
++ 1e-6 (fp32) / 1e-3 (half), truth = reference in float64.
+"""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+import vgmr_fast.triton as VT
+from vgmr_fast import reference as ref
+
+pytestmark = pytest.mark.skipif(not VT.AVAILABLE, reason=f"Triton unavailable: {VT.unavailable_reason()}")
+
+DEVICE = "cpu" if VT.INTERPRET else "cuda"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setitem(VT.CONFIG, "poison_outputs", True)
+
+
+def atol_for(dtype):
+    return 1e-6 if dtype == torch.float32 else 1e-3
+
+
+def interp_slack(out_dtype, truth):
+    """One bf16 ulp of the truth under the interpreter, whose fp32 -> bf16 cast truncates
+    (on a GPU ``.to(tl.bfloat16)`` rounds to nearest even and the plain rule applies)."""
+    if VT.INTERPRET and out_dtype == torch.bfloat16:
+        return torch.exp2(torch.floor(torch.log2(truth.abs().clamp_min(2.0**-126))) - 7)
+    return torch.zeros_like(truth)
+
+
+def check(name, out, truth, eager, dtype):
+    """The test rule: |out - truth| <= 2 max|eager - truth| + atol(dtype of the inputs)."""
+    out_dtype = out.dtype
+    out, truth, eager = (t.detach().double().cpu() for t in (out, truth, eager))
+    assert out.shape == truth.shape, name
+    assert not torch.isnan(out).any(), f"{name}: NaN (unwritten or broken) elements"
+    err = (out - truth).abs()
+    bound = 2 * (eager - truth).abs().max().item() + atol_for(dtype)
+    excess = err - bound - interp_slack(out_dtype, truth)
+    assert (excess <= 0).all(), (
+        f"{name}: max error {err.max().item():.3e} > bound {bound:.3e} (worst excess {excess.max().item():.3e})")
+
+
+def make_s(B, M, D, dtype, seed=0, ties=True, noncontig=False):
+    g = torch.Generator().manual_seed(seed + B * 1000 + M * 100 + D)
+    if noncontig:
+        s = torch.randn(B, D, M, generator=g).transpose(1, 2)
+    else:
+        s = torch.randn(B, M, D, generator=g)
+    if ties:  # s_m == s_j somewhere: d|s_m - s_j| = sign(0) = 0 there
+        s[:, 1, ::2] = s[:, 0, ::2]
+    return s.to(DEVICE, dtype)
+
+
+def run_and_check(B, M, D, dtype, s=None):
+    if s is None:
+        s = make_s(B, M, D, dtype)
+    u = torch.ops.vgmr_triton.interaction(s)
+    assert u.dtype == dtype and u.shape == (B, M, (3 * M - 1) * D)
+    g = torch.Generator().manual_seed(7)
+    du = torch.randn(u.shape, generator=g).to(DEVICE, dtype)
+    ds = torch.ops.vgmr_triton.interaction_backward(du, s)
+    assert ds.dtype == dtype and ds.shape == (B, M, D)
+    s64 = s.detach().double().requires_grad_()
+    sX = s.detach().clone().requires_grad_()
+    u64 = ref.interaction(s64)
+    uX = ref.interaction(sX)
+    u64.backward(du.double())
+    uX.backward(du)
+    check("u", u, u64, uX, dtype)
+    # the copies of s_m, s_j are exact; so are the products and |differences| (one rounding of
+    # an exact fp32 value), except for bf16 under the interpreter, whose bf16 cast truncates
+    n = (3 * M - 2) * D if not (VT.INTERPRET and dtype == torch.bfloat16) else M * D
+    assert torch.equal(u[..., :n].cpu(), uX[..., :n].detach().cpu()), "copy/product/|diff| blocks differ"
+    check("ds", ds, s64.grad, sX.grad, dtype)
+    return u, ds
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M", [2, 3, 4])
+@pytest.mark.parametrize("B,D", [(2, 1), (3, 3), (2, 35), (1, 74), (2, 130)], ids=lambda v: str(v))
+def test_forward_backward(B, D, M, dtype):
+    run_and_check(B, M, D, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M", [2, 3])
+@pytest.mark.parametrize("D", [35, 130])
+def test_several_d_blocks(monkeypatch, D, M, dtype):
+    monkeypatch.setitem(VT.CONFIG, "ia_block_d", 16)
+    run_and_check(2, M, D, dtype)
+
+
+def test_abs_gradient_at_zero():
+    # all modalities equal: every |s_m - s_j| has gradient 0 (torch.abs convention)
+    s = torch.randn(2, 1, 9).expand(2, 3, 9).contiguous().to(DEVICE)
+    du = torch.zeros(2, 3, 8 * 9, device=DEVICE)
+    du[:, :, 2 * 3 * 9 - 9:2 * 3 * 9 - 9 + 2 * 9] = 1.0  # only the discrepancy blocks
+    du[:, :, 5 * 9:7 * 9] = 1.0
+    ds = torch.ops.vgmr_triton.interaction_backward(du, s)
+    assert torch.all(ds == 0)
+
+
+def test_noncontiguous():
+    s = make_s(2, 3, 35, torch.float32, noncontig=True)
+    assert not s.is_contiguous()
+    run_and_check(2, 3, 35, torch.float32, s=s)
+
+
+def test_argument_errors():
+    with pytest.raises(ValueError):
+        torch.ops.vgmr_triton.interaction(torch.randn(2, 1, 4, device=DEVICE))
+    with pytest.raises(ValueError):
+        torch.ops.vgmr_triton.interaction_backward(torch.randn(2, 2, 4, device=DEVICE), torch.randn(2, 2, 4,
+                                                                                                    device=DEVICE))
+    with pytest.raises(TypeError):
+        torch.ops.vgmr_triton.interaction(torch.ones(2, 2, 4, dtype=torch.int64, device=DEVICE))
+
+
+# ---------------------------------------------------------------------------
+# Through the op layer (public function, backend="triton"): autograd.
+# ---------------------------------------------------------------------------
+def _public(name):
+    try:
+        mod = importlib.import_module(f"vgmr_fast.ops.{name}")
+        return getattr(mod, name)
+    except Exception as exc:
+        pytest.skip(f"op layer vgmr_fast.ops.{name} not importable: {exc!r}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_public_autograd(dtype):
+    interaction = _public("interaction")
+    s = make_s(2, 3, 35, dtype)
+    sf = s.clone().requires_grad_()
+    u = interaction(sf, backend="triton")
+    du = torch.randn_like(u)
+    u.backward(du)
+    s64 = s.double().requires_grad_()
+    sX = s.clone().requires_grad_()
+    u64, uX = ref.interaction(s64), ref.interaction(sX)
+    u64.backward(du.double())
+    uX.backward(du)
+    check("u", u, u64, uX, dtype)
+    check("ds", sf.grad, s64.grad, sX.grad, dtype)
+
+
+# ---------------------------------------------------------------------------
+# GPU only
+# ---------------------------------------------------------------------------
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,M,D", [(256, 3, 128), (64, 2, 1023), (33, 4, 1500), (8, 3, 16384)],
+                         ids=lambda v: str(v))
+def test_gpu_sizes(B, M, D, dtype):
+    run_and_check(B, M, D, dtype)
+
+
+@gpu
+def test_gpu_beyond_int32_elements():
+    torch.cuda.empty_cache()
+    M, D = 2, 4096
+    B = 2**31 // ((3 * M - 1) * M * D) + 4
+    assert B * M * (3 * M - 1) * D > 2**31
+    s = torch.randn(B, M, D, device="cuda", dtype=torch.float16)
+    u = torch.ops.vgmr_triton.interaction(s)
+    du = torch.randn_like(u)
+    ds = torch.ops.vgmr_triton.interaction_backward(du, s)
+    last = slice(B - 2, B)
+    sl = s[last].double().requires_grad_()
+    ul = ref.interaction(sl)
+    ul.backward(du[last].double())
+    torch.testing.assert_close(u[last].double(), ul, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(ds[last].double(), sl.grad, atol=2e-2, rtol=1e-2)
+    del u, du
+    torch.cuda.empty_cache()
+
+
+@gpu
+def test_gpu_cuda_graph_forward_backward():
+    s = make_s(16, 3, 256, torch.bfloat16)
+    du = torch.randn(16, 3, 8 * 256, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        return torch.ops.vgmr_triton.interaction(s), torch.ops.vgmr_triton.interaction_backward(du, s)
+
+    st = torch.cuda.Stream()
+    st.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(st):
+        step()
+    torch.cuda.current_stream().wait_stream(st)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    s.copy_(torch.randn_like(s))
+    du.copy_(torch.randn_like(du))
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, e in zip(outs, step()):
+        assert torch.equal(a, e)
+
+
+@gpu
+def test_gpu_public_cuda_graph_whole_step():
+    # summary_pool -> interaction -> gate_norm, forward + autograd backward, captured in one graph.
+    ops = pytest.importorskip("vgmr_fast.ops")
+    B, T, D = 4, 16, 64
+    h = torch.randn(B, T, D, device="cuda", requires_grad=True)
+    mask = torch.rand(B, T, device="cuda") > 0.2
+    x = torch.randn(B, T, D, device="cuda", requires_grad=True)
+    w = torch.ones(D, device="cuda", requires_grad=True)
+    b = torch.zeros(D, device="cuda", requires_grad=True)
+
+    def step():
+        mean, mx = ops.summary_pool(h, mask, backend="triton")
+        s = torch.stack([mean, mx], dim=1)  # [B, 2, D]
+        u = ops.interaction(s, backend="triton")  # [B, 2, 5D]
+        bias_row = u[:, 0, :D] - u[:, 1, D:2 * D]
+        zpre = h * 0.5
+        y = ops.gate_norm(zpre, bias_row, x, w, b, p=0.1, seed=3, backend="triton")
+        loss = y.square().mean()
+        loss.backward()
+        return loss
+
+    st = torch.cuda.Stream()
+    st.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(st):
+        for _ in range(3):
+            for t in (h, x, w, b):
+                t.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(st)
+    for t in (h, x, w, b):
+        t.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    got = [loss.clone()] + [t.grad.clone() for t in (h, x, w, b)]
+    for t in (h, x, w, b):
+        t.grad = None
+    eager = [step()] + [t.grad for t in (h, x, w, b)]
+    for a, e in zip(got, eager):
+        torch.testing.assert_close(a, e)

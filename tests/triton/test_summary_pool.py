@@ -1,0 +1,298 @@
+"""vgmr_triton::summary_pool and summary_pool_backward against vgmr_fast.reference.summary_pool.
+
+Interpreter-sized on a CPU machine (TRITON_INTERPRET=1); large sizes on a GPU only.
+Test rule (CONVENTIONS.md): error <= 2x the eager reference's error in the same dtype
++ 1e-6 (fp32) / 1e-3 (half), truth = reference in float64.  max and argmax are
+selections and must match exactly (argmax: first valid maximal step, NaN maximal,
+-1 where no step is valid).
+"""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+import vgmr_fast.triton as VT
+from vgmr_fast import reference as ref
+
+pytestmark = pytest.mark.skipif(not VT.AVAILABLE, reason=f"Triton unavailable: {VT.unavailable_reason()}")
+
+DEVICE = "cpu" if VT.INTERPRET else "cuda"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setitem(VT.CONFIG, "poison_outputs", True)
+
+
+def atol_for(dtype):
+    return 1e-6 if dtype == torch.float32 else 1e-3
+
+
+def interp_slack(out_dtype, truth):
+    """One bf16 ulp of the truth under the interpreter, whose fp32 -> bf16 cast truncates
+    (on a GPU ``.to(tl.bfloat16)`` rounds to nearest even and the plain rule applies)."""
+    if VT.INTERPRET and out_dtype == torch.bfloat16:
+        return torch.exp2(torch.floor(torch.log2(truth.abs().clamp_min(2.0**-126))) - 7)
+    return torch.zeros_like(truth)
+
+
+def check(name, out, truth, eager, dtype):
+    """The test rule: |out - truth| <= 2 max|eager - truth| + atol(dtype of the inputs)."""
+    out_dtype = out.dtype
+    out, truth, eager = (t.detach().double().cpu() for t in (out, truth, eager))
+    assert out.shape == truth.shape, name
+    assert not torch.isnan(out).any(), f"{name}: NaN (unwritten or broken) elements"
+    err = (out - truth).abs()
+    bound = 2 * (eager - truth).abs().max().item() + atol_for(dtype)
+    excess = err - bound - interp_slack(out_dtype, truth)
+    assert (excess <= 0).all(), (
+        f"{name}: max error {err.max().item():.3e} > bound {bound:.3e} (worst excess {excess.max().item():.3e})")
+
+
+def expected_argmax(h, mask):
+    """First valid maximal step (NaN maximal), -1 without a valid step."""
+    valid = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device) if mask is None else mask.bool()
+    v = valid[..., None].expand_as(h)
+    nan = torch.isnan(h) & v
+    filled = h.masked_fill(~v | torch.isnan(h), float("-inf"))
+    mx = torch.max(filled, dim=1, keepdim=True).values
+    hit = torch.where(nan.any(dim=1, keepdim=True), nan, v & ~torch.isnan(h) & (filled == mx))
+    idx = torch.argmax(hit.to(torch.uint8), dim=1).to(torch.int32)  # first True
+    return torch.where(hit.any(dim=1), idx, torch.full_like(idx, -1))
+
+
+def make_mask(B, T, kind, g):
+    if kind == "none":
+        return None
+    m = torch.rand(B, T, generator=g) > 0.4
+    if kind == "some":
+        m[:, 0] |= ~m.any(dim=1)  # every row has a valid step
+    elif kind == "one-empty":
+        m[0] = False  # an absent modality for sample 0
+        if B > 1:
+            m[1] = True
+    elif kind == "all-empty":
+        m[:] = False
+    return m.to(DEVICE)
+
+
+def run_and_check(B, T, D, dtype, kind, seed=0, h=None):
+    g = torch.Generator().manual_seed(seed + B * 1000 + T * 10 + D)
+    if h is None:
+        h = torch.randn(B, T, D, generator=g).to(DEVICE, dtype)
+    mask = make_mask(B, T, kind, g)
+    mean, mx, arg = torch.ops.vgmr_triton.summary_pool(h, mask)
+    assert mean.dtype == mx.dtype == dtype and arg.dtype == torch.int32 and mean.shape == (B, D)
+    # forward
+    h64 = h.double().requires_grad_()
+    hX = h.detach().clone().requires_grad_()
+    m64, x64 = ref.summary_pool(h64, mask)
+    mX, xX = ref.summary_pool(hX, mask)
+    check("mean", mean, m64, mX, dtype)
+    assert torch.equal(mx.cpu(), xX.detach().cpu()), "max differs from the reference"
+    assert torch.equal(arg.cpu(), expected_argmax(h, mask).cpu()), "argmax differs"
+    if mask is not None:
+        empty = ~mask.any(dim=1)
+        assert torch.all(mean[empty] == 0) and torch.all(mx[empty] == 0) and torch.all(arg[empty] == -1)
+    # backward
+    dmean = torch.randn(B, D, generator=g).to(DEVICE, dtype)
+    dmax = torch.randn(B, D, generator=g).to(DEVICE, dtype)
+    dh = torch.ops.vgmr_triton.summary_pool_backward(dmean, dmax, mask, arg, T)
+    assert dh.dtype == dtype and dh.shape == (B, T, D)
+    torch.autograd.backward([m64, x64], [dmean.double(), dmax.double()])
+    torch.autograd.backward([mX, xX], [dmean, dmax])
+    check("dh", dh, h64.grad, hX.grad, dtype)
+    return mean, mx, arg, dh
+
+
+SHAPES = [(2, 5, 1), (3, 7, 3), (4, 9, 35), (2, 1, 74), (1, 6, 130), (3, 1, 35)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["none", "some", "one-empty"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_forward_backward(shape, kind, dtype):
+    run_and_check(*shape, dtype, kind)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_all_masked(dtype):
+    mean, mx, arg, dh = run_and_check(3, 4, 35, dtype, "all-empty")
+    assert torch.all(arg == -1) and torch.all(mean == 0) and torch.all(mx == 0) and torch.all(dh == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("kind", ["none", "one-empty"])
+@pytest.mark.parametrize("D", [3, 35, 130])
+def test_tiled(monkeypatch, D, kind, dtype):
+    # Several D-blocks per batch and several T tiles per program (BLOCK_D = 16, BLOCK_T = 2).
+    monkeypatch.setitem(VT.CONFIG, "sp_block_d", 16)
+    monkeypatch.setitem(VT.CONFIG, "sp_max_tile", 32)
+    run_and_check(3, 9, D, dtype, kind)
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_ties_first_index(monkeypatch, tiled):
+    # bf16 with few distinct values: many ties, also across T tiles; the first valid max wins.
+    if tiled:
+        monkeypatch.setitem(VT.CONFIG, "sp_block_d", 16)
+        monkeypatch.setitem(VT.CONFIG, "sp_max_tile", 32)
+    g = torch.Generator().manual_seed(3)
+    h = torch.randint(-2, 3, (3, 11, 35), generator=g).to(DEVICE, torch.bfloat16)
+    for kind in ("none", "some", "one-empty"):
+        run_and_check(3, 11, 35, torch.bfloat16, kind, h=h)
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_nan_and_inf(monkeypatch, tiled):
+    if tiled:
+        monkeypatch.setitem(VT.CONFIG, "sp_block_d", 16)
+        monkeypatch.setitem(VT.CONFIG, "sp_max_tile", 32)
+    B, T, D = 2, 9, 20
+    h = torch.randn(B, T, D)
+    h[0, 3, 0] = float("nan")
+    h[0, 6, 0] = float("nan")  # first NaN (t = 3) wins
+    h[0, 1, 1] = float("nan")
+    h[0, 8, 1] = 1e4  # a larger finite value after a NaN: NaN still maximal
+    h[0, 7, 2] = float("nan")  # NaN in a later tile than the finite max
+    h[0, 0, 2] = 1e4
+    h[1, :, 3] = float("-inf")  # all -inf: max -inf, first valid step
+    h[1, 5:, 4] = float("inf")
+    for mask in (None, torch.tensor([[True] * T, [False, False] + [True] * (T - 2)])):
+        mean, mx, arg = torch.ops.vgmr_triton.summary_pool(h.to(DEVICE), None if mask is None else mask.to(DEVICE))
+        _, rmx = ref.summary_pool(h, mask)
+        assert torch.equal(mx.cpu().nan_to_num(nan=7.0), rmx.nan_to_num(nan=7.0))
+        assert torch.equal(arg.cpu(), expected_argmax(h, mask))
+    mean, mx, arg = torch.ops.vgmr_triton.summary_pool(h.to(DEVICE), None)
+    assert arg[0, 0] == 3 and arg[0, 1] == 1 and arg[0, 2] == 7 and torch.isnan(mx[0, :3]).all()
+    assert arg[1, 3] == 0 and mx[1, 3] == float("-inf") and arg[1, 4] == 5
+
+
+def test_noncontiguous_and_mask_dtypes():
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(3, 35, 6, generator=g).transpose(1, 2).to(DEVICE)  # [3, 6, 35], non-contiguous
+    mask = torch.rand(3, 6, generator=g) > 0.5
+    mask[0] = False
+    a = torch.ops.vgmr_triton.summary_pool(h, mask.to(DEVICE))
+    b = torch.ops.vgmr_triton.summary_pool(h.contiguous(), mask.to(DEVICE))
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+    m_ref, x_ref = ref.summary_pool(h.double(), mask.to(DEVICE))
+    torch.testing.assert_close(a[0].double(), m_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(a[1].double(), x_ref)
+
+
+def test_argument_errors():
+    h = torch.randn(2, 3, 4, device=DEVICE)
+    with pytest.raises(ValueError):
+        torch.ops.vgmr_triton.summary_pool(h, torch.ones(2, 4, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(TypeError):
+        torch.ops.vgmr_triton.summary_pool(h.to(torch.int32), None)
+
+
+# ---------------------------------------------------------------------------
+# Through the op layer (public function, backend="triton"): autograd.
+# ---------------------------------------------------------------------------
+def _public(name):
+    try:
+        mod = importlib.import_module(f"vgmr_fast.ops.{name}")
+        return getattr(mod, name)
+    except Exception as exc:
+        pytest.skip(f"op layer vgmr_fast.ops.{name} not importable: {exc!r}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["none", "one-empty"])
+def test_public_autograd(kind, dtype):
+    summary_pool = _public("summary_pool")
+    g = torch.Generator().manual_seed(11)
+    B, T, D = 3, 7, 35
+    h = torch.randn(B, T, D, generator=g).to(DEVICE, dtype)
+    mask = make_mask(B, T, kind, g)
+    hf = h.clone().requires_grad_()
+    mean, mx = summary_pool(hf, mask, backend="triton")
+    dmean, dmax = torch.randn_like(mean), torch.randn_like(mx)
+    torch.autograd.backward([mean, mx], [dmean, dmax])
+    h64 = h.double().requires_grad_()
+    hX = h.clone().requires_grad_()
+    m64, x64 = ref.summary_pool(h64, mask)
+    mX, xX = ref.summary_pool(hX, mask)
+    torch.autograd.backward([m64, x64], [dmean.double(), dmax.double()])
+    torch.autograd.backward([mX, xX], [dmean, dmax])
+    check("mean", mean, m64, mX, dtype)
+    assert torch.equal(mx, xX.detach())
+    check("dh", hf.grad, h64.grad, hX.grad, dtype)
+
+
+# ---------------------------------------------------------------------------
+# GPU only
+# ---------------------------------------------------------------------------
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["none", "some", "one-empty"])
+@pytest.mark.parametrize("shape", [(8, 512, 256), (2, 1, 1023), (3, 77, 1500), (2, 2049, 64), (1, 3, 16384)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_gpu_sizes(shape, kind, dtype):
+    run_and_check(*shape, dtype, kind)
+
+
+@gpu
+def test_gpu_beyond_int32_elements():
+    torch.cuda.empty_cache()
+    B, T, D = 2, 2**16, 2**14 + 8
+    assert B * T * D > 2**31
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(B, T, D, device="cuda", dtype=torch.float16, generator=g)
+    mask = torch.rand(B, T, device="cuda", generator=g) > 0.3
+    mean, mx, arg = torch.ops.vgmr_triton.summary_pool(h, mask)
+    last = slice(B - 1, B)
+    m_ref, x_ref = ref.summary_pool(h[last].float(), mask[last])
+    torch.testing.assert_close(mean[last].float(), m_ref, atol=1e-3, rtol=1e-3)
+    assert torch.equal(mx[last].float(), x_ref)
+    assert torch.equal(arg[last], expected_argmax(h[last], mask[last]))
+    dmean = torch.randn(B, D, device="cuda", dtype=torch.float16, generator=g)
+    dmax = torch.randn(B, D, device="cuda", dtype=torch.float16, generator=g)
+    dh = torch.ops.vgmr_triton.summary_pool_backward(dmean, dmax, mask, arg, T)
+    # the last steps of the last sample (offsets > 2**31)
+    ts = torch.arange(T - 8, T, device="cuda")
+    n = mask[-1].sum().clamp(min=1).float()
+    exp = (mask[-1, ts, None].float() * dmean[-1].float() / n
+           + (ts[:, None] == arg[-1][None, :].long()) * dmax[-1].float())
+    torch.testing.assert_close(dh[-1, ts].float(), exp, atol=1e-3, rtol=1e-3)
+    del h, dh
+    torch.cuda.empty_cache()
+
+
+@gpu
+def test_gpu_cuda_graph_forward_backward():
+    B, T, D = 4, 33, 200
+    h = torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16)
+    mask = torch.rand(B, T, device="cuda") > 0.3
+    mask[0] = False
+    dmean, dmax = torch.randn(B, D, device="cuda", dtype=torch.bfloat16), torch.randn(B, D, device="cuda",
+                                                                                         dtype=torch.bfloat16)
+
+    def step():
+        mean, mx, arg = torch.ops.vgmr_triton.summary_pool(h, mask)
+        return mean, mx, arg, torch.ops.vgmr_triton.summary_pool_backward(dmean, dmax, mask, arg, T)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    h.copy_(torch.randn_like(h))
+    mask.copy_(torch.rand(B, T, device="cuda") > 0.5)
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, e in zip(outs, step()):
+        assert torch.equal(a, e)

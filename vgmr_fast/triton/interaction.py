@@ -1,0 +1,127 @@
+"""``vgmr_triton::interaction`` and ``interaction_backward`` (SPEC §2, docs/ops.md).
+
+``u[b, m] = [s_m; s_j...; s_m*s_j...; |s_m - s_j|...; mean_j s_j]`` over ``j != m``
+ascending: ``3M - 1`` blocks of ``D``.  Block indices for target ``m`` and the
+``k``-th non-target ``j`` (``k = j - (j > m)``): ``0`` s_m, ``1 + k`` s_j,
+``M + k`` s_m*s_j, ``2M - 1 + k`` |s_m - s_j|, ``3M - 2`` the context.
+
+Forward: one program per ``(b, m, D-block)`` writes all ``3M - 1`` blocks.
+Backward: one program per ``(b, m, D-block)`` gathers every contribution to
+``ds_m``: from its own row (s_m, agreement, discrepancy blocks) and from each
+target ``j``'s row, where ``m`` sits at position ``m - (m > j)`` (s_m copy,
+agreement, discrepancy and the context ``1/(M-1)``).  ``d|x|/dx = sign(x)`` with
+``sign(0) = 0``.  ``M`` is a compile-time constant (the loops over modalities unroll).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from . import CONFIG, alloc, check_device, check_float, define_op, num_warps_for, wrap_triton
+
+
+@triton.jit
+def _ia_fwd_kernel(u_ptr, s_ptr, D, n_db, M: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    bm = pid // n_db
+    cols = (pid % n_db) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    m = bm % M
+    b = bm // M
+    W = 3 * M - 1
+    s_base = b * M * D
+    u_base = bm * W * D
+    ty = u_ptr.dtype.element_ty
+    sm = tl.load(s_ptr + s_base + m * D + cols, mask=cmask, other=0.0).to(tl.float32)
+    tl.store(u_ptr + u_base + cols, sm.to(ty), mask=cmask)
+    ctx = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for j in tl.static_range(M):
+        sj = tl.load(s_ptr + s_base + j * D + cols, mask=cmask, other=0.0).to(tl.float32)
+        other = (cols * 0 + m) != j  # a vector: the interpreter rejects scalar-bool & vector masks
+        k = j - (m < j).to(tl.int64)
+        st = cmask & other
+        tl.store(u_ptr + u_base + (1 + k) * D + cols, sj.to(ty), mask=st)
+        tl.store(u_ptr + u_base + (M + k) * D + cols, (sm * sj).to(ty), mask=st)
+        tl.store(u_ptr + u_base + (2 * M - 1 + k) * D + cols, tl.abs(sm - sj).to(ty), mask=st)
+        ctx += tl.where(other, sj, 0.0)
+    tl.store(u_ptr + u_base + (3 * M - 2) * D + cols, (ctx / (M - 1)).to(ty), mask=cmask)
+
+
+@triton.jit
+def _ia_bwd_kernel(ds_ptr, du_ptr, s_ptr, D, n_db, M: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    bm = pid // n_db
+    cols = (pid % n_db) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    m = bm % M
+    b = bm // M
+    W = 3 * M - 1
+    s_base = b * M * D
+    own = bm * W * D
+    sm = tl.load(s_ptr + s_base + m * D + cols, mask=cmask, other=0.0).to(tl.float32)
+    acc = tl.load(du_ptr + own + cols, mask=cmask, other=0.0).to(tl.float32)
+    for j in tl.static_range(M):
+        other = (cols * 0 + m) != j  # a vector: the interpreter rejects scalar-bool & vector masks
+        lm = cmask & other
+        sj = tl.load(s_ptr + s_base + j * D + cols, mask=cmask, other=0.0).to(tl.float32)
+        diff = sm - sj
+        sgn = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
+        # own row: s_m * s_j and |s_m - s_j| at position k of j in N(m)
+        k = j - (m < j).to(tl.int64)
+        a = tl.load(du_ptr + own + (M + k) * D + cols, mask=lm, other=0.0).to(tl.float32)
+        d = tl.load(du_ptr + own + (2 * M - 1 + k) * D + cols, mask=lm, other=0.0).to(tl.float32)
+        # target j's row: m at position kp of N(j)
+        kp = m - (j < m).to(tl.int64)
+        jrow = (b * M + j) * W * D
+        e = tl.load(du_ptr + jrow + (1 + kp) * D + cols, mask=lm, other=0.0).to(tl.float32)
+        a2 = tl.load(du_ptr + jrow + (M + kp) * D + cols, mask=lm, other=0.0).to(tl.float32)
+        d2 = tl.load(du_ptr + jrow + (2 * M - 1 + kp) * D + cols, mask=lm, other=0.0).to(tl.float32)
+        c2 = tl.load(du_ptr + jrow + (3 * M - 2) * D + cols, mask=lm, other=0.0).to(tl.float32)
+        acc += (a + a2) * sj + (d + d2) * sgn + e + c2 / (M - 1)
+    tl.store(ds_ptr + s_base + m * D + cols, acc.to(ds_ptr.dtype.element_ty), mask=cmask)
+
+
+def _block_d(D: int) -> int:
+    return min(max(1, triton.next_power_of_2(D)), triton.next_power_of_2(CONFIG["ia_block_d"]))
+
+
+def _check_s(s: torch.Tensor):
+    check_float("s", s)
+    if s.dim() != 3 or s.shape[1] < 2:
+        raise ValueError(f"vgmr_triton.interaction: s must be [B, M, D] with M >= 2, got {tuple(s.shape)}")
+    check_device(s)
+    return s.shape
+
+
+@define_op("interaction")
+def interaction(s: torch.Tensor) -> torch.Tensor:
+    B, M, D = _check_s(s)
+    s = s.contiguous()
+    u = alloc((B, M, (3 * M - 1) * D), s.dtype, s.device)
+    if B * D == 0:
+        return u
+    block_d = _block_d(D)
+    n_db = triton.cdiv(D, block_d)
+    wrap_triton(_ia_fwd_kernel)[(B * M * n_db,)](
+        u, s, D, n_db, M=M, BLOCK_D=block_d, num_warps=num_warps_for(block_d * 4))
+    return u
+
+
+@define_op("interaction_backward")
+def interaction_backward(du: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    B, M, D = _check_s(s)
+    check_float("du", du)
+    if tuple(du.shape) != (B, M, (3 * M - 1) * D):
+        raise ValueError(f"vgmr_triton.interaction_backward: du must be {(B, M, (3 * M - 1) * D)}, "
+                         f"got {tuple(du.shape)}")
+    check_device(du)
+    du = du.contiguous()
+    s = s.contiguous()
+    ds = alloc((B, M, D), du.dtype, du.device)
+    if B * D == 0:
+        return ds
+    block_d = _block_d(D)
+    n_db = triton.cdiv(D, block_d)
+    wrap_triton(_ia_bwd_kernel)[(B * M * n_db,)](
+        ds, du, s, D, n_db, M=M, BLOCK_D=block_d, num_warps=num_warps_for(block_d * 8))
+    return ds

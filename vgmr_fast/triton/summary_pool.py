@@ -1,0 +1,180 @@
+"""``vgmr_triton::summary_pool`` and ``summary_pool_backward`` (SPEC §1, docs/ops.md).
+
+Forward: one program per ``(b, D-block)`` walks ``T`` in ``[BLOCK_T, BLOCK_D]``
+tiles, accumulating the masked sum (fp32), the valid-step count, and a running
+max with its index: the first valid maximal step; NaN counts as maximal and the
+first NaN wins (as ``torch.max``).  A row with no valid step gets
+``mean = max = 0`` and ``argmax = -1``.
+
+Backward: one program per ``(b, T-block, D-block)``:
+``dh[b,t] = mask[b,t] * dmean[b] / max(1, n_b) + (t == argmax[b]) * dmax[b]``,
+``n_b`` recounted from the mask in the program (no host sync, no extra launch).
+"""
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from . import CONFIG, alloc, check_device, check_float, define_op, num_warps_for, sm_count, wrap_triton
+
+_BIG = tl.constexpr(2147483647)
+
+
+@triton.jit
+def _sp_fwd_kernel(
+    mean_ptr, max_ptr, arg_ptr, h_ptr, mask_ptr,
+    T, D, n_db,
+    HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // n_db
+    cols = (pid % n_db) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    cnt = tl.zeros([BLOCK_T], dtype=tl.int32)
+    run_max = tl.full([BLOCK_D], float("-inf"), tl.float32)
+    run_idx = tl.full([BLOCK_D], -1, tl.int32)
+    for t0 in range(0, T, BLOCK_T):
+        ts = t0 + tl.arange(0, BLOCK_T)
+        valid = ts < T
+        if HAS_MASK:
+            mv = tl.load(mask_ptr + b * T + ts, mask=valid, other=0)
+            valid = valid & (mv != 0)
+        cnt += valid.to(tl.int32)
+        m2 = valid[:, None] & cmask[None, :]
+        h = tl.load(h_ptr + (b * T + ts)[:, None] * D + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        acc += tl.sum(h, axis=0)
+        tidx = ts.to(tl.int32)[:, None] + tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.int32)
+        is_nan = h != h
+        nan_idx = tl.min(tl.where(m2 & is_nan, tidx, _BIG), axis=0)
+        ok = m2 & (h == h)
+        vals = tl.where(ok, h, float("-inf"))
+        tmax = tl.max(vals, axis=0)
+        t_idx = tl.min(tl.where(ok & (vals == tmax[None, :]), tidx, _BIG), axis=0)
+        run_ok = run_max == run_max  # the running max is not NaN
+        take_nan = (nan_idx < _BIG) & run_ok
+        take_ok = run_ok & (nan_idx == _BIG) & (t_idx < _BIG) & ((tmax > run_max) | (run_idx < 0))
+        run_max = tl.where(take_nan, float("nan"), tl.where(take_ok, tmax, run_max))
+        run_idx = tl.where(take_nan, nan_idx, tl.where(take_ok, t_idx, run_idx))
+    n = tl.sum(cnt, axis=0).to(tl.float32)
+    mean = acc / tl.maximum(n, 1.0)
+    mx = tl.where(run_idx >= 0, run_max, 0.0)
+    out = b * D + cols
+    tl.store(mean_ptr + out, mean.to(mean_ptr.dtype.element_ty), mask=cmask)
+    tl.store(max_ptr + out, mx.to(max_ptr.dtype.element_ty), mask=cmask)
+    tl.store(arg_ptr + out, run_idx, mask=cmask)
+
+
+@triton.jit
+def _sp_bwd_kernel(
+    dh_ptr, dmean_ptr, dmax_ptr, mask_ptr, arg_ptr,
+    T, D, n_tb, n_db,
+    HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    db = pid % n_db
+    rest = pid // n_db
+    tb = rest % n_tb
+    b = rest // n_tb
+    cols = db * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    ts = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = ts < T
+    if HAS_MASK:
+        cnt = tl.zeros([BLOCK_N], dtype=tl.int32)
+        for n0 in range(0, T, BLOCK_N):
+            ns = n0 + tl.arange(0, BLOCK_N)
+            mv = tl.load(mask_ptr + b * T + ns, mask=ns < T, other=0)
+            cnt += (mv != 0).to(tl.int32)
+        n = tl.sum(cnt, axis=0).to(tl.float32)
+        valid = tmask & (tl.load(mask_ptr + b * T + ts, mask=tmask, other=0) != 0)
+    else:
+        n = T * 1.0
+        valid = tmask
+    n = tl.maximum(n, 1.0)
+    dmean = tl.load(dmean_ptr + b * D + cols, mask=cmask, other=0.0).to(tl.float32)
+    dmax = tl.load(dmax_ptr + b * D + cols, mask=cmask, other=0.0).to(tl.float32)
+    arg = tl.load(arg_ptr + b * D + cols, mask=cmask, other=-1)
+    dh = tl.where(valid[:, None], (dmean / n)[None, :], 0.0)
+    dh += tl.where(ts.to(tl.int32)[:, None] == arg[None, :], dmax[None, :], 0.0)
+    m2 = tmask[:, None] & cmask[None, :]
+    tl.store(dh_ptr + (b * T + ts)[:, None] * D + cols[None, :], dh.to(dh_ptr.dtype.element_ty), mask=m2)
+
+
+def _blocks(B: int, T: int, D: int, device: torch.device):
+    block_d = min(max(1, triton.next_power_of_2(D)), triton.next_power_of_2(CONFIG["sp_block_d"]))
+    # the forward has one program per (b, D-block): narrow the blocks while that underfills the GPU
+    while block_d > 32 and B * triton.cdiv(D, block_d) < 2 * sm_count(device):
+        block_d //= 2
+    block_t = max(1, min(triton.next_power_of_2(max(T, 1)), CONFIG["sp_max_tile"] // block_d))
+    block_t = triton.next_power_of_2(block_t)
+    return block_t, block_d
+
+
+def _mask_arg(mask: Optional[torch.Tensor], B: int, T: int, like: torch.Tensor):
+    if mask is None:
+        return like, False
+    if tuple(mask.shape) != (B, T):
+        raise ValueError(f"vgmr_triton.summary_pool: mask must be [B, T] = {(B, T)}, got {tuple(mask.shape)}")
+    check_device(mask)
+    mask = mask.contiguous()
+    if mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)
+    return mask, True
+
+
+@define_op("summary_pool")
+def summary_pool(
+    h: torch.Tensor, mask: Optional[torch.Tensor]
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_float("h", h)
+    if h.dim() != 3:
+        raise ValueError(f"vgmr_triton.summary_pool: h must be [B, T, D], got {tuple(h.shape)}")
+    check_device(h)
+    B, T, D = h.shape
+    h = h.contiguous()
+    mask_t, has_mask = _mask_arg(mask, B, T, h)
+    mean = alloc((B, D), h.dtype, h.device)
+    mx = alloc((B, D), h.dtype, h.device)
+    arg = alloc((B, D), torch.int32, h.device)
+    if B * D == 0:
+        return mean, mx, arg
+    block_t, block_d = _blocks(B, T, D, h.device)
+    n_db = triton.cdiv(D, block_d)
+    wrap_triton(_sp_fwd_kernel)[(B * n_db,)](
+        mean, mx, arg, h, mask_t, T, D, n_db,
+        HAS_MASK=has_mask, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps_for(block_t * block_d))
+    return mean, mx, arg
+
+
+@define_op("summary_pool_backward")
+def summary_pool_backward(
+    dmean: torch.Tensor, dmax: torch.Tensor, mask: Optional[torch.Tensor], argmax: torch.Tensor, T: int
+) -> torch.Tensor:
+    check_float("dmean", dmean)
+    check_float("dmax", dmax)
+    if dmean.dim() != 2 or dmax.shape != dmean.shape or argmax.shape != dmean.shape:
+        raise ValueError("vgmr_triton.summary_pool_backward: dmean, dmax and argmax must be [B, D] of one shape")
+    if argmax.dtype != torch.int32:
+        raise TypeError(f"vgmr_triton.summary_pool_backward: argmax must be int32, got {argmax.dtype}")
+    check_device(dmean, dmax, argmax)
+    B, D = dmean.shape
+    T = int(T)
+    dmean = dmean.contiguous()
+    dmax = dmax.contiguous()
+    argmax = argmax.contiguous()
+    mask_t, has_mask = _mask_arg(mask, B, T, dmean)
+    dh = alloc((B, T, D), dmean.dtype, dmean.device)
+    if B * T * D == 0:
+        return dh
+    block_t, block_d = _blocks(B, T, D, dmean.device)
+    n_db = triton.cdiv(D, block_d)
+    n_tb = triton.cdiv(T, block_t)
+    block_n = min(1024, triton.next_power_of_2(T))
+    wrap_triton(_sp_bwd_kernel)[(B * n_tb * n_db,)](
+        dh, dmean, dmax, mask_t, argmax, T, D, n_tb, n_db,
+        HAS_MASK=has_mask, BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_N=block_n,
+        num_warps=num_warps_for(block_t * block_d))
+    return dh
