@@ -1,0 +1,96 @@
+"""`vgmr-fast train`: method parsing, a tiny full grid, determinism, the CLI wiring, a feature-file run."""
+import argparse
+import json
+import os
+
+import numpy as np
+import pytest
+
+from vgmr_fast import train as T
+
+
+def _args(tmp_path, *extra):
+    parser = T.add_train_arguments(argparse.ArgumentParser())
+    return parser.parse_args(["--quick", "--no-progress", "--out", str(tmp_path), *extra])
+
+
+def test_parse_method():
+    assert T.parse_method("none") == (None, None)
+    assert T.parse_method("vgmr") == ("vgmr", None)
+    assert T.parse_method("vgmr+ogm") == ("vgmr", "ogm")
+    assert T.parse_method("decision") == (None, "decision")
+    for bad in ("vgmr+iibalance", "ogm+decision", "vgmr+mlp", "foo", ""):
+        with pytest.raises(ValueError, match="method"):
+            T.parse_method(bad)
+
+
+def test_defaults_are_the_documented_grid():
+    args = T.add_train_arguments(argparse.ArgumentParser()).parse_args([])
+    assert args.settings == ["clean", "noisy"] and args.backbones == ["concat", "transformer"]
+    assert args.methods == ["none", "vgmr", "ogm", "iibalance", "decision"]
+    assert args.seeds == [0] and args.threads == 1
+
+
+def test_tiny_grid_writes_table_json_and_plots(tmp_path):
+    args = _args(tmp_path, "--settings", "noisy", "--backbones", "concat,transformer",
+                 "--methods", "none,vgmr,ogm,iibalance,decision,vgmr+ogm")
+    res = T.train_grid(args)
+    assert res["n_runs"] == 12 and len(res["summary"]) == 12
+    for row in res["summary"]:
+        assert 0.0 <= row["accuracy"]["mean"] <= 1.0 and 0.0 <= row["macro_f1"]["mean"] <= 1.0
+        assert set(row["removal"]) == {"dominant", "weak", "noisy"}
+        assert len(row["noise_ratio"]["mean"]) == len(args.noise_ratios)
+    md = open(tmp_path / "results.md").read()
+    for needle in ("| noisy | concat | vgmr |", "macro-F1", "w/o dominant", "VGMR vs. the bare backbone",
+                   "noisy, concat: VGMR", "Decision-layer diagnostics", "IIBalance budgets", "value and gate"):
+        assert needle in md, needle
+    data = json.load(open(tmp_path / "results.json"))
+    assert data["summary"][0]["setting"] == "noisy"
+    assert any("value_gate" in r for r in data["runs"])
+    pngs = [f for f in os.listdir(tmp_path) if f.endswith(".png")]
+    for prefix in ("noise_ratio_noisy_concat", "noise_weight_noisy_transformer", "grad_cosine_noisy_concat",
+                   "decision_noisy_concat_none", "refinement_noisy_concat_vgmr", "val_loss_noisy_transformer"):
+        assert any(f.startswith(prefix) for f in pngs), prefix
+    for f in pngs:
+        assert open(tmp_path / f, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_seeded_runs_are_deterministic(tmp_path):
+    out = []
+    for k in range(2):
+        args = _args(tmp_path / str(k), "--settings", "clean", "--backbones", "concat", "--methods", "vgmr,ogm",
+                     "--epochs", "1")
+        args.noise_ratios, args.noise_weights = [0.0], [1.0]
+        res = T.train_grid(args)
+        out.append([(r["test"]["accuracy"], r["history"]["train_loss"]) for r in res["runs"]])
+    assert out[0] == out[1]
+
+
+def test_cli_train_returns_zero(tmp_path):
+    from vgmr_fast import cli
+
+    rc = cli.main(["train", "--quick", "--no-progress", "--out", str(tmp_path), "--settings", "bimodal",
+                   "--backbones", "concat", "--methods", "none", "--epochs", "1"])
+    assert rc == 0 and (tmp_path / "results.md").exists()
+
+
+def test_feature_file_data(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 48
+    y = np.arange(n) % 6
+    np.savez(tmp_path / "cremad.npz", audio=rng.normal(size=(n, 3, 4)) + y[:, None, None] * 0.5,
+             visual=rng.normal(size=(n, 2, 5)), labels=y)
+    args = _args(tmp_path / "out", "--data", f"cremad:{tmp_path / 'cremad.npz'}", "--backbones", "concat",
+                 "--methods", "none,vgmr", "--epochs", "1")
+    res = T.train_grid(args)
+    assert {r["setting"] for r in res["summary"]} == {"cremad"}
+    assert set(res["summary"][0]["removal"]) == {"audio", "visual"}
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="backbones"):
+        T.train_grid(_args(tmp_path, "--backbones", "resnet"))
+    with pytest.raises(ValueError, match="method"):
+        T.train_grid(_args(tmp_path, "--methods", "bogus"))
+    with pytest.raises(ValueError, match="data"):
+        T.train_grid(_args(tmp_path, "--data", "imagenet:/x"))
