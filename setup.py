@@ -21,7 +21,13 @@ def _extension():
     import torch
 
     cpu_sources = ["csrc/ops.cpp"] + _sources("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    # No -std here: torch's BuildExtension adds the standard its headers need
+    # (C++17 on older torch, C++20 on torch >= 2.10). -fopenmp is required: ATen's
+    # at::parallel_for is inlined into our code and is serial without it.
+    # -ffp-contract=off: no implicit FMA contraction, so a value the backward recomputes
+    # (gate, v = Geff * x, v - mean) rounds exactly as in the forward; with contraction the
+    # recomputed v - mean can differ by an ulp, which LayerNorm's rstd amplifies.
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     with_cuda = (
         torch.version.cuda is not None
@@ -34,7 +40,7 @@ def _extension():
             cpu_sources + _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp"),
             include_dirs=include_dirs,
             define_macros=[("VGMR_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
             extra_link_args=["-fopenmp"],
         )
     return cpp_extension.CppExtension(

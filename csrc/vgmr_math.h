@@ -50,6 +50,23 @@ VGMR_HD uint64_t philox_counter(int64_t r, int64_t c, int64_t D) {
 // keep iff word >= threshold, threshold = min(2^32-1, floor(p * 2^32)) (host, double).
 VGMR_HD bool dropout_keep(uint32_t word, uint32_t threshold) { return word >= threshold; }
 
+// The keep threshold of CONVENTIONS.md, computed in double: min(2^32-1, floor(p * 2^32)).
+// p must already be checked to lie in [0, 1).
+VGMR_HD uint32_t dropout_threshold(double p) {
+  double t = p * 4294967296.0;
+  if (!(t > 0.0)) return 0u;
+  if (t >= 4294967295.0) return 0xFFFFFFFFu;
+  return (uint32_t)t;  // truncation == floor for t >= 0
+}
+
+// Scale applied to kept values: 1 / (1 - p), rounded once from double.
+VGMR_HD double dropout_scale(double p) { return 1.0 / (1.0 - p); }
+
+// The Philox word that decides element (r, c) of a row-major [R, D] tensor.
+VGMR_HD uint32_t dropout_word(uint64_t seed, int64_t r, int64_t c, int64_t D) {
+  return philox4x32_10(seed, philox_counter(r, c, D)).w[c & 3];
+}
+
 // ---- Gate (SPEC §5) ----------------------------------------------------------
 // G = sigmoid(z); Ghat = 1 + alpha(2G-1); Geff = beta + (1-beta) Ghat.
 VGMR_HD float sigmoidf_(float z) {
@@ -64,6 +81,36 @@ VGMR_HD float gate_eff(float g, float alpha, float beta) {
 // dGeff/dz = 2 alpha (1-beta) G (1-G)
 VGMR_HD float gate_eff_grad(float g, float alpha, float beta) {
   return 2.0f * alpha * (1.0f - beta) * g * (1.0f - g);
+}
+
+// The same gate in linear form, Geff = c0 + c1 G and dGeff/dz = c1 G (1-G), with the two
+// coefficients computed once per launch in double (the CPU kernels use this form: 2 flops
+// per element instead of 5; it differs from gate_eff by rounding only).
+VGMR_HD float gate_lin_c0(double alpha, double beta) { return (float)(beta + (1.0 - beta) * (1.0 - alpha)); }
+VGMR_HD float gate_lin_c1(double alpha, double beta) { return (float)(2.0 * alpha * (1.0 - beta)); }
+
+// ---- LayerNorm row step (SPEC §5, docs/ops.md) --------------------------------
+// Forward, per row of D values v: mean = sum(v)/D, var = sum((v-mean)^2)/D (biased),
+// rstd = 1/sqrt(var + eps); y = (v - mean) * rstd * w + b.
+template <typename acc_t>
+VGMR_HD acc_t ln_rstd(acc_t var, acc_t eps) {
+  return (acc_t)1 / sqrt(var + eps);
+}
+
+// Backward, per element, with vhat = (v - mean) * rstd, dvhat = g * w and the row
+// means a = mean_D(dvhat), c = mean_D(dvhat * vhat):  dv = rstd * (dvhat - a - vhat * c).
+template <typename acc_t>
+VGMR_HD acc_t ln_bwd_dv(acc_t dvhat, acc_t vhat, acc_t a, acc_t c, acc_t rstd) {
+  return rstd * (dvhat - a - vhat * c);
+}
+
+// Double-precision gate transform (the CPU kernels' float64 path, used by gradcheck).
+VGMR_HD double sigmoid_d(double z) { return 1.0 / (1.0 + exp(-z)); }
+VGMR_HD double gate_eff_d(double g, double alpha, double beta) {
+  return beta + (1.0 - beta) * (1.0 + alpha * (2.0 * g - 1.0));
+}
+VGMR_HD double gate_eff_grad_d(double g, double alpha, double beta) {
+  return 2.0 * alpha * (1.0 - beta) * g * (1.0 - g);
 }
 
 }  // namespace vgmr

@@ -1,0 +1,931 @@
+// gate_norm (SPEC §5, docs/ops.md): sigmoid gate, amplification, residual retention,
+// product with x, LayerNorm over D and dropout (shared Philox stream), one pass per row.
+//   forward : reads zpre and x once, writes y once; saves per-row mean and rstd only
+//   backward: recomputes G, Geff, v-hat and the keep mask; dln_weight, dln_bias and
+//             dbias_row are reduced deterministically (fixed chunks of rows -> fp32
+//             partials [chunks, D] -> one ordered reduction; no atomics). The chunking
+//             depends on (B, T, D) only, so results do not depend on the thread count.
+//
+// Two implementations:
+//   - float32 / float16 / bfloat16: explicit 16-lane vectors (GCC vector extensions). The
+//     elementwise gate math runs flat over a block of rows (short rows need no per-row
+//     tail), the per-row reductions run as masked full vectors over thread-local buffers
+//     and fold with a fixed tree, so the arithmetic (and its rounding) is the same in every
+//     ISA clone (AVX-512, AVX2, SSE2). Half inputs are converted per block to fp32 scratch.
+//   - float64 (gradcheck): plain scalar loops with libm exp.
+#include "cpu_common.h"
+#include "vgmr_math.h"
+
+// The 16-lane vector helpers below are always inlined into their callers, so no vector
+// crosses a function boundary: GCC's "vector ABI changes" note does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace vgmr {
+namespace cpu {
+namespace {
+
+constexpr double kEps = 1e-5;
+
+// ---- blocks of rows and work buffers ------------------------------------------------------
+// A block is k <= block_rows(D) consecutive rows of one batch row: the elementwise pass runs
+// over its k * D elements at once.
+constexpr int64_t kBlock = 1024;
+inline int64_t block_rows(int64_t D) { return std::max<int64_t>(1, kBlock / D); }
+
+// Buffer stride: rounded up to a cache line plus a skew (buffers do not share an offset
+// modulo 4 KiB), and >= 16 floats of slack so a row's last masked vector may read past it.
+inline int64_t padded(int64_t n) { return (n + 15) / 16 * 16 + 48; }
+
+struct Params {
+  double alpha, beta, p;
+  uint64_t seed;
+  uint32_t thr;
+  double scale;
+};
+
+template <typename T>
+VGMR_ALWAYS_INLINE void prefetch_run(const T* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  const int64_t bytes = n * (int64_t)sizeof(T);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
+}
+
+// ---- dropout: Philox words for a run of consecutive counters ---------------------------
+// Rows r .. r+k-1 of a [R, D] tensor use the consecutive counters r*q .. (r+k)*q - 1
+// (q = ceil(D/4)), so a block of rows is one run. The Philox4x32-10 of vgmr_math.h on 16
+// counters at a time (structure of arrays); out[4*i + w] is word w of counter n0 + i, i.e.
+// out[j*4q + c] decides column c of row r + j.
+VGMR_ALWAYS_INLINE void philox_run(uint64_t seed, uint64_t n0, int64_t count, uint32_t* __restrict__ out) {
+  constexpr int NB = 16;
+  const uint32_t key0 = (uint32_t)seed, key1 = (uint32_t)(seed >> 32);
+  for (int64_t k0 = 0; k0 < count; k0 += NB) {
+    uint32_t c0[NB], c1[NB], c2[NB], c3[NB];
+    for (int i = 0; i < NB; ++i) {
+      const uint64_t n = n0 + (uint64_t)(k0 + i);
+      c0[i] = (uint32_t)n;
+      c1[i] = (uint32_t)(n >> 32);
+      c2[i] = 0u;
+      c3[i] = 0u;
+    }
+    uint32_t k_0 = key0, k_1 = key1;
+    for (int round = 0; round < 10; ++round) {
+      for (int i = 0; i < NB; ++i) {
+        const uint64_t p0 = (uint64_t)0xD2511F53u * (uint64_t)c0[i];
+        const uint64_t p1 = (uint64_t)0xCD9E8D57u * (uint64_t)c2[i];
+        const uint32_t n0w = (uint32_t)(p1 >> 32) ^ c1[i] ^ k_0;
+        const uint32_t n2w = (uint32_t)(p0 >> 32) ^ c3[i] ^ k_1;
+        c1[i] = (uint32_t)p1;
+        c3[i] = (uint32_t)p0;
+        c0[i] = n0w;
+        c2[i] = n2w;
+      }
+      k_0 += 0x9E3779B9u;
+      k_1 += 0xBB67AE85u;
+    }
+    const int64_t m = std::min<int64_t>(NB, count - k0);
+    uint32_t* __restrict__ o = out + 4 * k0;
+    for (int64_t i = 0; i < m; ++i) {
+      o[4 * i + 0] = c0[i];
+      o[4 * i + 1] = c1[i];
+      o[4 * i + 2] = c2[i];
+      o[4 * i + 3] = c3[i];
+    }
+  }
+}
+
+// ============================================================================================
+// float path: 16-lane vectors
+// ============================================================================================
+namespace simd {
+// W-lane vectors: W = 16 in the AVX-512 build of the kernels, 8 elsewhere (a 16-lane generic
+// vector is split badly on AVX2). The lane count fixes the reduction order, so results are
+// identical for every thread count and every run on one machine.
+template <int W>
+struct V {
+  typedef float vf __attribute__((vector_size(4 * W)));
+  typedef int32_t vi __attribute__((vector_size(4 * W)));
+  typedef uint32_t vu __attribute__((vector_size(4 * W)));
+  typedef uint64_t vu64 __attribute__((vector_size(8 * W)));
+};
+
+#define VGMR_VEC_TYPES                                  \
+  using vf [[maybe_unused]] = typename V<W>::vf;        \
+  using vi [[maybe_unused]] = typename V<W>::vi;        \
+  using vu [[maybe_unused]] = typename V<W>::vu;
+
+template <int W>
+VGMR_ALWAYS_INLINE typename V<W>::vf splat(float a) {
+  return typename V<W>::vf{} + a;
+}
+template <int W>
+VGMR_ALWAYS_INLINE typename V<W>::vf load(const float* p) {
+  typename V<W>::vf v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <int W>
+VGMR_ALWAYS_INLINE typename V<W>::vu loadu(const uint32_t* p) {
+  typename V<W>::vu v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <int W>
+VGMR_ALWAYS_INLINE void store(float* p, typename V<W>::vf v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+// n < W elements, the other lanes zero
+template <int W>
+VGMR_ALWAYS_INLINE typename V<W>::vf load_n(const float* p, int64_t n) {
+  typename V<W>::vf v = {};
+  std::memcpy(&v, p, n * sizeof(float));
+  return v;
+}
+template <int W>
+VGMR_ALWAYS_INLINE void store_n(float* p, typename V<W>::vf v, int64_t n) {
+  std::memcpy(p, &v, n * sizeof(float));
+}
+template <int W>
+VGMR_ALWAYS_INLINE typename V<W>::vi lanes_below(int64_t n) {  // lane l active iff l < n
+  typename V<W>::vi iota;
+  for (int l = 0; l < W; ++l) iota[l] = l;
+  return iota < (int32_t)std::min<int64_t>(n, W);
+}
+template <int W>
+VGMR_ALWAYS_INLINE typename V<W>::vf keep_if(typename V<W>::vi m, typename V<W>::vf a) {  // a where m, else +0
+  return (typename V<W>::vf)((typename V<W>::vi)a & m);
+}
+template <int W>
+VGMR_ALWAYS_INLINE typename V<W>::vf select(typename V<W>::vi m, typename V<W>::vf a, typename V<W>::vf b) {
+  return m ? a : b;
+}
+// Fixed tree: halves added until 4 lanes, then (l0 + l2) + (l1 + l3).
+template <int W>
+VGMR_ALWAYS_INLINE float hsum(typename V<W>::vf v) {
+  if constexpr (W == 4) {
+    return (v[0] + v[2]) + (v[1] + v[3]);
+  } else {
+    typename V<W / 2>::vf a, b;
+    std::memcpy(&a, &v, sizeof(a));
+    std::memcpy(&b, reinterpret_cast<const char*>(&v) + sizeof(a), sizeof(b));
+    return hsum<W / 2>(a + b);
+  }
+}
+
+// Cephes expf (about 1 ulp on the clamped range [-87, 88]); NaN propagates.
+template <int W>
+VGMR_ALWAYS_INLINE typename V<W>::vf exp(typename V<W>::vf x) {
+  VGMR_VEC_TYPES
+  const vi nan = x != x;
+  vf xc = select<W>(x > -87.0f, x, splat<W>(-87.0f));  // NaN -> -87 here, restored below
+  xc = select<W>(xc < 88.0f, xc, splat<W>(88.0f));
+  const vf kf = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  vf r = xc - kf * 0.693359375f;
+  r = r - kf * -2.12194440e-4f;
+  vf p = splat<W>(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const vi ki = __builtin_convertvector(kf, vi);
+  const vf res = p * (vf)((ki + 127) << 23);
+  return select<W>(nan, x, res);
+}
+
+template <int W>
+VGMR_ALWAYS_INLINE typename V<W>::vf sigmoid(typename V<W>::vf z) {
+  return 1.0f / (1.0f + exp<W>(-z));
+}
+
+// Gate in linear form: Geff = c0 + c1 G, dGeff/dz = c1 G (1 - G), with
+// c1 = 2 alpha (1 - beta), c0 = beta + (1 - beta)(1 - alpha) (SPEC §5, expanded).
+struct Gate {
+  float c0, c1;
+  explicit Gate(const Params& P) : c0(vgmr::gate_lin_c0(P.alpha, P.beta)), c1(vgmr::gate_lin_c1(P.alpha, P.beta)) {}
+};
+
+// Philox4x32-10 (vgmr_math.h) on W counters at a time: words of the counters n0 .. n0+count-1,
+// out[4*i + w] = word w of counter n0 + i (the layout of the scalar philox_run above).
+template <int W>
+VGMR_ALWAYS_INLINE void philox_run_v(uint64_t seed, uint64_t n0, int64_t count, uint32_t* __restrict__ out) {
+  using vu = typename V<W>::vu;
+  using vu64 = typename V<W>::vu64;
+  vu64 iota;
+  for (int l = 0; l < W; ++l) iota[l] = (uint64_t)l;
+  const uint32_t key0 = (uint32_t)seed, key1 = (uint32_t)(seed >> 32);
+  for (int64_t k0 = 0; k0 < count; k0 += W) {
+    const vu64 n = iota + (n0 + (uint64_t)k0);
+    vu c0 = __builtin_convertvector(n, vu);
+    vu c1 = __builtin_convertvector(n >> 32, vu);
+    vu c2 = vu{}, c3 = vu{};
+    uint32_t k_0 = key0, k_1 = key1;
+    for (int round = 0; round < 10; ++round) {
+      const vu64 p0 = __builtin_convertvector(c0, vu64) * (uint64_t)0xD2511F53u;
+      const vu64 p1 = __builtin_convertvector(c2, vu64) * (uint64_t)0xCD9E8D57u;
+      const vu n0w = __builtin_convertvector(p1 >> 32, vu) ^ c1 ^ k_0;
+      const vu n2w = __builtin_convertvector(p0 >> 32, vu) ^ c3 ^ k_1;
+      c1 = __builtin_convertvector(p1, vu);
+      c3 = __builtin_convertvector(p0, vu);
+      c0 = n0w;
+      c2 = n2w;
+      k_0 += 0x9E3779B9u;
+      k_1 += 0xBB67AE85u;
+    }
+    const int64_t m = std::min<int64_t>(W, count - k0);
+    uint32_t* __restrict__ o = out + 4 * k0;
+    for (int64_t i = 0; i < m; ++i) {
+      o[4 * i + 0] = c0[i];
+      o[4 * i + 1] = c1[i];
+      o[4 * i + 2] = c2[i];
+      o[4 * i + 3] = c3[i];
+    }
+  }
+}
+
+// Keep factors of the rows of a block, flat ([k, D]): scale or 0.
+template <int W>
+VGMR_ALWAYS_INLINE void keep_flat(uint32_t* __restrict__ words, int64_t r, int64_t k, int64_t D, const Params& P,
+                                  float* __restrict__ kbuf) {
+  const int64_t q = (D + 3) / 4, q4 = 4 * q;
+  const uint32_t thr = P.thr;
+  const float scale = (float)P.scale;
+  philox_run_v<W>(P.seed, (uint64_t)r * (uint64_t)q, k * q, words);
+  const auto s = splat<W>(scale);
+  for (int64_t j = 0; j < k; ++j) {
+    const uint32_t* wr = words + j * q4;
+    float* kr = kbuf + j * D;
+    // full vectors may write past the row: into the next row (rewritten next) or the slack
+    for (int64_t d = 0; d < D; d += W) store<W>(kr + d, keep_if<W>(loadu<W>(wr + d) >= thr, s));
+  }
+}
+
+// Forward of one block: k rows (zr, xr flat), bias rows repeated in bp, w / bln padded
+// with zeros past D; writes y (flat, exact) and mean/rstd of the k rows.
+template <int W>
+VGMR_ALWAYS_INLINE void fwd_block(const float* __restrict__ zr, const float* __restrict__ xr,
+                                  const float* __restrict__ bp, const float* __restrict__ w,
+                                  const float* __restrict__ bln, float* __restrict__ yr,
+                                  float* __restrict__ mean_out, float* __restrict__ rstd_out, int64_t r, int64_t k,
+                                  int64_t D, const Params& P, float* __restrict__ vbuf, float* __restrict__ kbuf,
+                                  uint32_t* __restrict__ words) {
+  VGMR_VEC_TYPES
+  const Gate G(P);
+  const int64_t n = k * D;
+  const bool drop = P.p > 0.0;
+  // 1. gate and product, flat over the block (one row: the row sum on the way; a zero-filled
+  //    tail gives v = 0 there, so the sum is the same as the masked one of step 2)
+  vf acc1 = splat<W>(0.0f);
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    const vf g = sigmoid<W>(load<W>(zr + i) + load<W>(bp + i));
+    const vf v = (G.c0 + G.c1 * g) * load<W>(xr + i);
+    store<W>(vbuf + i, v);
+    acc1 += v;
+  }
+  if (i < n) {
+    const int64_t m = n - i;
+    const vf g = sigmoid<W>(load_n<W>(zr + i, m) + load_n<W>(bp + i, m));
+    const vf v = (G.c0 + G.c1 * g) * load_n<W>(xr + i, m);
+    store<W>(vbuf + i, v);
+    acc1 += v;
+  }
+  if (drop) keep_flat<W>(words, r, k, D, P, kbuf);
+  const float invD = 1.0f / (float)D;
+  const float eps = (float)kEps;
+  // 2. per row: two-pass mean / variance, then y
+  for (int64_t j = 0; j < k; ++j) {
+    const float* __restrict__ v = vbuf + j * D;
+    vf acc = acc1;
+    if (k > 1) {
+      acc = splat<W>(0.0f);
+      for (int64_t d = 0; d < D; d += W) acc += keep_if<W>(lanes_below<W>(D - d), load<W>(v + d));
+    }
+    const float mean = hsum<W>(acc) * invD;
+    vf acc2 = splat<W>(0.0f);
+    for (int64_t d = 0; d < D; d += W) {
+      const vf c = keep_if<W>(lanes_below<W>(D - d), load<W>(v + d) - mean);
+      acc2 += c * c;
+    }
+    const float rstd = vgmr::ln_rstd<float>(hsum<W>(acc2) * invD, eps);
+    mean_out[j] = mean;
+    rstd_out[j] = rstd;
+    float* __restrict__ y = yr + j * D;
+    const float* __restrict__ kr = kbuf + j * D;
+    for (int64_t d = 0; d < D; d += W) {  // w, bln padded: full loads are safe
+      vf o = ((load<W>(v + d) - mean) * rstd) * load<W>(w + d) + load<W>(bln + d);
+      if (drop) o = o * load<W>(kr + d);
+      if (d + W <= D) {
+        store<W>(y + d, o);
+      } else {
+        store_n<W>(y + d, o, D - d);
+      }
+    }
+  }
+}
+
+// Backward of one block: k rows (flat inputs zr, xr, dyr), writes dz, dx (flat, exact) and
+// accumulates this chunk's partial sums (rows of padded length, masked lanes add 0).
+template <int W>
+VGMR_ALWAYS_INLINE void bwd_block(const float* __restrict__ zr, const float* __restrict__ xr,
+                                  const float* __restrict__ dyr, const float* __restrict__ bp,
+                                  const float* __restrict__ wpad, const float* __restrict__ mean_in,
+                                  const float* __restrict__ rstd_in, float* __restrict__ dzr, float* __restrict__ dxr,
+                                  float* __restrict__ part_w, float* __restrict__ part_b,
+                                  float* __restrict__ part_bias, int64_t r, int64_t k, int64_t D, const Params& P,
+                                  float* __restrict__ vbuf, float* __restrict__ gebuf, float* __restrict__ xgbuf,
+                                  float* __restrict__ gybuf, float* __restrict__ kbuf, uint32_t* __restrict__ words) {
+  VGMR_VEC_TYPES
+  const Gate G(P);
+  const int64_t n = k * D;
+  const bool drop = P.p > 0.0;
+  if (drop) keep_flat<W>(words, r, k, D, P, kbuf);
+  const float invD = 1.0f / (float)D;
+  if (k == 1) {
+    // One row: gate, v-hat, the row sums and the dln partials in one pass (buffers hold
+    // Geff, x dGeff/dz, v-hat, d v-hat), then the outputs. Same arithmetic and order as the
+    // block path below.
+    const float mean = mean_in[0], rstd = rstd_in[0];
+    float* __restrict__ vhbuf = vbuf;
+    float* __restrict__ dvbuf = gybuf;
+    vf va = splat<W>(0.0f), vc = splat<W>(0.0f);
+    for (int64_t d = 0; d < D; d += W) {
+      const bool full = d + W <= D;
+      const int64_t m = D - d;
+      const vf z = full ? load<W>(zr + d) + load<W>(bp + d) : load_n<W>(zr + d, m) + load_n<W>(bp + d, m);
+      const vf xv = full ? load<W>(xr + d) : load_n<W>(xr + d, m);
+      vf gy = full ? load<W>(dyr + d) : load_n<W>(dyr + d, m);
+      const vf g = sigmoid<W>(z);
+      const vf ge = G.c0 + G.c1 * g;
+      vf vh = (ge * xv - mean) * rstd;
+      if (!full) vh = keep_if<W>(lanes_below<W>(m), vh);
+      if (drop) gy = gy * load<W>(kbuf + d);
+      const vf dvh = gy * load<W>(wpad + d);
+      store<W>(gebuf + d, ge);
+      store<W>(xgbuf + d, xv * (G.c1 * g * (1.0f - g)));
+      store<W>(vhbuf + d, vh);
+      store<W>(dvbuf + d, dvh);
+      store<W>(part_b + d, load<W>(part_b + d) + gy);
+      store<W>(part_w + d, load<W>(part_w + d) + gy * vh);
+      va += dvh;
+      vc += dvh * vh;
+    }
+    const float a = hsum<W>(va) * invD, c = hsum<W>(vc) * invD;
+    for (int64_t d = 0; d < D; d += W) {
+      const vf dv = rstd * ((load<W>(dvbuf + d) - a) - load<W>(vhbuf + d) * c);
+      const vf gdx = dv * load<W>(gebuf + d);
+      vf gdz = dv * load<W>(xgbuf + d);
+      if (d + W <= D) {
+        store<W>(dxr + d, gdx);
+        store<W>(dzr + d, gdz);
+      } else {
+        store_n<W>(dxr + d, gdx, D - d);
+        store_n<W>(dzr + d, gdz, D - d);
+        gdz = keep_if<W>(lanes_below<W>(D - d), gdz);
+      }
+      store<W>(part_bias + d, load<W>(part_bias + d) + gdz);
+    }
+    return;
+  }
+  // 1. recompute the gate, flat over the block: v = Geff x, Geff, x dGeff/dz, g = dy keep
+  for (int64_t i = 0; i < n; i += W) {
+    const bool full = i + W <= n;
+    const int64_t m = n - i;
+    const vf z = full ? load<W>(zr + i) + load<W>(bp + i) : load_n<W>(zr + i, m) + load_n<W>(bp + i, m);
+    const vf xv = full ? load<W>(xr + i) : load_n<W>(xr + i, m);
+    vf gy = full ? load<W>(dyr + i) : load_n<W>(dyr + i, m);
+    const vf g = sigmoid<W>(z);
+    const vf ge = G.c0 + G.c1 * g;
+    store<W>(vbuf + i, ge * xv);
+    store<W>(gebuf + i, ge);
+    store<W>(xgbuf + i, xv * (G.c1 * g * (1.0f - g)));
+    if (drop) gy = gy * load<W>(kbuf + i);
+    store<W>(gybuf + i, gy);
+  }
+  for (int64_t j = 0; j < k; ++j) {
+    const int64_t o = j * D;
+    const float mean = mean_in[j], rstd = rstd_in[j];
+    // 2. LayerNorm backward row sums, and the chunk's dln_weight / dln_bias partials
+    vf va = splat<W>(0.0f), vc = splat<W>(0.0f);
+    for (int64_t d = 0; d < D; d += W) {
+      const vi on = lanes_below<W>(D - d);
+      const vf vh = keep_if<W>(on, (load<W>(vbuf + o + d) - mean) * rstd);
+      const vf gy = keep_if<W>(on, load<W>(gybuf + o + d));
+      const vf dvh = gy * load<W>(wpad + d);
+      store<W>(part_b + d, load<W>(part_b + d) + gy);
+      store<W>(part_w + d, load<W>(part_w + d) + gy * vh);
+      va += dvh;
+      vc += dvh * vh;
+    }
+    const float a = hsum<W>(va) * invD, c = hsum<W>(vc) * invD;
+    // 3. dv, then dx = dv Geff, dz = dv x dGeff/dz
+    float* __restrict__ dz = dzr + o;
+    float* __restrict__ dx = dxr + o;
+    for (int64_t d = 0; d < D; d += W) {
+      const vf vh = (load<W>(vbuf + o + d) - mean) * rstd;
+      const vf dvh = load<W>(gybuf + o + d) * load<W>(wpad + d);
+      const vf dv = rstd * ((dvh - a) - vh * c);
+      const vf gdx = dv * load<W>(gebuf + o + d);
+      vf gdz = dv * load<W>(xgbuf + o + d);
+      if (d + W <= D) {
+        store<W>(dx + d, gdx);
+        store<W>(dz + d, gdz);
+      } else {
+        store_n<W>(dx + d, gdx, D - d);
+        store_n<W>(dz + d, gdz, D - d);
+        gdz = keep_if<W>(lanes_below<W>(D - d), gdz);
+      }
+      store<W>(part_bias + d, load<W>(part_bias + d) + gdz);
+    }
+  }
+}
+
+#define VGMR_FWD_BLOCK_ARGS                                                                                       \
+  const float *zr, const float *xr, const float *bp, const float *w, const float *bln, float *yr, float *mean_out, \
+      float *rstd_out, int64_t r, int64_t k, int64_t D, const Params &P, float *vbuf, float *kbuf, uint32_t *words
+#define VGMR_FWD_BLOCK_PASS zr, xr, bp, w, bln, yr, mean_out, rstd_out, r, k, D, P, vbuf, kbuf, words
+#define VGMR_BWD_BLOCK_ARGS                                                                                    \
+  const float *zr, const float *xr, const float *dyr, const float *bp, const float *wpad, const float *mean_in, \
+      const float *rstd_in, float *dzr, float *dxr, float *part_w, float *part_b, float *part_bias, int64_t r,  \
+      int64_t k, int64_t D, const Params &P, float *vbuf, float *gebuf, float *xgbuf, float *gybuf, float *kbuf, \
+      uint32_t *words
+#define VGMR_BWD_BLOCK_PASS                                                                                      \
+  zr, xr, dyr, bp, wpad, mean_in, rstd_in, dzr, dxr, part_w, part_b, part_bias, r, k, D, P, vbuf, gebuf, xgbuf, \
+      gybuf, kbuf, words
+
+#if defined(VGMR_X86_MULTIVERSION)
+// 16 lanes on AVX-512 ...
+__attribute__((target("arch=x86-64-v4"))) void fwd_block_w16(VGMR_FWD_BLOCK_ARGS) {
+  fwd_block<16>(VGMR_FWD_BLOCK_PASS);
+}
+__attribute__((target("arch=x86-64-v4"))) void bwd_block_w16(VGMR_BWD_BLOCK_ARGS) {
+  bwd_block<16>(VGMR_BWD_BLOCK_PASS);
+}
+// ... 8 lanes on AVX2 and on the x86-64 baseline
+__attribute__((target_clones("arch=x86-64-v3", "default"))) void fwd_block_w8(VGMR_FWD_BLOCK_ARGS) {
+  fwd_block<8>(VGMR_FWD_BLOCK_PASS);
+}
+__attribute__((target_clones("arch=x86-64-v3", "default"))) void bwd_block_w8(VGMR_BWD_BLOCK_ARGS) {
+  bwd_block<8>(VGMR_BWD_BLOCK_PASS);
+}
+inline bool use_w16() {
+  if (g_force_narrow_simd.load(std::memory_order_relaxed)) return false;
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("bmi2");
+  return yes;
+}
+inline void fwd_block_f32(VGMR_FWD_BLOCK_ARGS) {
+  if (use_w16()) {
+    fwd_block_w16(VGMR_FWD_BLOCK_PASS);
+  } else {
+    fwd_block_w8(VGMR_FWD_BLOCK_PASS);
+  }
+}
+inline void bwd_block_f32(VGMR_BWD_BLOCK_ARGS) {
+  if (use_w16()) {
+    bwd_block_w16(VGMR_BWD_BLOCK_PASS);
+  } else {
+    bwd_block_w8(VGMR_BWD_BLOCK_PASS);
+  }
+}
+#else
+void fwd_block_f32(VGMR_FWD_BLOCK_ARGS) { fwd_block<8>(VGMR_FWD_BLOCK_PASS); }
+void bwd_block_f32(VGMR_BWD_BLOCK_ARGS) { bwd_block<8>(VGMR_BWD_BLOCK_PASS); }
+#endif
+
+}  // namespace simd
+
+// Per-thread work buffers, carved from one workspace tensor. The launchers allocate the small
+// outputs, then the temporaries, then the big outputs: with a small block freed above a big
+// one, glibc trims the heap and the big outputs page-fault afresh on every call (measured:
+// ~2300 faults, ~2.5 ms per backward at B=32, T=50, D=768; 0 in this order).
+struct WorkF {
+  float* base;
+  int64_t stride;
+  int nbufs;
+  // floats per thread: nbufs row-block buffers, the Philox words, 2 padded [D] vectors
+  static int64_t stride_for(int64_t D) { return padded(std::max<int64_t>(D, block_rows(D) * D)); }
+  static int64_t words_for(int64_t D) { return padded(block_rows(D) * 4 * ((D + 3) / 4)); }
+  static int64_t floats_per_thread(int64_t D, int nbufs) {
+    return nbufs * stride_for(D) + words_for(D) + 2 * padded(D);
+  }
+  WorkF(float* ws, int64_t D, int n) : base(ws), stride(stride_for(D)), nbufs(n) {}
+  float* buf(int i) { return base + i * stride; }
+  uint32_t* words() { return reinterpret_cast<uint32_t*>(base + nbufs * stride); }
+  // two [D] vectors padded with zeros (ln_weight / ln_bias): masked vectors read past D
+  float* vec(int i, int64_t D) { return base + nbufs * stride + words_for(D) + i * padded(D); }
+};
+
+constexpr int kFwdBufsF32 = 3, kFwdBufsHalf = 6, kBwdBufsF32 = 7, kBwdBufsHalf = 12;
+
+template <typename scalar_t>
+VGMR_ALWAYS_INLINE void to_float(const scalar_t* __restrict__ src, int64_t n, float* __restrict__ dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = (float)src[i];
+}
+template <typename scalar_t>
+VGMR_ALWAYS_INLINE void from_float(const float* __restrict__ src, int64_t n, scalar_t* __restrict__ dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = (scalar_t)src[i];
+}
+
+// Forward over rows [r0, r1) for float / half inputs.
+template <typename scalar_t>
+void fwd_range_vec(const scalar_t* zp, const scalar_t* xp, const float* bias, const float* w, const float* bln,
+                   scalar_t* yp, float* mean_out, float* rstd_out, int64_t r0, int64_t r1, int64_t T, int64_t D,
+                   const Params& P, float* ws) {
+  constexpr bool F32 = std::is_same_v<scalar_t, float>;
+  // buffers: v, keep, repeated bias, (half) zpre / x / y scratch
+  WorkF work(ws, D, F32 ? kFwdBufsF32 : kFwdBufsHalf);
+  float* wz = work.vec(0, D);  // ln_weight, ln_bias with zeros past D
+  float* bz = work.vec(1, D);
+  std::memset(wz, 0, padded(D) * sizeof(float));
+  std::memset(bz, 0, padded(D) * sizeof(float));
+  std::memcpy(wz, w, D * sizeof(float));
+  std::memcpy(bz, bln, D * sizeof(float));
+  w = wz;
+  bln = bz;
+  float* vbuf = work.buf(0);
+  float* kbuf = work.buf(1);
+  float* brep = work.buf(2);
+  const int64_t kmax = block_rows(D);
+  int64_t brep_b = -1;
+  for (int64_t r = r0; r < r1;) {
+    const int64_t b = r / T, t = r % T;
+    const int64_t k = std::min<int64_t>(std::min<int64_t>(r1 - r, T - t), kmax);
+    const int64_t n = k * D;
+    const int64_t off = r * D;
+    const float* bp = bias + b * D;
+    if (kmax > 1) {
+      if (brep_b != b) {
+        for (int64_t j = 0, nr = std::min<int64_t>(kmax, T); j < nr; ++j) std::memcpy(brep + j * D, bp, D * 4);
+        brep_b = b;
+      }
+      bp = brep;
+    }
+    if (r + k < r1) {  // the next block's inputs
+      prefetch_run(zp + off + n, std::min<int64_t>(n, (r1 - r - k) * D));
+      prefetch_run(xp + off + n, std::min<int64_t>(n, (r1 - r - k) * D));
+    }
+    if constexpr (F32) {
+      simd::fwd_block_f32(zp + off, xp + off, bp, w, bln, yp + off, mean_out + r, rstd_out + r, r, k, D, P, vbuf,
+                          kbuf, work.words());
+    } else {
+      float* zf = work.buf(3);
+      float* xf = work.buf(4);
+      float* yf = work.buf(5);
+      to_float(zp + off, n, zf);
+      to_float(xp + off, n, xf);
+      simd::fwd_block_f32(zf, xf, bp, w, bln, yf, mean_out + r, rstd_out + r, r, k, D, P, vbuf, kbuf, work.words());
+      from_float(yf, n, yp + off);
+    }
+    r += k;
+  }
+}
+
+// Backward over one chunk of rows [r0, r0 + nrows) of one batch row; partials overwritten.
+template <typename scalar_t>
+void bwd_chunk_vec(const scalar_t* dyp, const scalar_t* zp, const scalar_t* xp, const float* bias, const float* wpad,
+                   const float* mean_in, const float* rstd_in, scalar_t* dzp, scalar_t* dxp, float* part_w,
+                   float* part_b, float* part_bias, int64_t Dp, int64_t r0, int64_t nrows, int64_t T, int64_t D,
+                   const Params& P, WorkF& work) {
+  constexpr bool F32 = std::is_same_v<scalar_t, float>;
+  std::memset(part_w, 0, Dp * sizeof(float));
+  std::memset(part_b, 0, Dp * sizeof(float));
+  std::memset(part_bias, 0, Dp * sizeof(float));
+  const int64_t kmax = block_rows(D);
+  const float* bp = bias + (r0 / T) * D;  // a chunk never crosses a batch row
+  float* brep = work.buf(6);
+  if (kmax > 1) {
+    for (int64_t j = 0, nr = std::min<int64_t>(kmax, nrows); j < nr; ++j) std::memcpy(brep + j * D, bp, D * 4);
+    bp = brep;
+  }
+  const int64_t r1 = r0 + nrows;
+  for (int64_t r = r0; r < r1;) {
+    const int64_t k = std::min<int64_t>(r1 - r, kmax);
+    const int64_t n = k * D;
+    const int64_t off = r * D;
+    if (r + k < r1) {
+      const int64_t nn = std::min<int64_t>(n, (r1 - r - k) * D);
+      prefetch_run(zp + off + n, nn);
+      prefetch_run(xp + off + n, nn);
+      prefetch_run(dyp + off + n, nn);
+    }
+    if constexpr (F32) {
+      simd::bwd_block_f32(zp + off, xp + off, dyp + off, bp, wpad, mean_in + r, rstd_in + r, dzp + off, dxp + off,
+                          part_w, part_b, part_bias, r, k, D, P, work.buf(0), work.buf(1), work.buf(2), work.buf(3),
+                          work.buf(4), work.words());
+    } else {
+      float* zf = work.buf(7);
+      float* xf = work.buf(8);
+      float* dyf = work.buf(9);
+      float* dzf = work.buf(10);
+      float* dxf = work.buf(11);
+      to_float(zp + off, n, zf);
+      to_float(xp + off, n, xf);
+      to_float(dyp + off, n, dyf);
+      simd::bwd_block_f32(zf, xf, dyf, bp, wpad, mean_in + r, rstd_in + r, dzf, dxf, part_w, part_b, part_bias, r, k,
+                          D, P, work.buf(0), work.buf(1), work.buf(2), work.buf(3), work.buf(4), work.words());
+      from_float(dzf, n, dzp + off);
+      from_float(dxf, n, dxp + off);
+    }
+    r += k;
+  }
+}
+
+// (dispatch helpers below the float64 path)
+// ============================================================================================
+// float64 path (gradcheck): scalar loops, libm exp, the SPEC's gate arithmetic
+// ============================================================================================
+void fwd_range_f64(const double* zp, const double* xp, const double* bias, const double* w, const double* bln,
+                   double* yp, double* mean_out, double* rstd_out, int64_t r0, int64_t r1, int64_t T, int64_t D,
+                   const Params& P) {
+  std::vector<double> v(D);
+  std::vector<uint32_t> words(4 * ((D + 3) / 4) + 16);
+  const int64_t q = (D + 3) / 4;
+  for (int64_t r = r0; r < r1; ++r) {
+    const double* zr = zp + r * D;
+    const double* xr = xp + r * D;
+    const double* br = bias + (r / T) * D;
+    double sum = 0.0;
+    for (int64_t d = 0; d < D; ++d) {
+      v[d] = vgmr::gate_eff_d(vgmr::sigmoid_d(zr[d] + br[d]), P.alpha, P.beta) * xr[d];
+      sum += v[d];
+    }
+    const double mean = sum / (double)D;
+    double sq = 0.0;
+    for (int64_t d = 0; d < D; ++d) sq += (v[d] - mean) * (v[d] - mean);
+    const double rstd = vgmr::ln_rstd<double>(sq / (double)D, kEps);
+    mean_out[r] = mean;
+    rstd_out[r] = rstd;
+    if (P.p > 0.0) philox_run(P.seed, (uint64_t)r * (uint64_t)q, q, words.data());
+    double* yr = yp + r * D;
+    for (int64_t d = 0; d < D; ++d) {
+      double o = (v[d] - mean) * rstd * w[d] + bln[d];
+      if (P.p > 0.0) o = words[d] >= P.thr ? o * P.scale : 0.0;
+      yr[d] = o;
+    }
+  }
+}
+
+void bwd_chunk_f64(const double* dyp, const double* zp, const double* xp, const double* bias, const double* w,
+                   const double* mean_in, const double* rstd_in, double* dzp, double* dxp, double* part_w,
+                   double* part_b, double* part_bias, int64_t r0, int64_t nrows, int64_t T, int64_t D,
+                   const Params& P) {
+  std::vector<double> g(D), vh(D), dvh(D);
+  std::vector<uint32_t> words(4 * ((D + 3) / 4) + 16);
+  const int64_t q = (D + 3) / 4;
+  for (int64_t d = 0; d < D; ++d) part_w[d] = part_b[d] = part_bias[d] = 0.0;
+  const double* br = bias + (r0 / T) * D;
+  for (int64_t r = r0; r < r0 + nrows; ++r) {
+    const double* zr = zp + r * D;
+    const double* xr = xp + r * D;
+    const double* dyr = dyp + r * D;
+    const double mean = mean_in[r], rstd = rstd_in[r];
+    if (P.p > 0.0) philox_run(P.seed, (uint64_t)r * (uint64_t)q, q, words.data());
+    double a = 0.0, c = 0.0;
+    for (int64_t d = 0; d < D; ++d) {
+      g[d] = vgmr::sigmoid_d(zr[d] + br[d]);
+      const double v = vgmr::gate_eff_d(g[d], P.alpha, P.beta) * xr[d];
+      vh[d] = (v - mean) * rstd;
+      const double gy = P.p > 0.0 ? (words[d] >= P.thr ? dyr[d] * P.scale : 0.0) : dyr[d];
+      dvh[d] = gy * w[d];
+      part_b[d] += gy;
+      part_w[d] += gy * vh[d];
+      a += dvh[d];
+      c += dvh[d] * vh[d];
+    }
+    a /= (double)D;
+    c /= (double)D;
+    for (int64_t d = 0; d < D; ++d) {
+      const double dv = vgmr::ln_bwd_dv<double>(dvh[d], vh[d], a, c, rstd);
+      const double dz = dv * xr[d] * vgmr::gate_eff_grad_d(g[d], P.alpha, P.beta);
+      dxp[r * D + d] = dv * vgmr::gate_eff_d(g[d], P.alpha, P.beta);
+      dzp[r * D + d] = dz;
+      part_bias[d] += dz;
+    }
+  }
+}
+
+template <typename scalar_t>
+void fwd_range(const scalar_t* zp, const scalar_t* xp, const at::opmath_type<scalar_t>* bias,
+               const at::opmath_type<scalar_t>* w, const at::opmath_type<scalar_t>* bln, scalar_t* yp,
+               at::opmath_type<scalar_t>* mean_out, at::opmath_type<scalar_t>* rstd_out, int64_t r0, int64_t r1,
+               int64_t T, int64_t D, const Params& P, float* ws) {
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    fwd_range_f64(zp, xp, bias, w, bln, yp, mean_out, rstd_out, r0, r1, T, D, P);
+  } else {
+    fwd_range_vec<scalar_t>(zp, xp, bias, w, bln, yp, mean_out, rstd_out, r0, r1, T, D, P, ws);
+  }
+}
+
+// Chunks [c0, c1) of the backward (cpb chunks of tc rows per batch row).
+template <typename scalar_t>
+void bwd_chunks(const scalar_t* dyp, const scalar_t* zp, const scalar_t* xp, const at::opmath_type<scalar_t>* bias,
+                const at::opmath_type<scalar_t>* w, const at::opmath_type<scalar_t>* mean_in,
+                const at::opmath_type<scalar_t>* rstd_in, scalar_t* dzp, scalar_t* dxp, at::opmath_type<scalar_t>* pp,
+                int64_t Dp, int64_t c0, int64_t c1, int64_t cpb, int64_t tc, int64_t T, int64_t D, const Params& P,
+                float* ws) {
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t b = c / cpb, t0 = (c % cpb) * tc, nt = std::min<int64_t>(tc, T - t0);
+      double* pc = pp + c * 3 * Dp;
+      bwd_chunk_f64(dyp, zp, xp, bias, w, mean_in, rstd_in, dzp, dxp, pc, pc + Dp, pc + 2 * Dp, b * T + t0, nt, T, D,
+                    P);
+    }
+  } else {
+    WorkF work(ws, D, std::is_same_v<scalar_t, float> ? kBwdBufsF32 : kBwdBufsHalf);
+    float* wpad = work.vec(0, D);  // ln_weight with zeros past D (masked vectors read it)
+    std::memset(wpad, 0, padded(D) * sizeof(float));
+    std::memcpy(wpad, w, D * sizeof(float));
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t b = c / cpb, t0 = (c % cpb) * tc, nt = std::min<int64_t>(tc, T - t0);
+      float* pc = pp + c * 3 * Dp;
+      bwd_chunk_vec<scalar_t>(dyp, zp, xp, bias, wpad, mean_in, rstd_in, dzp, dxp, pc, pc + Dp, pc + 2 * Dp,
+                              Dp, b * T + t0, nt, T, D, P, work);
+    }
+  }
+}
+
+// ---- argument checks ----------------------------------------------------------------------
+at::ScalarType param_dtype(at::ScalarType x) { return x == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_param(const at::Tensor& t, at::ScalarType want, at::IntArrayRef shape, const char* op, const char* name,
+                 const char* shape_name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == want, op, ": ", name, " must be ", want,
+                   " (float32 for float32/half inputs, float64 for float64; the op layer casts it), got ",
+                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " must have shape ", shape_name, " = ", shape, ", got ",
+                    t.sizes());
+  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+Params make_params(double alpha, double beta, double p, int64_t seed, const char* op) {
+  TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, op, ": dropout probability p must be in [0, 1), got ", p);
+  TORCH_CHECK_VALUE(seed >= 0, op, ": seed must be a non-negative int64, got ", seed);
+  Params P;
+  P.alpha = alpha;
+  P.beta = beta;
+  P.p = p;
+  P.seed = (uint64_t)seed;
+  P.thr = vgmr::dropout_threshold(p);
+  P.scale = vgmr::dropout_scale(p);
+  return P;
+}
+
+void check_main(const at::Tensor& zpre, const at::Tensor& bias_row, const at::Tensor& x, const at::Tensor& ln_weight,
+                const char* op) {
+  check_cpu_float(x, op, "x");
+  check_dim(x, 3, op, "x", "[B, T, D]");
+  check_cpu_float(zpre, op, "zpre");
+  check_same_dtype(x, zpre, op, "x", "zpre");
+  TORCH_CHECK_VALUE(zpre.sizes() == x.sizes(), op, ": zpre must have the shape of x ", x.sizes(), ", got ",
+                    zpre.sizes());
+  TORCH_CHECK_VALUE(x.size(2) >= 1, op, ": x must have D >= 1 features, got ", x.sizes());
+  const at::ScalarType pt = param_dtype(x.scalar_type());
+  check_param(bias_row, pt, {x.size(0), x.size(2)}, op, "bias_row", "[B, D]");
+  check_param(ln_weight, pt, {x.size(2)}, op, "ln_weight", "[D]");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_norm_cpu(const at::Tensor& zpre, const at::Tensor& bias_row,
+                                                             const at::Tensor& x, const at::Tensor& ln_weight,
+                                                             const at::Tensor& ln_bias, double alpha, double beta,
+                                                             double p, int64_t seed) {
+  const char* op = "vgmr::gate_norm";
+  check_main(zpre, bias_row, x, ln_weight, op);
+  check_param(ln_bias, param_dtype(x.scalar_type()), {x.size(2)}, op, "ln_bias", "[D]");
+  const Params P = make_params(alpha, beta, p, seed, op);
+  const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
+  const at::ScalarType pt = param_dtype(x.scalar_type());
+  // Allocation order: small outputs, then temporaries, then the big outputs (see WorkF).
+  at::Tensor mean = new_output({B, T}, x.options().dtype(pt));
+  at::Tensor rstd = new_output({B, T}, x.options().dtype(pt));
+  const bool vec_path = x.scalar_type() != at::kDouble;
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t per_thread = vec_path ? WorkF::floats_per_thread(
+                                            D, x.scalar_type() == at::kFloat ? kFwdBufsF32 : kFwdBufsHalf)
+                                      : 0;
+  at::Tensor ws = at::zeros({nthreads * per_thread}, x.options().dtype(at::kFloat));
+  at::Tensor y = new_output({B, T, D}, x.options());
+  const int64_t R = B * T;
+  if (R == 0) return {y, mean, rstd};
+  const int64_t grain = std::max<int64_t>(1, 16384 / D);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "vgmr_gate_norm", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* zp = zpre.const_data_ptr<scalar_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const acc_t* bp = bias_row.const_data_ptr<acc_t>();
+    const acc_t* wp = ln_weight.const_data_ptr<acc_t>();
+    const acc_t* lbp = ln_bias.const_data_ptr<acc_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    acc_t* mp = mean.mutable_data_ptr<acc_t>();
+    acc_t* rp = rstd.mutable_data_ptr<acc_t>();
+    float* wsp = ws.mutable_data_ptr<float>();
+    at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
+      const int64_t tid = std::min<int64_t>(at::get_thread_num(), nthreads - 1);
+      fwd_range<scalar_t>(zp, xp, bp, wp, lbp, yp, mp, rp, begin, end, T, D, P, wsp + tid * per_thread);
+    });
+  });
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm_backward_cpu(
+    const at::Tensor& dy, const at::Tensor& zpre, const at::Tensor& bias_row, const at::Tensor& x,
+    const at::Tensor& ln_weight, const at::Tensor& mean, const at::Tensor& rstd, double alpha, double beta, double p,
+    int64_t seed) {
+  const char* op = "vgmr::gate_norm_backward";
+  check_main(zpre, bias_row, x, ln_weight, op);
+  check_cpu_float(dy, op, "dy");
+  check_same_dtype(x, dy, op, "x", "dy");
+  TORCH_CHECK_VALUE(dy.sizes() == x.sizes(), op, ": dy must have the shape of x ", x.sizes(), ", got ", dy.sizes());
+  const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
+  const at::ScalarType pt = param_dtype(x.scalar_type());
+  check_param(mean, pt, {B, T}, op, "mean", "[B, T]");
+  check_param(rstd, pt, {B, T}, op, "rstd", "[B, T]");
+  const Params P = make_params(alpha, beta, p, seed, op);
+
+  // Fixed chunks of rows within one batch row: tc steps of T each (about 64K elements).
+  const int64_t tc = std::max<int64_t>(1, std::min<int64_t>(T, ceil_div(65536, D)));
+  const int64_t cpb = ceil_div(T, tc);  // chunks per batch row
+  const int64_t nchunks = B * cpb;
+  const int64_t Dp = padded(D);
+  // Allocation order: small outputs, then temporaries, then the big outputs (see WorkF).
+  at::Tensor dbias = new_output({B, D}, x.options().dtype(pt));
+  at::Tensor dw = new_output({D}, x.options().dtype(pt));
+  at::Tensor db = new_output({D}, x.options().dtype(pt));
+  at::Tensor part = new_output({std::max<int64_t>(nchunks, 1), 3, Dp}, x.options().dtype(pt));
+  const bool vec_path = x.scalar_type() != at::kDouble;
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t per_thread = vec_path ? WorkF::floats_per_thread(
+                                            D, x.scalar_type() == at::kFloat ? kBwdBufsF32 : kBwdBufsHalf)
+                                      : 0;
+  at::Tensor ws = at::zeros({nthreads * per_thread}, x.options().dtype(at::kFloat));
+  at::Tensor dzpre = new_output({B, T, D}, x.options());
+  at::Tensor dx = new_output({B, T, D}, x.options());
+  if (B * T == 0) {
+    dbias.zero_();
+    dw.zero_();
+    db.zero_();
+    return {dzpre, dbias, dx, dw, db};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "vgmr_gate_norm_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+    const scalar_t* zp = zpre.const_data_ptr<scalar_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const acc_t* bp = bias_row.const_data_ptr<acc_t>();
+    const acc_t* wp = ln_weight.const_data_ptr<acc_t>();
+    const acc_t* mp = mean.const_data_ptr<acc_t>();
+    const acc_t* rp = rstd.const_data_ptr<acc_t>();
+    scalar_t* dzp = dzpre.mutable_data_ptr<scalar_t>();
+    scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+    acc_t* pp = part.mutable_data_ptr<acc_t>();
+    float* wsp = ws.mutable_data_ptr<float>();
+    at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
+      const int64_t tid = std::min<int64_t>(at::get_thread_num(), nthreads - 1);
+      bwd_chunks<scalar_t>(dyp, zp, xp, bp, wp, mp, rp, dzp, dxp, pp, Dp, begin, end, cpb, tc, T, D, P,
+                           wsp + tid * per_thread);
+    });
+    // One ordered reduction over the chunks.
+    acc_t* dwp = dw.mutable_data_ptr<acc_t>();
+    acc_t* dbp = db.mutable_data_ptr<acc_t>();
+    acc_t* dbiasp = dbias.mutable_data_ptr<acc_t>();
+    const int64_t dgrain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, nchunks));
+    at::parallel_for(0, D, dgrain, [&](int64_t d0, int64_t d1) {
+      for (int64_t d = d0; d < d1; ++d) {
+        dwp[d] = pp[d];
+        dbp[d] = pp[Dp + d];
+      }
+      for (int64_t c = 1; c < nchunks; ++c) {
+        const acc_t* pw = pp + (c * 3 + 0) * Dp;
+        const acc_t* pb = pp + (c * 3 + 1) * Dp;
+        for (int64_t d = d0; d < d1; ++d) {
+          dwp[d] += pw[d];
+          dbp[d] += pb[d];
+        }
+      }
+    });
+    at::parallel_for(0, B, std::max<int64_t>(1, 65536 / (cpb * D)), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        acc_t* out = dbiasp + b * D;
+        const acc_t* first = pp + ((b * cpb) * 3 + 2) * Dp;
+        for (int64_t d = 0; d < D; ++d) out[d] = first[d];
+        for (int64_t k = 1; k < cpb; ++k) {
+          const acc_t* pk = pp + ((b * cpb + k) * 3 + 2) * Dp;
+          for (int64_t d = 0; d < D; ++d) out[d] += pk[d];
+        }
+      }
+    });
+  });
+  return {dzpre, dbias, dx, dw, db};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace vgmr
+
+TORCH_LIBRARY_IMPL(vgmr, CPU, m) {
+  m.impl("gate_norm", &vgmr::cpu::gate_norm_cpu);
+  m.impl("gate_norm_backward", &vgmr::cpu::gate_norm_backward_cpu);
+}

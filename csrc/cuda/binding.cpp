@@ -1,0 +1,319 @@
+// CUDA dispatch key of the vgmr:: operators (schemas: csrc/ops.cpp, contract: docs/ops.md).
+// The thin torch-typed layer: argument checks (TORCH_CHECK_VALUE / _TYPE -> ValueError /
+// TypeError), output and scratch allocation through torch's caching allocator, the device
+// guard and the current stream; the kernels themselves are raw-pointer launchers
+// (csrc/cuda/kernels.h). No host synchronisation anywhere: every op is CUDA-graph capturable.
+// Built only with VGMR_WITH_CUDA (setup.py).
+#ifdef VGMR_WITH_CUDA
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <tuple>
+
+#include "cuda/kernels.h"
+#include "vgmr_math.h"
+
+namespace vgmr {
+namespace cpu {
+// Debug switch shared with the CPU kernels (defined in csrc/ops.cpp, toggled from Python
+// by vgmr_fast._C.set_debug_nan_fill): fill outputs with NaN (integers: -7) before the
+// kernels write them, so an element a kernel forgets shows up in the tests.
+extern std::atomic<bool> g_debug_nan_fill;
+}  // namespace cpu
+}  // namespace vgmr
+
+namespace {
+
+using vgmr::gpu::DType;
+
+#define VGMR_CUDA_OK(op, expr)                                                                  \
+  do {                                                                                          \
+    const cudaError_t vgmr_err_ = (expr);                                                       \
+    TORCH_CHECK(vgmr_err_ == cudaSuccess, op, ": CUDA kernel launch failed: ",                  \
+                cudaGetErrorName(vgmr_err_), ": ", cudaGetErrorString(vgmr_err_));             \
+  } while (0)
+
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  at::Tensor t = at::empty(sizes, opts);
+  if (vgmr::cpu::g_debug_nan_fill.load(std::memory_order_relaxed)) {
+    if (at::isFloatingType(t.scalar_type())) {
+      t.fill_(std::numeric_limits<double>::quiet_NaN());
+    } else {
+      t.fill_(-7);
+    }
+  }
+  return t;
+}
+
+void check_cuda(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.defined(), op, ": ", name, " is undefined");
+  TORCH_CHECK_VALUE(t.is_cuda(), op, ": ", name, " must be a CUDA tensor for the CUDA kernel, got ", t.device());
+  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous (the op layer makes it so)");
+}
+
+void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name,
+                       const char* ref_name) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",
+                    ref.device());
+}
+
+DType element_dtype(const at::Tensor& t, const char* op, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return DType::kFloat32;
+    case at::kHalf:
+      return DType::kFloat16;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, op, ": ", name, " must be float32, float16 or bfloat16 on CUDA, got ",
+                       t.scalar_type());
+  }
+  return DType::kFloat32;  // unreachable
+}
+
+void check_dtype(const at::Tensor& t, at::ScalarType want, const char* op, const char* name, const char* why) {
+  TORCH_CHECK_TYPE(t.scalar_type() == want, op, ": ", name, " must be ", want, why, ", got ", t.scalar_type());
+}
+
+void check_shape(const at::Tensor& t, at::IntArrayRef want, const char* op, const char* name,
+                 const char* shape_name) {
+  TORCH_CHECK_VALUE(t.sizes() == want, op, ": ", name, " must have shape ", shape_name, " = ", want, ", got ",
+                    t.sizes());
+}
+
+void check_dim(const at::Tensor& t, int64_t dim, const char* op, const char* name, const char* shape_name) {
+  TORCH_CHECK_VALUE(t.dim() == dim, op, ": ", name, " must have shape ", shape_name, " (", dim, " dims), got ",
+                    t.sizes());
+}
+
+// Optional [B, T] bool mask on h's device; returns its data (nullptr when absent).
+const uint8_t* mask_ptr(const std::optional<at::Tensor>& mask, const at::Tensor& ref, int64_t B, int64_t T,
+                        const char* op) {
+  if (!mask.has_value() || !mask->defined()) return nullptr;
+  const at::Tensor& m = *mask;
+  check_cuda(m, op, "mask");
+  check_same_device(m, ref, op, "mask", "the features");
+  check_dtype(m, at::kBool, op, "mask", " (True = valid step)");
+  check_shape(m, {B, T}, op, "mask", "[B, T]");
+  return reinterpret_cast<const uint8_t*>(m.const_data_ptr<bool>());
+}
+
+struct DropoutArgs {
+  uint32_t threshold;
+  float scale;
+  uint64_t seed;
+  bool on;
+};
+
+DropoutArgs dropout_args(double p, int64_t seed, const char* op) {
+  TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, op, ": dropout probability p must be in [0, 1), got ", p);
+  TORCH_CHECK_VALUE(seed >= 0, op, ": seed must be a non-negative int64, got ", seed);
+  DropoutArgs d;
+  d.on = p > 0.0;
+  d.threshold = vgmr::dropout_threshold(p);
+  d.scale = (float)vgmr::dropout_scale(p);
+  d.seed = (uint64_t)seed;
+  return d;
+}
+
+// ---- summary_pool ------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor, at::Tensor> summary_pool_cuda(const at::Tensor& h,
+                                                                 const std::optional<at::Tensor>& mask) {
+  const char* op = "vgmr::summary_pool";
+  check_cuda(h, op, "h");
+  check_dim(h, 3, op, "h", "[B, T, D]");
+  const DType dt = element_dtype(h, op, "h");
+  const int64_t B = h.size(0), T = h.size(1), D = h.size(2);
+  TORCH_CHECK_VALUE(T <= std::numeric_limits<int32_t>::max(), op, ": T = ", T,
+                    " does not fit the int32 argmax");
+  const c10::cuda::CUDAGuard guard(h.device());
+  const uint8_t* mp = mask_ptr(mask, h, B, T, op);
+  at::Tensor mean = new_output({B, D}, h.options());
+  at::Tensor mx = new_output({B, D}, h.options());
+  at::Tensor argmax = new_output({B, D}, h.options().dtype(at::kInt));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  VGMR_CUDA_OK(op, vgmr::gpu::summary_pool_fwd_launch(dt, h.const_data_ptr(), mp, mean.mutable_data_ptr(),
+                                                      mx.mutable_data_ptr(), argmax.mutable_data_ptr<int32_t>(), B,
+                                                      T, D, stream));
+  return {mean, mx, argmax};
+}
+
+at::Tensor summary_pool_backward_cuda(const at::Tensor& dmean, const at::Tensor& dmax,
+                                      const std::optional<at::Tensor>& mask, const at::Tensor& argmax, int64_t T) {
+  const char* op = "vgmr::summary_pool_backward";
+  check_cuda(dmean, op, "dmean");
+  check_dim(dmean, 2, op, "dmean", "[B, D]");
+  const DType dt = element_dtype(dmean, op, "dmean");
+  const int64_t B = dmean.size(0), D = dmean.size(1);
+  TORCH_CHECK_VALUE(T >= 0 && T <= std::numeric_limits<int32_t>::max(), op, ": T must be in [0, 2^31), got ", T);
+  check_cuda(dmax, op, "dmax");
+  check_same_device(dmax, dmean, op, "dmax", "dmean");
+  TORCH_CHECK_TYPE(dmax.scalar_type() == dmean.scalar_type(), op, ": dmax must have the dtype of dmean (",
+                   dmean.scalar_type(), "), got ", dmax.scalar_type());
+  check_shape(dmax, {B, D}, op, "dmax", "[B, D]");
+  check_cuda(argmax, op, "argmax");
+  check_same_device(argmax, dmean, op, "argmax", "dmean");
+  check_dtype(argmax, at::kInt, op, "argmax", " (int32, from the forward)");
+  check_shape(argmax, {B, D}, op, "argmax", "[B, D]");
+  const c10::cuda::CUDAGuard guard(dmean.device());
+  const uint8_t* mp = mask_ptr(mask, dmean, B, T, op);
+  at::Tensor dh = new_output({B, T, D}, dmean.options());
+  const int64_t ws = vgmr::gpu::summary_pool_bwd_workspace_floats(B, mp != nullptr);
+  at::Tensor work;
+  if (ws > 0) work = at::empty({ws}, dmean.options().dtype(at::kFloat));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  VGMR_CUDA_OK(op, vgmr::gpu::summary_pool_bwd_launch(dt, dmean.const_data_ptr(), dmax.const_data_ptr(), mp,
+                                                      argmax.const_data_ptr<int32_t>(), dh.mutable_data_ptr(),
+                                                      ws > 0 ? work.mutable_data_ptr<float>() : nullptr, B, T, D,
+                                                      stream));
+  return dh;
+}
+
+// ---- interaction -------------------------------------------------------------------------------
+at::Tensor interaction_cuda(const at::Tensor& s) {
+  const char* op = "vgmr::interaction";
+  check_cuda(s, op, "s");
+  check_dim(s, 3, op, "s", "[B, M, D]");
+  const DType dt = element_dtype(s, op, "s");
+  const int64_t B = s.size(0), M = s.size(1), D = s.size(2);
+  TORCH_CHECK_VALUE(M >= 2, op, ": s needs M >= 2 modalities, got M = ", M);
+  const c10::cuda::CUDAGuard guard(s.device());
+  at::Tensor u = new_output({B, M, (3 * M - 1) * D}, s.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  VGMR_CUDA_OK(op, vgmr::gpu::interaction_fwd_launch(dt, s.const_data_ptr(), u.mutable_data_ptr(), B, M, D, stream));
+  return u;
+}
+
+at::Tensor interaction_backward_cuda(const at::Tensor& du, const at::Tensor& s) {
+  const char* op = "vgmr::interaction_backward";
+  check_cuda(s, op, "s");
+  check_dim(s, 3, op, "s", "[B, M, D]");
+  const int64_t B = s.size(0), M = s.size(1), D = s.size(2);
+  TORCH_CHECK_VALUE(M >= 2, op, ": s needs M >= 2 modalities, got M = ", M);
+  check_cuda(du, op, "du");
+  check_same_device(du, s, op, "du", "s");
+  const DType dt = element_dtype(du, op, "du");
+  TORCH_CHECK_TYPE(du.scalar_type() == s.scalar_type(), op, ": du must have the dtype of s (", s.scalar_type(),
+                   "), got ", du.scalar_type());
+  check_shape(du, {B, M, (3 * M - 1) * D}, op, "du", "[B, M, (3M-1) D]");
+  const c10::cuda::CUDAGuard guard(s.device());
+  at::Tensor ds = new_output({B, M, D}, du.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  VGMR_CUDA_OK(op, vgmr::gpu::interaction_bwd_launch(dt, du.const_data_ptr(), s.const_data_ptr(),
+                                                     ds.mutable_data_ptr(), B, M, D, stream));
+  return ds;
+}
+
+// ---- gate_norm ---------------------------------------------------------------------------------
+// zpre, x [B, T, D] (one dtype), bias_row [B, D], ln_weight [D] float32, all on x's device.
+DType check_gate_inputs(const at::Tensor& zpre, const at::Tensor& bias_row, const at::Tensor& x,
+                        const at::Tensor& ln_weight, const char* op) {
+  check_cuda(x, op, "x");
+  check_dim(x, 3, op, "x", "[B, T, D]");
+  const DType dt = element_dtype(x, op, "x");
+  const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
+  TORCH_CHECK_VALUE(D >= 1, op, ": x must have D >= 1 features, got D = ", D);
+  check_cuda(zpre, op, "zpre");
+  check_same_device(zpre, x, op, "zpre", "x");
+  TORCH_CHECK_TYPE(zpre.scalar_type() == x.scalar_type(), op, ": zpre must have the dtype of x (", x.scalar_type(),
+                   "), got ", zpre.scalar_type());
+  check_shape(zpre, {B, T, D}, op, "zpre", "[B, T, D]");
+  const char* f32 = " (float32 for float32/half inputs; the op layer casts it)";
+  check_cuda(bias_row, op, "bias_row");
+  check_same_device(bias_row, x, op, "bias_row", "x");
+  check_dtype(bias_row, at::kFloat, op, "bias_row", f32);
+  check_shape(bias_row, {B, D}, op, "bias_row", "[B, D]");
+  check_cuda(ln_weight, op, "ln_weight");
+  check_same_device(ln_weight, x, op, "ln_weight", "x");
+  check_dtype(ln_weight, at::kFloat, op, "ln_weight", f32);
+  check_shape(ln_weight, {D}, op, "ln_weight", "[D]");
+  return dt;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_norm_cuda(const at::Tensor& zpre, const at::Tensor& bias_row,
+                                                              const at::Tensor& x, const at::Tensor& ln_weight,
+                                                              const at::Tensor& ln_bias, double alpha, double beta,
+                                                              double p, int64_t seed) {
+  const char* op = "vgmr::gate_norm";
+  const DType dt = check_gate_inputs(zpre, bias_row, x, ln_weight, op);
+  const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
+  check_cuda(ln_bias, op, "ln_bias");
+  check_same_device(ln_bias, x, op, "ln_bias", "x");
+  check_dtype(ln_bias, at::kFloat, op, "ln_bias", " (float32 for float32/half inputs; the op layer casts it)");
+  check_shape(ln_bias, {D}, op, "ln_bias", "[D]");
+  const DropoutArgs drop = dropout_args(p, seed, op);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = new_output({B, T, D}, x.options());
+  at::Tensor mean = new_output({B, T}, x.options().dtype(at::kFloat));
+  at::Tensor rstd = new_output({B, T}, x.options().dtype(at::kFloat));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  VGMR_CUDA_OK(op, vgmr::gpu::gate_norm_fwd_launch(
+                       dt, zpre.const_data_ptr(), bias_row.const_data_ptr<float>(), x.const_data_ptr(),
+                       ln_weight.const_data_ptr<float>(), ln_bias.const_data_ptr<float>(), y.mutable_data_ptr(),
+                       mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>(), B, T, D, (float)alpha,
+                       (float)beta, drop.threshold, drop.scale, drop.seed, drop.on, stream));
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm_backward_cuda(
+    const at::Tensor& dy, const at::Tensor& zpre, const at::Tensor& bias_row, const at::Tensor& x,
+    const at::Tensor& ln_weight, const at::Tensor& mean, const at::Tensor& rstd, double alpha, double beta, double p,
+    int64_t seed) {
+  const char* op = "vgmr::gate_norm_backward";
+  const DType dt = check_gate_inputs(zpre, bias_row, x, ln_weight, op);
+  const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
+  check_cuda(dy, op, "dy");
+  check_same_device(dy, x, op, "dy", "x");
+  TORCH_CHECK_TYPE(dy.scalar_type() == x.scalar_type(), op, ": dy must have the dtype of x (", x.scalar_type(),
+                   "), got ", dy.scalar_type());
+  check_shape(dy, {B, T, D}, op, "dy", "[B, T, D]");
+  const char* saved = " (saved by the forward)";
+  check_cuda(mean, op, "mean");
+  check_same_device(mean, x, op, "mean", "x");
+  check_dtype(mean, at::kFloat, op, "mean", saved);
+  check_shape(mean, {B, T}, op, "mean", "[B, T]");
+  check_cuda(rstd, op, "rstd");
+  check_same_device(rstd, x, op, "rstd", "x");
+  check_dtype(rstd, at::kFloat, op, "rstd", saved);
+  check_shape(rstd, {B, T}, op, "rstd", "[B, T]");
+  const DropoutArgs drop = dropout_args(p, seed, op);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::TensorOptions f32 = x.options().dtype(at::kFloat);
+  at::Tensor dzpre = new_output({B, T, D}, zpre.options());
+  at::Tensor dx = new_output({B, T, D}, x.options());
+  at::Tensor dbias_row = new_output({B, D}, f32);
+  at::Tensor dw = new_output({D}, f32);
+  at::Tensor db = new_output({D}, f32);
+  const int64_t ws = vgmr::gpu::gate_norm_bwd_workspace_floats(dt, B, T, D);
+  at::Tensor work = at::empty({std::max<int64_t>(ws, 1)}, f32);  // caching allocator: graph-safe
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  VGMR_CUDA_OK(op, vgmr::gpu::gate_norm_bwd_launch(
+                       dt, dy.const_data_ptr(), zpre.const_data_ptr(), bias_row.const_data_ptr<float>(),
+                       x.const_data_ptr(), ln_weight.const_data_ptr<float>(), mean.const_data_ptr<float>(),
+                       rstd.const_data_ptr<float>(), dzpre.mutable_data_ptr(), dbias_row.mutable_data_ptr<float>(),
+                       dx.mutable_data_ptr(), dw.mutable_data_ptr<float>(), db.mutable_data_ptr<float>(),
+                       work.mutable_data_ptr<float>(), ws, B, T, D, (float)alpha, (float)beta, drop.threshold,
+                       drop.scale, drop.seed, drop.on, stream));
+  return {dzpre, dbias_row, dx, dw, db};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vgmr, CUDA, m) {
+  m.impl("summary_pool", &summary_pool_cuda);
+  m.impl("summary_pool_backward", &summary_pool_backward_cuda);
+  m.impl("interaction", &interaction_cuda);
+  m.impl("interaction_backward", &interaction_backward_cuda);
+  m.impl("gate_norm", &gate_norm_cuda);
+  m.impl("gate_norm_backward", &gate_norm_backward_cuda);
+}
+
+#endif  // VGMR_WITH_CUDA

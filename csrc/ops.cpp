@@ -1,0 +1,241 @@
+// vgmr_fast._C: operator schemas of docs/ops.md (namespace vgmr), the small debug
+// op philox_words, and the Python module itself (a plain CPython module: flags and
+// the debug switch; the operators are reached through torch.ops.vgmr).
+//
+// Kernels: CPU in csrc/cpu/<op>.cpp (TORCH_LIBRARY_IMPL(vgmr, CPU) there), CUDA in
+// csrc/cuda/ (TORCH_LIBRARY_IMPL(vgmr, CUDA), built only with VGMR_WITH_CUDA).
+#include <Python.h>
+#include <torch/autograd.h>
+
+#include "cpu/cpu_common.h"
+#include "vgmr_math.h"
+
+namespace vgmr {
+namespace cpu {
+std::atomic<bool> g_debug_nan_fill{false};
+std::atomic<bool> g_force_narrow_simd{false};
+}  // namespace cpu
+}  // namespace vgmr
+
+TORCH_LIBRARY(vgmr, m) {
+  const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
+  m.def("summary_pool(Tensor h, Tensor? mask) -> (Tensor mean, Tensor max, Tensor argmax)", tags);
+  m.def("summary_pool_backward(Tensor dmean, Tensor dmax, Tensor? mask, Tensor argmax, int T) -> Tensor", tags);
+  m.def("interaction(Tensor s) -> Tensor", tags);
+  m.def("interaction_backward(Tensor du, Tensor s) -> Tensor", tags);
+  m.def(
+      "gate_norm(Tensor zpre, Tensor bias_row, Tensor x, Tensor ln_weight, Tensor ln_bias, "
+      "float alpha, float beta, float p, int seed) -> (Tensor y, Tensor mean, Tensor rstd)",
+      tags);
+  m.def(
+      "gate_norm_backward(Tensor dy, Tensor zpre, Tensor bias_row, Tensor x, Tensor ln_weight, "
+      "Tensor mean, Tensor rstd, float alpha, float beta, float p, int seed) "
+      "-> (Tensor dzpre, Tensor dbias_row, Tensor dx, Tensor dln_weight, Tensor dln_bias)",
+      tags);
+  // Debug/test op: the Philox4x32-10 words of csrc/vgmr_math.h for int64 counters
+  // ([...] -> [..., 4], int64 holding uint32 values). CPU only.
+  m.def("philox_words(int seed, Tensor counters) -> Tensor", tags);
+}
+
+namespace {
+
+at::Tensor philox_words_cpu(int64_t seed, const at::Tensor& counters) {
+  TORCH_CHECK_VALUE(seed >= 0, "vgmr::philox_words: seed must be a non-negative int64, got ", seed);
+  TORCH_CHECK_TYPE(counters.scalar_type() == at::kLong, "vgmr::philox_words: counters must be int64, got ",
+                   counters.scalar_type());
+  TORCH_CHECK_VALUE(counters.device().is_cpu(), "vgmr::philox_words: counters must be a CPU tensor");
+  at::Tensor c = counters.contiguous();
+  std::vector<int64_t> sizes(c.sizes().begin(), c.sizes().end());
+  sizes.push_back(4);
+  at::Tensor out = at::empty(sizes, c.options());
+  const int64_t* cp = c.const_data_ptr<int64_t>();
+  int64_t* op = out.mutable_data_ptr<int64_t>();
+  const int64_t n = c.numel();
+  at::parallel_for(0, n, 4096, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      vgmr::U32x4 w = vgmr::philox4x32_10((uint64_t)seed, (uint64_t)cp[i]);
+      for (int k = 0; k < 4; ++k) op[4 * i + k] = (int64_t)w.w[k];
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vgmr, CPU, m) { m.impl("philox_words", &philox_words_cpu); }
+
+// ---- autograd (every backend of namespace vgmr: CPU and CUDA) -------------------------------
+// In C++ rather than torch.library.register_autograd: the Python autograd wrapper costs
+// ~45 us per forward+backward, more than the kernels themselves at the module's small
+// shapes. Same semantics as the Python registration used for vgmr_triton:: (docs/ops.md):
+// save the inputs the backward recomputes from, call the <op>_backward operator.
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> vgmr_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+using Tuple3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using Tuple5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+struct SummaryPoolFn : public torch::autograd::Function<SummaryPoolFn> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& h, const c10::optional<at::Tensor>& mask) {
+    static auto op = vgmr_op<Tuple3(const at::Tensor&, const c10::optional<at::Tensor>&)>("vgmr::summary_pool");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [mean, mx, arg] = op.call(h, mask);
+    ctx->saved_data["T"] = h.sym_size(1);
+    ctx->saved_data["has_mask"] = mask.has_value();
+    ctx->save_for_backward({arg, mask.has_value() ? *mask : at::Tensor()});
+    ctx->mark_non_differentiable({arg});
+    return {mean, mx, arg};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto op = vgmr_op<at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                                        const at::Tensor&, int64_t)>("vgmr::summary_pool_backward");
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor& arg = saved[0];
+    c10::optional<at::Tensor> mask;
+    if (ctx->saved_data["has_mask"].toBool()) mask = saved[1];
+    at::Tensor dmean = grads[0], dmax = grads[1];
+    if (!dmean.defined() && !dmax.defined()) return {at::Tensor(), at::Tensor()};
+    if (!dmean.defined()) dmean = at::zeros_like(dmax);
+    if (!dmax.defined()) dmax = at::zeros_like(dmean);
+    if (dmax.scalar_type() != dmean.scalar_type()) dmax = dmax.to(dmean.scalar_type());
+    const int64_t T = ctx->saved_data["T"].toSymInt().guard_int(__FILE__, __LINE__);
+    return {op.call(dmean.contiguous(), dmax.contiguous(), mask, arg, T), at::Tensor()};
+  }
+};
+
+struct InteractionFn : public torch::autograd::Function<InteractionFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& s) {
+    static auto op = vgmr_op<at::Tensor(const at::Tensor&)>("vgmr::interaction");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({s});
+    return op.call(s);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto op = vgmr_op<at::Tensor(const at::Tensor&, const at::Tensor&)>("vgmr::interaction_backward");
+    if (!grads[0].defined()) return {at::Tensor()};
+    auto saved = ctx->get_saved_variables();
+    return {op.call(grads[0].contiguous(), saved[0])};
+  }
+};
+
+struct GateNormFn : public torch::autograd::Function<GateNormFn> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& zpre, const at::Tensor& bias_row,
+                               const at::Tensor& x, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
+                               double alpha, double beta, double p, int64_t seed) {
+    static auto op = vgmr_op<Tuple3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                    const at::Tensor&, double, double, double, int64_t)>("vgmr::gate_norm");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, mean, rstd] = op.call(zpre, bias_row, x, ln_weight, ln_bias, alpha, beta, p, seed);
+    ctx->save_for_backward({zpre, bias_row, x, ln_weight, mean, rstd});
+    ctx->saved_data["alpha"] = alpha;
+    ctx->saved_data["beta"] = beta;
+    ctx->saved_data["p"] = p;
+    ctx->saved_data["seed"] = seed;
+    ctx->mark_non_differentiable({mean, rstd});
+    return {y, mean, rstd};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto op = vgmr_op<Tuple5(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                    const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double, double,
+                                    int64_t)>("vgmr::gate_norm_backward");
+    const at::Tensor none;
+    if (!grads[0].defined()) return {none, none, none, none, none, none, none, none, none};
+    auto s = ctx->get_saved_variables();
+    at::Tensor dy = grads[0];
+    if (dy.scalar_type() != s[2].scalar_type()) dy = dy.to(s[2].scalar_type());
+    auto [dzpre, dbias, dx, dw, db] =
+        op.call(dy.contiguous(), s[0], s[1], s[2], s[3], s[4], s[5], ctx->saved_data["alpha"].toDouble(),
+                ctx->saved_data["beta"].toDouble(), ctx->saved_data["p"].toDouble(), ctx->saved_data["seed"].toInt());
+    return {dzpre, dbias, dx, dw, db, none, none, none, none};
+  }
+};
+
+Tuple3 summary_pool_autograd(const at::Tensor& h, const c10::optional<at::Tensor>& mask) {
+  auto out = SummaryPoolFn::apply(h, mask);
+  return {out[0], out[1], out[2]};
+}
+
+at::Tensor interaction_autograd(const at::Tensor& s) { return InteractionFn::apply(s); }
+
+Tuple3 gate_norm_autograd(const at::Tensor& zpre, const at::Tensor& bias_row, const at::Tensor& x,
+                          const at::Tensor& ln_weight, const at::Tensor& ln_bias, double alpha, double beta, double p,
+                          int64_t seed) {
+  auto out = GateNormFn::apply(zpre, bias_row, x, ln_weight, ln_bias, alpha, beta, p, seed);
+  return {out[0], out[1], out[2]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vgmr, Autograd, m) {
+  m.impl("summary_pool", &summary_pool_autograd);
+  m.impl("interaction", &interaction_autograd);
+  m.impl("gate_norm", &gate_norm_autograd);
+}
+
+// ---- the Python module --------------------------------------------------------------
+extern "C" {
+
+static PyObject* vgmr_set_debug_nan_fill(PyObject*, PyObject* arg) {
+  int v = PyObject_IsTrue(arg);
+  if (v < 0) return nullptr;
+  bool old = vgmr::cpu::g_debug_nan_fill.exchange(v != 0);
+  return PyBool_FromLong(old);
+}
+
+static PyObject* vgmr_set_force_narrow_simd(PyObject*, PyObject* arg) {
+  int v = PyObject_IsTrue(arg);
+  if (v < 0) return nullptr;
+  bool old = vgmr::cpu::g_force_narrow_simd.exchange(v != 0);
+  return PyBool_FromLong(old);
+}
+
+static PyObject* vgmr_get_debug_nan_fill(PyObject*, PyObject*) {
+  return PyBool_FromLong(vgmr::cpu::g_debug_nan_fill.load());
+}
+
+// Threads the kernels' at::parallel_for will use (ATen's intra-op pool).
+static PyObject* vgmr_num_threads(PyObject*, PyObject*) { return PyLong_FromLong(at::get_num_threads()); }
+
+static PyMethodDef vgmr_methods[] = {
+    {"set_debug_nan_fill", vgmr_set_debug_nan_fill, METH_O,
+     "set_debug_nan_fill(on) -> previous: fill kernel outputs with NaN before writing (tests)."},
+    {"get_debug_nan_fill", vgmr_get_debug_nan_fill, METH_NOARGS, "Whether debug NaN fill is on."},
+    {"set_force_narrow_simd", vgmr_set_force_narrow_simd, METH_O,
+     "set_force_narrow_simd(on) -> previous: use the 8-lane (AVX2/baseline) CPU kernels even on AVX-512 (tests)."},
+    {"num_threads", vgmr_num_threads, METH_NOARGS, "at::get_num_threads() as seen by the extension."},
+    {nullptr, nullptr, 0, nullptr}};
+
+static struct PyModuleDef vgmr_module = {PyModuleDef_HEAD_INIT, "_C",
+                                         "vgmr_fast._C: the vgmr:: operators (torch.ops.vgmr) and build flags.",
+                                         -1, vgmr_methods};
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* mod = PyModule_Create(&vgmr_module);
+  if (mod == nullptr) return nullptr;
+#ifdef VGMR_WITH_CUDA
+  const long with_cuda = 1;
+#else
+  const long with_cuda = 0;
+#endif
+#ifdef _OPENMP
+  const long with_openmp = 1;
+#else
+  const long with_openmp = 0;
+#endif
+  if (PyModule_AddObject(mod, "WITH_CUDA", PyBool_FromLong(with_cuda)) < 0 ||
+      PyModule_AddObject(mod, "WITH_OPENMP", PyBool_FromLong(with_openmp)) < 0 ||
+      PyModule_AddObject(mod, "CPP_AUTOGRAD", PyBool_FromLong(1)) < 0) {
+    Py_DECREF(mod);
+    return nullptr;
+  }
+  return mod;
+}
+
+}  // extern "C"

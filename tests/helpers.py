@@ -1,0 +1,165 @@
+"""Helpers shared by the op tests (and any other test folder).
+
+- ``BACKENDS``: pytest params for the op backends: "cpu" always (a missing C++ build fails,
+  it does not skip), "triton" when Triton can run (CUDA, or the interpreter on the CPU:
+  tiny sizes only, see :func:`cap`), "cuda" when the extension has CUDA kernels and a GPU
+  is present; unavailable ones are skipped visibly.
+- :func:`assert_close_to_truth`: the test rule of CONVENTIONS.md.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+HALF = (torch.float16, torch.bfloat16)
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+#: Under the Triton interpreter (~5 ms per row-program) cases above this many rows are skipped.
+TRITON_INTERP_MAX_ROWS = 64
+
+
+def _triton_state():
+    try:
+        from vgmr_fast.ops import backend
+
+        if backend.has_triton():
+            return True, ""
+        return False, backend.triton_error() or "unavailable"
+    except Exception as e:  # noqa: BLE001
+        return False, f"{type(e).__name__}: {e}"
+
+
+def _cuda_state():
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    try:
+        from vgmr_fast.ops import backend
+
+        if backend.has_cuda_kernels():
+            return True, ""
+        return False, "vgmr_fast._C built without CUDA kernels"
+    except Exception as e:  # noqa: BLE001
+        return False, f"{type(e).__name__}: {e}"
+
+
+_TRITON_OK, _TRITON_WHY = _triton_state()
+_CUDA_OK, _CUDA_WHY = _cuda_state()
+TRITON_INTERPRETED = _TRITON_OK and not torch.cuda.is_available()
+
+BACKENDS = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("triton", id="triton", marks=pytest.mark.skipif(not _TRITON_OK, reason=f"triton: {_TRITON_WHY}")),
+    pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not _CUDA_OK, reason=f"cuda: {_CUDA_WHY}")),
+]
+
+
+def device_of(backend: str) -> str:
+    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu"
+
+
+def cap(backend: str, rows: int, dtype: torch.dtype | None = None) -> None:
+    """Skip (visibly) what a backend cannot run here: big cases under the Triton interpreter,
+    float64 outside the CPU kernels."""
+    if backend == "triton" and TRITON_INTERPRETED and rows > TRITON_INTERP_MAX_ROWS:
+        pytest.skip(f"triton interpreter: {rows} rows > {TRITON_INTERP_MAX_ROWS}")
+    if dtype == torch.float64 and backend != "cpu":
+        pytest.skip("float64 is supported by the CPU kernels only")
+
+
+def atol_for(dtype: torch.dtype) -> float:
+    if dtype in HALF:
+        return 1e-3
+    if dtype == torch.float64:
+        return 1e-10
+    return 1e-6
+
+
+def interp_slack(backend: str, dtype: torch.dtype, truth: torch.Tensor) -> torch.Tensor | float:
+    """One bf16 ulp of the truth under the Triton interpreter, whose fp32 -> bf16 cast truncates
+    (on a GPU it rounds to nearest even and the plain rule applies)."""
+    if backend == "triton" and TRITON_INTERPRETED and dtype == torch.bfloat16:
+        t = truth.double().abs().clamp_min(2.0**-126)
+        return torch.exp2(torch.floor(torch.log2(t)) - 7)
+    return 0.0
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(*shape, dtype=torch.float32, seed=0, device="cpu", scale=1.0) -> torch.Tensor:
+    """Fresh random values, generated in float32 and rounded once to ``dtype``."""
+    t = torch.randn(*shape, generator=gen(seed)) * scale
+    return t.to(dtype).to(device)
+
+
+def assert_close_to_truth(fused, ref, truth, dtype=None, *, name: str = "", atol: float | None = None,
+                          slack=0.0, backend: str | None = None) -> None:
+    """CONVENTIONS.md test rule: ``max|fused - truth| <= 2 * max|ref - truth| + atol``.
+
+    ``fused``: the fused result in dtype X; ``ref``: the eager reference run in dtype X;
+    ``truth``: the reference in float64 on the upcast inputs. ``atol`` defaults to 1e-6
+    (fp32) / 1e-3 (half). ``slack``: an extra per-element allowance (tensor or float).
+    Also checks shape, that ``fused`` has NaN exactly where ``truth`` has, and (when
+    ``dtype`` is given) the dtype of ``fused``. ``backend``: adds :func:`interp_slack`.
+    """
+    assert fused is not None, f"{name}: fused result is None"
+    assert tuple(fused.shape) == tuple(truth.shape), f"{name}: shape {tuple(fused.shape)} != {tuple(truth.shape)}"
+    if dtype is not None:
+        assert fused.dtype == dtype, f"{name}: dtype {fused.dtype} != {dtype}"
+    dt = dtype or fused.dtype
+    if atol is None:
+        atol = atol_for(dt)
+    f = fused.detach().to("cpu", torch.float64)
+    r = ref.detach().to("cpu", torch.float64)
+    t = truth.detach().to("cpu", torch.float64)
+    nan_t = torch.isnan(t)
+    assert torch.equal(torch.isnan(f), nan_t), (
+        f"{name}: NaN pattern differs from the truth ({int(torch.isnan(f).sum())} NaN in fused, "
+        f"{int(nan_t.sum())} in truth)"
+    )
+    if f.numel() == 0:
+        return
+    if backend is not None:
+        slack = slack + interp_slack(backend, dt, t)
+    ok = ~nan_t
+    err_f = (f - t).abs()[ok]
+    err_r = (r - t).abs()[ok]
+    if isinstance(slack, torch.Tensor):
+        slack = slack.detach().to("cpu", torch.float64)[ok]
+    emax_r = float(err_r.max()) if err_r.numel() else 0.0
+    bound = 2.0 * emax_r + atol + slack
+    bad = err_f > bound
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0])
+        raise AssertionError(
+            f"{name}: fused error {float(err_f.max()):.3e} exceeds 2 x eager-reference error "
+            f"{emax_r:.3e} + atol {atol:.1e} (first offending flat index {i}: "
+            f"error {float(err_f[i]):.3e}, bound {float(bound if not torch.is_tensor(bound) else bound[i]):.3e}; "
+            f"dtype {dt})"
+        )
+
+
+def assert_no_nan(*tensors, name: str = "") -> None:
+    for i, t in enumerate(tensors):
+        if t is None:
+            continue
+        assert not bool(torch.isnan(t.detach().float()).any()), f"{name}[{i}]: NaN in an output of NaN-free inputs"
+
+
+def noncontig(t: torch.Tensor) -> torch.Tensor:
+    """The same values as a non-contiguous view (every other element of a wider buffer)."""
+    big = torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+    big[..., ::2] = t
+    big[..., 1::2] = float("nan")
+    v = big[..., ::2]
+    assert not v.is_contiguous() or t.shape[-1] <= 1
+    return v
+
+
+def threads_env() -> int:
+    return int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))

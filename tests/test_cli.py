@@ -1,0 +1,162 @@
+"""The `vgmr-fast` command: `check` passes on a faithful backend and fails on a broken one;
+`bench` runs end to end on tiny sizes and writes its JSON, markdown and PNG; `train` degrades
+clearly when its module is missing."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vgmr_fast import check as check_mod
+from vgmr_fast import cli
+from vgmr_fast import reference as ref
+from vgmr_fast.bench import backends
+
+OPS_ONLY = ["--ops", "summary_pool,interaction,gate_norm"]
+
+
+def _fake_ops(noise: float = 0.0, which: str = "gate_norm"):
+    """Reference-backed stand-ins for vgmr_fast.ops (optionally with noise added to one op)."""
+
+    def maybe_noisy(name, t):
+        if noise and name == which:
+            return t + noise * torch.randn_like(t)
+        return t
+
+    def summary_pool(h, mask=None, *, backend):
+        mean, mx = ref.summary_pool(h, mask)
+        return maybe_noisy("summary_pool", mean), mx
+
+    def interaction(s, *, backend):
+        return maybe_noisy("interaction", ref.interaction(s))
+
+    def gate_norm(zpre, bias_row, x, w, b, *, alpha=0.5, beta=0.2, p=0.0, seed=0, backend):
+        return maybe_noisy("gate_norm", ref.gate_norm(zpre, bias_row, x, w, b, alpha, beta, p, seed))
+
+    fns = {"summary_pool": summary_pool, "interaction": interaction, "gate_norm": gate_norm}
+    return lambda name: fns[name]
+
+
+@pytest.fixture
+def fake_cpu_backend(monkeypatch):
+    monkeypatch.setattr(check_mod, "probe_backends", lambda device=None, only=None: {"cpu": None})
+
+    def install(noise=0.0, which="gate_norm"):
+        monkeypatch.setattr(check_mod, "fused_op", _fake_ops(noise, which))
+
+    return install
+
+
+def test_check_passes_on_a_faithful_backend(fake_cpu_backend, capsys):
+    fake_cpu_backend()
+    assert cli.main(["check", "--quick", *OPS_ONLY]) == 0
+    out = capsys.readouterr().out
+    assert "PASS" in out and "FAIL" not in out
+    for op in ("summary_pool", "interaction", "gate_norm"):
+        assert op in out
+
+
+@pytest.mark.parametrize("which", ["summary_pool", "interaction", "gate_norm"])
+def test_check_fails_on_a_noisy_backend(fake_cpu_backend, capsys, which):
+    fake_cpu_backend(noise=1e-3, which=which)
+    assert cli.main(["check", "--quick", "--dtypes", "float32", *OPS_ONLY]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out
+    failing = [line for line in out.splitlines() if line.rstrip().endswith("FAIL")]
+    assert failing and all(which in line for line in failing)
+
+
+def test_check_fails_when_nothing_runs(monkeypatch, capsys):
+    monkeypatch.setattr(check_mod, "probe_backends",
+                        lambda device=None, only=None: {"cpu": "not built (test)"})
+    assert cli.main(["check"]) == 1
+    assert "nothing was checked" in capsys.readouterr().out
+
+
+CPU_REASON = backends.probe_backend("cpu")
+needs_cpu_backend = pytest.mark.skipif(CPU_REASON is not None, reason=f"C++ CPU backend unavailable: {CPU_REASON}")
+
+
+@needs_cpu_backend
+def test_check_real_cpu_ops_pass(capsys):
+    rc = cli.main(["check", "--quick", "--backends", "cpu", *OPS_ONLY])
+    assert rc == 0, capsys.readouterr().out
+
+
+@needs_cpu_backend
+def test_check_real_cpu_module_passes(capsys):
+    rc = cli.main(["check", "--quick", "--backends", "cpu", "--ops", "module"])
+    assert rc == 0, capsys.readouterr().out
+
+
+@needs_cpu_backend
+def test_check_catches_a_broken_real_op(monkeypatch, capsys):
+    import vgmr_fast.ops as ops
+
+    real = ops.gate_norm
+
+    def broken(*args, **kwargs):
+        y = real(*args, **kwargs)
+        return y + 1e-3 * torch.randn_like(y)
+
+    monkeypatch.setattr(ops, "gate_norm", broken)
+    assert cli.main(["check", "--quick", "--backends", "cpu", "--dtypes", "float32", "--ops", "gate_norm"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_bench_tiny_writes_json_md_png(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    try:
+        rc = cli.main(["bench", "--quick", "--tiny", "--threads", "1", "--no-progress",
+                       "--out", str(tmp_path), "--name", "tiny"])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    out = capsys.readouterr().out
+    for title in ("ops, mosei", "VGMR layer, large", "Table 7", "Concat backbone", "sweep over T", "skipped"):
+        assert title in out
+    doc = json.loads((tmp_path / "tiny.json").read_text())
+    meta = doc["meta"]
+    for key in ("device_name", "cpu_model", "torch_threads", "torch", "triton", "date", "commit"):
+        assert key in meta
+    assert meta["torch_threads"] == 1
+    assert doc["run"]["copy_bandwidth"]["bytes_per_s"] > 0
+    levels = {r["level"] for r in doc["records"]}
+    assert levels == {"ops", "layer", "e2e", "sweep"}
+    for r in doc["records"]:
+        assert r["median_s"] > 0 and r["q25_s"] <= r["median_s"] <= r["q75_s"] and r["samples_s"]
+    eager = [r for r in doc["records"] if r.get("peer") == "eager"]
+    assert eager and all(r["vs_eager"] == pytest.approx(1.0) for r in eager)
+    assert any(r.get("x_gemm_only") for r in doc["records"] if r["level"] == "layer")
+    assert any("peak_bytes" in r for r in doc["records"] if r["level"] == "layer")
+    rows = {r["row"] for r in doc["records"] if r["level"] == "e2e" and r["backbone"] == "transformer"}
+    assert {"bare", "mlp", "gate", "cross_attention", "vgmr-eager"} <= rows
+    assert any("torch.compile" in s["what"] for s in doc["skipped"])  # --quick says what it left out
+    png = tmp_path / "tiny.png"
+    assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
+    assert "```" in (tmp_path / "tiny.md").read_text()
+
+
+def test_bench_rejects_unknown_level(capsys):
+    assert cli.main(["bench", "--levels", "ops,nope"]) == 2
+
+
+def test_train_without_its_module(monkeypatch, capsys):
+    def missing():
+        raise ImportError("No module named 'vgmr_fast.train' (test)")
+
+    monkeypatch.setattr(cli, "_train_module", missing)
+    assert cli.main(["train"]) == 2
+    assert "not available" in capsys.readouterr().err
+
+
+def test_no_command_prints_help(capsys):
+    assert cli.main([]) == 2
+    assert "check" in capsys.readouterr().out
+
+
+def test_python_dash_m():
+    r = subprocess.run([sys.executable, "-m", "vgmr_fast", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0
+    assert "bench" in r.stdout and "check" in r.stdout and "train" in r.stdout

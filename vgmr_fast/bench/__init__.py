@@ -1,0 +1,9 @@
+"""The benchmark suite behind ``vgmr-fast bench`` (and the backend probing ``vgmr-fast check`` shares).
+
+Levels: per op (``ops.py``), the whole VGMR layer (``layer.py``), end to end with the paper's
+Table 7 (``e2e.py``) and a sweep over T (``layer.py``). ``timing.py`` and ``memory.py`` hold the
+measurement method, ``report.py`` the tables, JSON and plot, ``suite.py`` the driver
+(``run_bench(args)``). Every figure is a ratio against a peer measured in the same run; method
+and floor arithmetic are written down in ``benchmarks/README.md``.
+"""
+from .backends import probe_backends  # noqa: F401

@@ -1,0 +1,83 @@
+"""Shared pieces of the bench levels: the run context, tasks, skips and records."""
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, field
+
+import torch
+
+from . import memory, timing
+
+
+class Skip(Exception):
+    """Raised by a task that cannot run here; the message is the reason printed and saved."""
+
+
+@dataclass
+class Ctx:
+    device: str
+    backends: list  # fused backends that run here (probed)
+    compile: bool  # measure torch.compile peers
+    compile_reason: str  # why not, when compile is False
+    min_time: float
+    min_blocks: int
+    quick: bool
+    tiny: bool
+    copy_bw: float | None = None  # bytes/s of a large copy, measured in this run
+    max_autotune: bool = False  # GPU: also torch.compile(mode="max-autotune") at the layer level
+    records: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+    cache: dict = field(default_factory=dict)
+
+    def skip(self, what: str, reason: str) -> None:
+        self.skipped.append({"what": what, "reason": reason})
+
+    def time(self, fn, *, graph: bool = False, graph_calls: int = 1) -> timing.Timing:
+        return timing.time_fn(fn, self.device, min_time=self.min_time, min_blocks=self.min_blocks,
+                              graph=graph and self.device == "cuda", graph_calls=graph_calls)
+
+    def peak(self, fn) -> dict:
+        return memory.peak_memory(fn, self.device)
+
+    def floor(self, nbytes: float) -> float | None:
+        return nbytes / self.copy_bw if self.copy_bw else None
+
+    def clear(self) -> None:
+        self.cache.clear()
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+
+
+@dataclass
+class Task:
+    label: str
+    run: object  # callable() -> None; appends records to ctx.records, or raises Skip
+    group: str = ""  # tasks of one group share cached inputs; the cache is cleared between groups
+
+
+def fused_peers(ctx: Ctx) -> list:
+    return [f"fused-{b}" for b in ctx.backends]
+
+
+def record(ctx: Ctx, **fields) -> dict:
+    t = fields.pop("timing", None)
+    rec = dict(fields)
+    if t is not None:
+        rec.update(median_s=t.median, q25_s=t.q25, q75_s=t.q75, iqr_s=t.iqr, n=t.n, calls=t.calls,
+                   method=t.method, samples_s=t.samples)
+        if t.note:
+            rec["note"] = t.note
+    ctx.records.append(rec)
+    return rec
+
+
+def short_exc(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    first = lines[0] if lines else ""
+    return f"{type(exc).__name__}: {first[:200]}"
+
+
+def compiled(fn, **kwargs):
+    """``torch.compile`` with static shapes (each setting is compiled for its own shapes)."""
+    return torch.compile(fn, dynamic=False, **kwargs)

@@ -1,0 +1,197 @@
+"""End-to-end level: the paper's Table 7 on this machine (SPEC "Paper figures").
+
+Transformer backbone (``vgmr_fast.models.Transformer``: 4 heads, 2 layers, ``d_model`` chosen -- a
+multiple of 16 -- so that the bare backbone has about the paper's 0.72M parameters; the paper's ratios
+depend on how big the backbone is next to the refiner) at the MOSEI-like size, binary labels, with:
+bare; Concat+MLP, Sigmoid+Tanh gate and cross-attention refiners, each parameter-matched to the
+VGMR refiner (``make_refiner(kind, widths, target_params=param_count(VGMR))``); the reference VGMR
+(eager, ``dropout_rng="torch"``); the reference VGMR under ``torch.compile`` (the refiner module
+compiled); the fused VGMR per backend. Also the Concat backbone: bare, reference VGMR, fused VGMR.
+
+Training step = ``zero_grad`` + forward + loss + backward + ``Adam.step``; for VGMR rows the loss is
+``vgmr_objective`` (task + value supervision, whose M+1 backbone passes without gradient are part
+of the step), for the others cross entropy. Inference = eval mode, ``torch.inference_mode``, one
+batch. Every figure is also given as a ratio to the bare backbone, beside the paper's ratios.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .. import reference as ref
+from ..models import Concat, Transformer, make_refiner, param_count
+from ..objective import vgmr_objective
+from . import backends
+from .common import Ctx, Skip, Task, compiled, fused_peers, record, short_exc
+from .settings import Setting, make_batch
+from .timing import Rotator, rotation_count, sync
+
+# SPEC "Paper figures" (MOSEI, Transformer backbone, Table 7): params (M), train/epoch (s), inference/batch (ms)
+PAPER = {
+    "bare": (0.72, 4.26, 1.17),
+    "mlp": (3.04, 4.82, 1.33),
+    "gate": (3.07, 5.25, 1.46),
+    "cross_attention": (3.06, 7.32, 2.86),
+    "vgmr": (3.04, 10.01, 3.87),
+}
+
+
+def paper_ratios(kind: str) -> dict | None:
+    if kind not in PAPER:
+        return None
+    p, t, i = PAPER[kind]
+    p0, t0, i0 = PAPER["bare"]
+    return {"params": p / p0, "train": t / t0, "infer": i / i0}
+
+
+ROW_LABELS = {
+    "bare": "bare backbone",
+    "mlp": "+ Concat+MLP (param-matched)",
+    "gate": "+ Sigmoid+Tanh gate (param-matched)",
+    "cross_attention": "+ cross-attention (param-matched)",
+    "vgmr-eager": "+ VGMR reference, eager",
+    "vgmr-compile": "+ VGMR reference, torch.compile",
+}
+
+
+def row_label(row: str) -> str:
+    if row in ROW_LABELS:
+        return ROW_LABELS[row]
+    if row.startswith("vgmr-fused-"):
+        return f"+ VGMR fused ({row[len('vgmr-fused-'):]})"
+    return row
+
+
+def paper_kind(row: str) -> str | None:
+    if row in ("bare", "mlp", "gate", "cross_attention"):
+        return row
+    if row.startswith("vgmr"):
+        return "vgmr"
+    return None
+
+
+PAPER_BARE_PARAMS = 0.72e6
+
+
+def transformer_width(ctx: Ctx, s: Setting) -> int:
+    """``d_model`` (multiple of 16, 32..512) whose bare Transformer is closest to the paper's 0.72M params."""
+    key = ("e2e-dmodel", s.widths)
+    if key not in ctx.cache:
+        if ctx.tiny:
+            ctx.cache[key] = 16
+        else:
+            best = min(range(32, 513, 16),
+                       key=lambda dm: abs(param_count(Transformer(list(s.widths), 2, d_model=dm)) - PAPER_BARE_PARAMS))
+            ctx.cache[key] = best
+    return ctx.cache[key]
+
+
+def build_model(ctx: Ctx, s: Setting, backbone: str, row: str):
+    widths = list(s.widths)
+    torch.manual_seed(0)
+    vgmr_ref = ref.VGMR(widths, s.d)
+    vgmr_ref.dropout_rng = "torch"
+    target = param_count(vgmr_ref)
+    refiner = None
+    if row == "bare":
+        pass
+    elif row in ("mlp", "gate", "cross_attention"):
+        refiner = make_refiner(row, widths, target_params=target)
+    elif row == "vgmr-eager":
+        refiner = vgmr_ref
+    elif row == "vgmr-compile":
+        refiner = compiled(vgmr_ref)
+    elif row.startswith("vgmr-fused-"):
+        try:
+            refiner = backends.fused_module(widths, s.d, row[len("vgmr-fused-"):])
+        except RuntimeError as exc:
+            raise Skip(str(exc)) from exc
+        refiner.load_state_dict(vgmr_ref.state_dict())
+    else:
+        raise ValueError(row)
+    torch.manual_seed(1)
+    if backbone == "transformer":
+        model = Transformer(widths, num_classes=2, d_model=transformer_width(ctx, s), refiner=refiner)
+    else:
+        model = Concat(widths, num_classes=2, refiner=refiner)
+    model = model.to(device=ctx.device, dtype=s.torch_dtype)
+    return model, row.startswith("vgmr")
+
+
+def batches(ctx: Ctx, s: Setting):
+    key = ("e2e-sets", s.name)
+    if key in ctx.cache:
+        return ctx.cache[key]
+    gen = torch.Generator().manual_seed(7)
+    sets = []
+    xs, masks = make_batch(s, ctx.device, gen)
+    set_bytes = sum(t.numel() * t.element_size() for t in xs + masks)
+    for i in range(rotation_count(set_bytes, ctx.device)):
+        if i:
+            xs, masks = make_batch(s, ctx.device, gen)
+        y = torch.randint(0, 2, (s.B,), generator=gen).to(ctx.device)
+        sets.append((xs, masks, y))
+    ctx.cache[key] = sets
+    return sets
+
+
+def measure(ctx: Ctx, s: Setting, backbone: str, row: str) -> None:
+    what = f"e2e {backbone} {row}"
+    try:
+        model, is_vgmr = build_model(ctx, s, backbone, row)
+        params = param_count(model)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        rot = Rotator(batches(ctx, s))
+
+        def train_step():
+            xs, masks, y = rot.next()
+            opt.zero_grad(set_to_none=True)
+            if is_vgmr:
+                loss, _ = vgmr_objective(model, xs, masks, y)
+            else:
+                loss = F.cross_entropy(model(xs, masks).float(), y)
+            loss.backward()
+            opt.step()
+
+        def infer_step():
+            xs, masks, _ = rot.next()
+            with torch.inference_mode():
+                return model(xs, masks)
+
+        figures = {}
+        for mode, step in (("train", train_step), ("infer", infer_step)):
+            model.train(mode == "train")
+            t0 = time.perf_counter()
+            step()
+            sync(ctx.device)
+            first = time.perf_counter() - t0
+            figures[mode] = (ctx.time(step, graph=(mode == "infer"), graph_calls=len(rot)), first)
+    except Skip:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise Skip(f"{what}: {short_exc(exc)}") from exc
+    kind = paper_kind(row)
+    for mode, (t, first) in figures.items():
+        record(ctx, level="e2e", setting=s.name, shape=s.describe(), dtype=s.dtype, backbone=backbone, row=row,
+               backbone_width=transformer_width(ctx, s) if backbone == "transformer" else model.hidden,
+               label=row_label(row), mode=mode, peer=row, params=params, timing=t, first_call_s=first,
+               paper_kind=kind if backbone == "transformer" else None)
+
+
+def rows_for(ctx: Ctx, backbone: str) -> list:
+    fused = ["vgmr-" + p for p in fused_peers(ctx)]
+    if backbone == "transformer":
+        return (["bare", "mlp", "gate", "cross_attention", "vgmr-eager"]
+                + (["vgmr-compile"] if ctx.compile else []) + fused)
+    return ["bare", "vgmr-eager"] + fused
+
+
+def tasks(ctx: Ctx, s: Setting) -> list:
+    out = []
+    for backbone in ("transformer", "concat"):
+        for row in rows_for(ctx, backbone):
+            out.append(Task(f"e2e {backbone} {row}", (lambda b=backbone, r=row: measure(ctx, s, b, r)),
+                            group=f"e2e/{s.name}"))
+    return out

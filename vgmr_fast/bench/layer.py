@@ -1,0 +1,213 @@
+"""Layer level: the whole VGMR module, and the sweep over T.
+
+Modes: ``train`` (module in train mode, dropout p=0.1, forward + backward from fixed random
+output gradients, parameter gradients reset to None each step as ``zero_grad`` does) and
+``infer`` (eval mode under ``torch.inference_mode``). Layer inputs are raw features (no gradient),
+with masks.
+
+Peers: ``eager`` (``vgmr_fast.reference.VGMR`` with ``dropout_rng = "torch"``: what a plain-PyTorch
+user writes), ``compile`` (``torch.compile`` of it), on a GPU at the large size also
+``compile-max-autotune``, ``fused-<backend>`` (``vgmr_fast.VGMR`` with the reference's
+state_dict), ``fused-<backend>+compile`` (``torch.compile`` of the fused module), and the floor
+``gemm-only``: the per-step GEMMs alone, with the same weights and inputs -- both layers of P_m
+(``X W_1^T``, ``A W_2^T``) and the gate GEMMs (``X W_r^T`` then ``+= H W_h^T`` in place), forward
+(+ backward: every weight and activation gradient GEMM) -- no bias, activation, pooling,
+small per-sample MLP or normalisation. ``× GEMM-only`` is the layer's time over this floor.
+"""
+from __future__ import annotations
+
+import time
+import zlib
+
+import torch
+from torch import nn
+
+from .. import reference as ref
+from . import backends
+from .common import Ctx, Skip, Task, compiled, fused_peers, record, short_exc
+from .settings import Setting, make_batch
+from .timing import Rotator, rotation_count, sync
+
+MODES = ("train", "infer")
+DROPOUT = 0.1
+
+
+def _seed(s: Setting) -> int:
+    return zlib.crc32(s.name.encode()) & 0x7FFFFFFF
+
+
+def reference_module(ctx: Ctx, s: Setting):
+    key = ("layer-ref", s.name)
+    if key not in ctx.cache:
+        torch.manual_seed(_seed(s))
+        m = ref.VGMR(list(s.widths), s.d, dropout=DROPOUT)
+        m.dropout_rng = "torch"
+        ctx.cache[key] = m.to(device=ctx.device, dtype=s.torch_dtype)
+    return ctx.cache[key]
+
+
+def peer_module(ctx: Ctx, s: Setting, peer: str):
+    """(callable module, its parameters) for a peer; raises Skip with the reason when unavailable."""
+    key = ("layer-peer", s.name, peer)
+    if key in ctx.cache:
+        return ctx.cache[key]
+    refm = reference_module(ctx, s)
+    base = peer.split("+")[0]
+    if base in ("eager", "compile", "compile-max-autotune"):
+        mod = refm
+    elif base.startswith("fused-"):
+        backend = base[len("fused-"):]
+        try:
+            mod = backends.fused_module(list(s.widths), s.d, backend, dropout=DROPOUT)
+        except RuntimeError as exc:
+            raise Skip(str(exc)) from exc
+        mod = mod.to(device=ctx.device, dtype=s.torch_dtype)
+        mod.load_state_dict(refm.state_dict())
+    else:
+        raise ValueError(peer)
+    params = list(mod.parameters())
+    fn = mod
+    if peer == "compile" or peer.endswith("+compile"):
+        fn = compiled(mod)
+    elif peer == "compile-max-autotune":
+        fn = compiled(mod, mode="max-autotune")
+    ctx.cache[key] = (fn, mod, params)
+    return ctx.cache[key]
+
+
+def gemm_weights(refm) -> list:
+    """Per modality: ([P_m weights], W_r, W_h) as fresh leaves with the reference's values."""
+    out = []
+    for blk in refm.blocks:
+        if isinstance(blk.proj, nn.Sequential):
+            P = [blk.proj[0].weight, blk.proj[2].weight]
+        else:
+            P = [blk.proj.weight]
+        leaf = lambda w: w.detach().clone().requires_grad_(True)  # noqa: E731
+        out.append(([leaf(w) for w in P], leaf(blk.gate_raw.weight), leaf(blk.gate_latent.weight)))
+    return out
+
+
+def gemm_forward(weights, xs):
+    outs = []
+    for x, (P, Wr, Wh) in zip(xs, weights):
+        x2 = x.reshape(-1, x.shape[-1])
+        h = x2
+        for W in P:
+            h = h @ W.t()
+        z = x2 @ Wr.t()
+        z.addmm_(h, Wh.t())
+        outs.append(z.view(x.shape))
+    return outs
+
+
+def input_sets(ctx: Ctx, s: Setting):
+    key = ("layer-sets", s.name)
+    if key in ctx.cache:
+        return ctx.cache[key]
+    gen = torch.Generator().manual_seed(_seed(s) + 1)
+    xs, masks = make_batch(s, ctx.device, gen)
+    grads = [torch.randn(x.shape, generator=gen).to(device=ctx.device, dtype=x.dtype) for x in xs]
+    set_bytes = sum(t.numel() * t.element_size() for t in xs + grads + masks)
+    sets = [(xs, masks, grads)]
+    for _ in range(rotation_count(set_bytes, ctx.device) - 1):
+        xs, masks = make_batch(s, ctx.device, gen)
+        grads = [torch.randn(x.shape, generator=gen).to(device=ctx.device, dtype=x.dtype) for x in xs]
+        sets.append((xs, masks, grads))
+    ctx.cache[key] = sets
+    return sets
+
+
+def make_step(ctx: Ctx, s: Setting, peer: str, mode: str):
+    sets = input_sets(ctx, s)
+    rot = Rotator(sets)
+    if peer == "gemm-only":
+        key = ("layer-gemm", s.name)
+        if key not in ctx.cache:
+            ctx.cache[key] = gemm_weights(reference_module(ctx, s))
+        weights = ctx.cache[key]
+        params = [w for P, Wr, Wh in weights for w in P + [Wr, Wh]]
+
+        def fwd(xs, masks):
+            return gemm_forward(weights, xs)
+    else:
+        fn, mod, params = peer_module(ctx, s, peer)
+        mod.train(mode == "train")
+
+        def fwd(xs, masks):
+            return fn(xs, masks)
+
+    if mode == "infer":
+        def step():
+            xs, masks, _ = rot.next()
+            with torch.inference_mode():
+                return fwd(xs, masks)
+    else:
+        def step():
+            xs, masks, grads = rot.next()
+            for p in params:
+                p.grad = None
+            outs = fwd(xs, masks)
+            torch.autograd.backward(list(outs), grads)
+
+    return step, len(rot)
+
+
+def measure(ctx: Ctx, s: Setting, peer: str, mode: str, level: str = "layer") -> None:
+    what = f"{level} {s.name} {mode} {peer}"
+    try:
+        t0 = time.perf_counter()
+        step, nsets = make_step(ctx, s, peer, mode)
+        step()
+        sync(ctx.device)
+        first = time.perf_counter() - t0
+        t = ctx.time(step, graph=(mode == "infer" and s.name == "mosei"), graph_calls=nsets)
+        mem = ctx.peak(step) if mode == "train" and level == "layer" else None
+    except Skip:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise Skip(f"{what}: {short_exc(exc)}") from exc
+    extra = {}
+    if mem is not None:
+        extra = {"peak_bytes": mem["peak_bytes"], "memory_method": mem["method"]}
+    record(ctx, level=level, setting=s.name, shape=s.describe(), dtype=s.dtype, T=s.T, mode=mode, peer=peer,
+           timing=t, rotation_sets=nsets, first_call_s=first, **extra)
+
+
+def layer_peers(ctx: Ctx, s: Setting) -> list:
+    peers = ["eager"]
+    if ctx.compile:
+        peers.append("compile")
+        if ctx.max_autotune and ctx.device == "cuda" and s.name == "large":
+            peers.append("compile-max-autotune")
+    for p in fused_peers(ctx):
+        peers.append(p)
+        if ctx.compile:
+            peers.append(p + "+compile")
+    peers.append("gemm-only")
+    return peers
+
+
+def tasks(ctx: Ctx, settings: list) -> list:
+    out = []
+    for s in settings:
+        for peer in layer_peers(ctx, s):
+            for mode in MODES:
+                out.append(Task(f"layer {s.name} {mode} {peer}",
+                                (lambda s=s, peer=peer, mode=mode: measure(ctx, s, peer, mode)),
+                                group=f"layer/{s.name}"))
+    return out
+
+
+def sweep_tasks(ctx: Ctx, base: Setting, Ts: list) -> list:
+    from .settings import with_T
+
+    out = []
+    peers = ["eager"] + fused_peers(ctx) + ["gemm-only"]
+    for T in Ts:
+        s = with_T(base, T)
+        for peer in peers:
+            out.append(Task(f"sweep T={T} train {peer}",
+                            (lambda s=s, peer=peer: measure(ctx, s, peer, "train", level="sweep")),
+                            group=f"sweep/{T}"))
+    return out
