@@ -520,6 +520,15 @@ struct WorkF {
 
 constexpr int kFwdBufsF32 = 3, kFwdBufsHalf = 6, kBwdBufsF32 = 7, kBwdBufsHalf = 12;
 
+// This thread's slice of the workspace (sized for at::get_num_threads() at launch); a thread
+// beyond that count (the pool resized meanwhile) gets its own zeroed buffer instead.
+inline float* thread_workspace(float* ws, int64_t nthreads, int64_t per_thread, std::vector<float>& spare) {
+  const int64_t tid = at::get_thread_num();
+  if (tid >= 0 && tid < nthreads) return ws + tid * per_thread;
+  spare.assign(per_thread, 0.0f);
+  return spare.data();
+}
+
 template <typename scalar_t>
 VGMR_ALWAYS_INLINE void to_float(const scalar_t* __restrict__ src, int64_t n, float* __restrict__ dst) {
   for (int64_t i = 0; i < n; ++i) dst[i] = (float)src[i];
@@ -823,8 +832,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_norm_cpu(const at::Tensor& z
     acc_t* rp = rstd.mutable_data_ptr<acc_t>();
     float* wsp = ws.mutable_data_ptr<float>();
     at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
-      const int64_t tid = std::min<int64_t>(at::get_thread_num(), nthreads - 1);
-      fwd_range<scalar_t>(zp, xp, bp, wp, lbp, yp, mp, rp, begin, end, T, D, P, wsp + tid * per_thread);
+      std::vector<float> spare;  // only if the pool grew since ws was sized
+      fwd_range<scalar_t>(zp, xp, bp, wp, lbp, yp, mp, rp, begin, end, T, D, P,
+                          thread_workspace(wsp, nthreads, per_thread, spare));
     });
   });
   return {y, mean, rstd};
@@ -883,9 +893,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm
     acc_t* pp = part.mutable_data_ptr<acc_t>();
     float* wsp = ws.mutable_data_ptr<float>();
     at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
-      const int64_t tid = std::min<int64_t>(at::get_thread_num(), nthreads - 1);
+      std::vector<float> spare;  // only if the pool grew since ws was sized
       bwd_chunks<scalar_t>(dyp, zp, xp, bp, wp, mp, rp, dzp, dxp, pp, Dp, begin, end, cpb, tc, T, D, P,
-                           wsp + tid * per_thread);
+                           thread_workspace(wsp, nthreads, per_thread, spare));
     });
     // One ordered reduction over the chunks.
     acc_t* dwp = dw.mutable_data_ptr<acc_t>();
