@@ -250,3 +250,24 @@ def test_bad_backend_argument():
         VGMR([4, 3], d=2, backend="metal")
     with pytest.raises(ValueError, match="gate_gemm"):
         VGMR([4, 3], d=2, gate_gemm="three")
+
+
+def test_torch_compile_training_dropout_no_recompiles():
+    """Each step draws a new dropout seed; it must not become a guarded constant of the graph."""
+    from torch._dynamo.utils import counters
+
+    r, f = pair([12, 5, 3], "cpu", dropout=0.3)
+    xs, masks = inputs([12, 5, 3])
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager")
+    for step in range(3):
+        torch.manual_seed(step)
+        got = compiled(xs, masks)
+        torch.manual_seed(step)
+        expect = r(xs, masks)
+        for a, b in zip(got, expect):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    graphs = counters["stats"]["unique_graphs"]
+    for step in range(3, 6):
+        compiled(xs, masks)
+    assert counters["stats"]["unique_graphs"] == graphs

@@ -21,6 +21,7 @@ import warnings
 import torch
 
 from . import reference as ref
+from .ops.dropout import draw_seed
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 _warned: set = set()
@@ -30,6 +31,19 @@ def _warn_once(key: str, msg: str) -> None:
     if key not in _warned:
         _warned.add(key)
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+@torch.compiler.disable
+def _gate_norm_dropout(zpre, bias_row, x, ln_weight, ln_bias, alpha, beta, p, backend):
+    """gate_norm with dropout, its seed drawn here (in modality order, as the reference does).
+
+    The seed is a fresh Python int each step: inside a compiled graph it would be a guarded
+    constant and recompile every step, so the draw and this launch stay outside the graph.
+    """
+    from . import ops
+
+    return ops.gate_norm(zpre, bias_row, x, ln_weight, ln_bias, alpha=alpha, beta=beta, p=p,
+                         seed=draw_seed(), backend=backend)
 
 
 class VGMR(ref.VGMR):
@@ -111,15 +125,15 @@ class VGMR(ref.VGMR):
             mean, mx = ops.summary_pool(h, mk, backend=backend)
             summaries.append(blk.summary(torch.cat([mean, mx], dim=-1)))
         u = self._select_u(ops.interaction(torch.stack(summaries, dim=1), backend=backend))
-        seeds = self._dropout_seeds()
         p = self.p if self.training else 0.0
         outs, gs, vs, gates = [], [], [], []
         for m, (blk, x, h) in enumerate(zip(blocks, xs_list, hs)):
             g, v = blk.values(u[:, m])
             zpre = self._gate_logits(blk, x, h).to(x.dtype)  # autocast may hand back a lower precision
             bias_row = self._bias_row(blk, g, v, x)
-            outs.append(ops.gate_norm(zpre, bias_row, x, blk.norm.weight, blk.norm.bias, alpha=self.alpha,
-                                      beta=self.beta, p=p, seed=seeds[m], backend=backend))
+            args = (zpre, bias_row, x, blk.norm.weight, blk.norm.bias, self.alpha, self.beta)
+            outs.append(_gate_norm_dropout(*args, p, backend) if p > 0 else
+                        ops.gate_norm(*args[:5], alpha=self.alpha, beta=self.beta, backend=backend))
             if return_aux:
                 gs.append(g)
                 vs.append(v)
