@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -81,3 +82,55 @@ def short_exc(exc: BaseException) -> str:
 def compiled(fn, **kwargs):
     """``torch.compile`` with static shapes (each setting is compiled for its own shapes)."""
     return torch.compile(fn, dynamic=False, **kwargs)
+
+
+def run_group(ctx: Ctx, label: str, builders: dict, *, graph: bool = False, memory: bool = False) -> dict:
+    """Build, warm and time a group of peers that are compared with each other.
+
+    ``builders``: ``{peer: () -> (step, info)}`` (``info`` a dict saved in the record; its
+    ``rotation_sets`` is the number of calls captured per CUDA graph). A peer that cannot be built
+    or fails its first call is skipped with the reason. On the CPU the peers are timed interleaved
+    (``timing.time_cpu_interleaved``); on a GPU one after the other with CUDA events (or graph
+    replay when ``graph``). Returns ``{peer: info + first_call_s, timing[, peak_bytes, memory_method]}``.
+    """
+    steps, out = {}, {}
+    for peer, build in builders.items():
+        try:
+            t0 = time.perf_counter()
+            step, info = build()
+            step()
+            timing.sync(ctx.device)
+            first = time.perf_counter() - t0
+        except Skip as exc:
+            ctx.skip(f"{label} {peer}", str(exc))
+            continue
+        except Exception as exc:  # noqa: BLE001
+            ctx.skip(f"{label} {peer}", short_exc(exc))
+            continue
+        steps[peer] = step
+        out[peer] = dict(info, first_call_s=first)
+    timings = {}
+    if ctx.device == "cpu":
+        try:
+            timings = timing.time_cpu_interleaved(steps, min_time=ctx.min_time, min_blocks=ctx.min_blocks)
+        except Exception:  # noqa: BLE001  (fall back to one peer at a time, so one failure skips one peer)
+            timings = {}
+    for peer, step in steps.items():
+        if peer in timings:
+            continue
+        try:
+            timings[peer] = ctx.time(step, graph=graph, graph_calls=out[peer].get("rotation_sets", 1))
+        except Exception as exc:  # noqa: BLE001
+            ctx.skip(f"{label} {peer}", short_exc(exc))
+    for peer in list(out):
+        if peer not in timings:
+            del out[peer]
+            continue
+        out[peer]["timing"] = timings[peer]
+        if memory:
+            try:
+                m = ctx.peak(steps[peer])
+                out[peer].update(peak_bytes=m["peak_bytes"], memory_method=m["method"])
+            except Exception as exc:  # noqa: BLE001
+                out[peer]["memory_error"] = short_exc(exc)
+    return out

@@ -15,8 +15,6 @@ batch. Every figure is also given as a ratio to the bare backbone, beside the pa
 """
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
 
@@ -24,9 +22,9 @@ from .. import reference as ref
 from ..models import Concat, Transformer, make_refiner, param_count
 from ..objective import vgmr_objective
 from . import backends
-from .common import Ctx, Skip, Task, compiled, fused_peers, record, short_exc
+from .common import Ctx, Skip, Task, compiled, fused_peers, record, run_group, short_exc
 from .settings import Setting, make_batch
-from .timing import Rotator, rotation_count, sync
+from .timing import Rotator, rotation_count
 
 # SPEC "Paper figures" (MOSEI, Transformer backbone, Table 7): params (M), train/epoch (s), inference/batch (ms)
 PAPER = {
@@ -137,15 +135,20 @@ def batches(ctx: Ctx, s: Setting):
     return sets
 
 
-def measure(ctx: Ctx, s: Setting, backbone: str, row: str) -> None:
-    what = f"e2e {backbone} {row}"
-    try:
-        model, is_vgmr = build_model(ctx, s, backbone, row)
-        params = param_count(model)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-        rot = Rotator(batches(ctx, s))
+def measure(ctx: Ctx, s: Setting, backbone: str, rows: list) -> None:
+    """All rows of one backbone: built once, then one comparison group per mode (train, infer)."""
+    built = {}
+    for row in rows:
+        try:
+            model, is_vgmr = build_model(ctx, s, backbone, row)
+            built[row] = (model, is_vgmr, torch.optim.Adam(model.parameters(), lr=1e-4), Rotator(batches(ctx, s)))
+        except Skip as exc:
+            ctx.skip(f"e2e {backbone} {row}", str(exc))
+        except Exception as exc:  # noqa: BLE001
+            ctx.skip(f"e2e {backbone} {row}", short_exc(exc))
 
-        def train_step():
+    def train_step(model, is_vgmr, opt, rot):
+        def step():
             xs, masks, y = rot.next()
             opt.zero_grad(set_to_none=True)
             if is_vgmr:
@@ -154,30 +157,31 @@ def measure(ctx: Ctx, s: Setting, backbone: str, row: str) -> None:
                 loss = F.cross_entropy(model(xs, masks).float(), y)
             loss.backward()
             opt.step()
+        return step
 
-        def infer_step():
+    def infer_step(model, rot):
+        def step():
             xs, masks, _ = rot.next()
             with torch.inference_mode():
                 return model(xs, masks)
+        return step
 
-        figures = {}
-        for mode, step in (("train", train_step), ("infer", infer_step)):
-            model.train(mode == "train")
-            t0 = time.perf_counter()
-            step()
-            sync(ctx.device)
-            first = time.perf_counter() - t0
-            figures[mode] = (ctx.time(step, graph=(mode == "infer"), graph_calls=len(rot)), first)
-    except Skip:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise Skip(f"{what}: {short_exc(exc)}") from exc
-    kind = paper_kind(row)
-    for mode, (t, first) in figures.items():
-        record(ctx, level="e2e", setting=s.name, shape=s.describe(), dtype=s.dtype, backbone=backbone, row=row,
-               backbone_width=transformer_width(ctx, s) if backbone == "transformer" else model.hidden,
-               label=row_label(row), mode=mode, peer=row, params=params, timing=t, first_call_s=first,
-               paper_kind=kind if backbone == "transformer" else None)
+    for mode in ("train", "infer"):
+        builders = {}
+        for row, (model, is_vgmr, opt, rot) in built.items():
+            def build(model=model, is_vgmr=is_vgmr, opt=opt, rot=rot):
+                model.train(mode == "train")
+                step = train_step(model, is_vgmr, opt, rot) if mode == "train" else infer_step(model, rot)
+                return step, {"rotation_sets": len(rot)}
+            builders[row] = build
+        res = run_group(ctx, f"e2e {backbone} {mode}", builders, graph=(mode == "infer"))
+        for row, r in res.items():
+            model = built[row][0]
+            kind = paper_kind(row)
+            record(ctx, level="e2e", setting=s.name, shape=s.describe(), dtype=s.dtype, backbone=backbone, row=row,
+                   backbone_width=transformer_width(ctx, s) if backbone == "transformer" else model.hidden,
+                   label=row_label(row), mode=mode, peer=row, params=param_count(model),
+                   paper_kind=kind if backbone == "transformer" else None, **r)
 
 
 def rows_for(ctx: Ctx, backbone: str) -> list:
@@ -189,9 +193,5 @@ def rows_for(ctx: Ctx, backbone: str) -> list:
 
 
 def tasks(ctx: Ctx, s: Setting) -> list:
-    out = []
-    for backbone in ("transformer", "concat"):
-        for row in rows_for(ctx, backbone):
-            out.append(Task(f"e2e {backbone} {row}", (lambda b=backbone, r=row: measure(ctx, s, b, r)),
-                            group=f"e2e/{s.name}"))
-    return out
+    return [Task(f"e2e {backbone}", (lambda b=backbone: measure(ctx, s, b, rows_for(ctx, b))), group=f"e2e/{s.name}")
+            for backbone in ("transformer", "concat")]

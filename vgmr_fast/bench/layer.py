@@ -16,7 +16,6 @@ small per-sample MLP or normalisation. ``× GEMM-only`` is the layer's time over
 """
 from __future__ import annotations
 
-import time
 import zlib
 
 import torch
@@ -24,9 +23,9 @@ from torch import nn
 
 from .. import reference as ref
 from . import backends
-from .common import Ctx, Skip, Task, compiled, fused_peers, record, short_exc
+from .common import Ctx, Skip, Task, compiled, fused_peers, record, run_group
 from .settings import Setting, make_batch
-from .timing import Rotator, rotation_count, sync
+from .timing import Rotator, rotation_count
 
 MODES = ("train", "infer")
 DROPOUT = 0.1
@@ -153,25 +152,19 @@ def make_step(ctx: Ctx, s: Setting, peer: str, mode: str):
     return step, len(rot)
 
 
-def measure(ctx: Ctx, s: Setting, peer: str, mode: str, level: str = "layer") -> None:
-    what = f"{level} {s.name} {mode} {peer}"
-    try:
-        t0 = time.perf_counter()
-        step, nsets = make_step(ctx, s, peer, mode)
-        step()
-        sync(ctx.device)
-        first = time.perf_counter() - t0
-        t = ctx.time(step, graph=(mode == "infer" and s.name == "mosei"), graph_calls=nsets)
-        mem = ctx.peak(step) if mode == "train" and level == "layer" else None
-    except Skip:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise Skip(f"{what}: {short_exc(exc)}") from exc
-    extra = {}
-    if mem is not None:
-        extra = {"peak_bytes": mem["peak_bytes"], "memory_method": mem["method"]}
-    record(ctx, level=level, setting=s.name, shape=s.describe(), dtype=s.dtype, T=s.T, mode=mode, peer=peer,
-           timing=t, rotation_sets=nsets, first_call_s=first, **extra)
+def measure(ctx: Ctx, s: Setting, mode: str, peers: list, level: str = "layer") -> None:
+    """One comparison group: every peer on the same setting and mode (memory for layer train steps)."""
+    builders = {}
+    for peer in peers:
+        def build(peer=peer):
+            step, nsets = make_step(ctx, s, peer, mode)
+            return step, {"rotation_sets": nsets}
+        builders[peer] = build
+    res = run_group(ctx, f"{level} {s.name} {mode}", builders, graph=(mode == "infer" and s.name == "mosei"),
+                    memory=(mode == "train" and level == "layer"))
+    for peer, r in res.items():
+        record(ctx, level=level, setting=s.name, shape=s.describe(), dtype=s.dtype, T=s.T, mode=mode, peer=peer,
+               **r)
 
 
 def layer_peers(ctx: Ctx, s: Setting) -> list:
@@ -191,11 +184,10 @@ def layer_peers(ctx: Ctx, s: Setting) -> list:
 def tasks(ctx: Ctx, settings: list) -> list:
     out = []
     for s in settings:
-        for peer in layer_peers(ctx, s):
-            for mode in MODES:
-                out.append(Task(f"layer {s.name} {mode} {peer}",
-                                (lambda s=s, peer=peer, mode=mode: measure(ctx, s, peer, mode)),
-                                group=f"layer/{s.name}"))
+        peers = layer_peers(ctx, s)
+        for mode in MODES:
+            out.append(Task(f"layer {s.name} {mode}", (lambda s=s, mode=mode, peers=peers: measure(ctx, s, mode, peers)),
+                            group=f"layer/{s.name}"))
     return out
 
 
@@ -206,8 +198,6 @@ def sweep_tasks(ctx: Ctx, base: Setting, Ts: list) -> list:
     peers = ["eager"] + fused_peers(ctx) + ["gemm-only"]
     for T in Ts:
         s = with_T(base, T)
-        for peer in peers:
-            out.append(Task(f"sweep T={T} train {peer}",
-                            (lambda s=s, peer=peer: measure(ctx, s, peer, "train", level="sweep")),
-                            group=f"sweep/{T}"))
+        out.append(Task(f"sweep T={T} train", (lambda s=s: measure(ctx, s, "train", peers, level="sweep")),
+                        group=f"sweep/{T}"))
     return out

@@ -11,7 +11,6 @@ divided by the copy bandwidth measured in the same run.
 """
 from __future__ import annotations
 
-import time
 import zlib
 
 import torch
@@ -19,9 +18,9 @@ import torch.nn.functional as F
 
 from .. import reference as ref
 from . import backends
-from .common import Ctx, Skip, Task, compiled, fused_peers, record, short_exc
+from .common import Ctx, Task, compiled, fused_peers, record, run_group
 from .settings import Setting, elem_size, make_masks
-from .timing import Rotator, rotation_count, sync
+from .timing import Rotator, rotation_count
 
 OPS = ("summary_pool", "interaction", "gate_norm")
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -205,35 +204,35 @@ def make_step(ctx: Ctx, op: str, peer: str, s: Setting, mode: str):
     return step, len(rot)
 
 
-def measure(ctx: Ctx, s: Setting, op: str, mode: str, peer: str) -> None:
-    what = f"ops {s.name} {op} {mode} {peer}"
-    try:
-        t0 = time.perf_counter()
-        step, nsets = make_step(ctx, op, peer, s, mode)
-        step()
-        sync(ctx.device)
-        first = time.perf_counter() - t0
-        small = s.name == "mosei"
-        t = ctx.time(step, graph=(mode == "fwd" and small), graph_calls=nsets)
-    except Skip:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise Skip(f"{what}: {short_exc(exc)}") from exc
+def measure(ctx: Ctx, s: Setting, op: str, mode: str, peers: list) -> None:
+    """One comparison group: every peer on the same op, setting and mode."""
+    builders = {}
+    for peer in peers:
+        def build(peer=peer):
+            step, nsets = make_step(ctx, op, peer, s, mode)
+            return step, {"rotation_sets": nsets}
+        builders[peer] = build
     fb = floor_bytes(op, s)[mode]
     floor_s = ctx.floor(fb)
-    record(ctx, level="ops", setting=s.name, shape=s.describe(), dtype=s.dtype, op=op, mode=mode, peer=peer,
-           timing=t, rotation_sets=nsets, first_call_s=first, floor_bytes=fb, floor_s=floor_s,
-           floor_frac=(floor_s / t.median) if floor_s else None, achieved_bytes_per_s=fb / t.median)
+    res = run_group(ctx, f"ops {s.name} {op} {mode}", builders, graph=(mode == "fwd" and s.name == "mosei"))
+    for peer, r in res.items():
+        t = r.pop("timing")
+        record(ctx, level="ops", setting=s.name, shape=s.describe(), dtype=s.dtype, op=op, mode=mode, peer=peer,
+               timing=t, floor_bytes=fb, floor_s=floor_s, floor_frac=(floor_s / t.median) if floor_s else None,
+               achieved_bytes_per_s=fb / t.median, **r)
+
+
+def peers_for(ctx: Ctx) -> list:
+    return ["eager"] + (["compile"] if ctx.compile else []) + fused_peers(ctx)
 
 
 def tasks(ctx: Ctx, settings: list) -> list:
-    peers = ["eager"] + (["compile"] if ctx.compile else []) + fused_peers(ctx)
+    peers = peers_for(ctx)
     out = []
     for s in settings:
         for op in OPS:
             for mode in MODES:
-                for peer in peers:
-                    out.append(Task(f"ops {s.name} {op} {mode} {peer}",
-                                    (lambda s=s, op=op, mode=mode, peer=peer: measure(ctx, s, op, mode, peer)),
-                                    group=f"ops/{s.name}/{op}"))
+                out.append(Task(f"ops {s.name} {op} {mode}",
+                                (lambda s=s, op=op, mode=mode: measure(ctx, s, op, mode, peers)),
+                                group=f"ops/{s.name}/{op}"))
     return out

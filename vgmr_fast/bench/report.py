@@ -325,6 +325,10 @@ def header_lines(meta, ctx_info) -> list:
         idle_s = f"; CPUs idle in the second before the run: {100 * idle:.0f}%" if idle is not None else ""
         lines.append(f"machine load at start: load average {ctx_info['loadavg_start']}{idle_s} "
                      "(other processes inflate medians and spreads)")
+        if idle is not None and idle < 0.9:
+            lines.append("WARNING: other processes were using the CPUs when this run started; on a small machine "
+                         "that makes absolute times unreliable (ratios between interleaved peers less so). "
+                         "Rerun on an idle machine before quoting figures.")
     lines.append("ratios: 'vs eager' = eager time / this time (>1 is faster); 'x GEMM-only' and 'x bare' = "
                  "this time / that time; spread = interquartile range")
     return lines

@@ -134,6 +134,9 @@ def run_bench(args) -> int:
           f"fused backends: {', '.join(backends) or 'none'}; levels: {', '.join(levels)}", flush=True)
     for sk in ctx.skipped:
         print(f"  skipping {sk['what']}: {sk['reason']}", flush=True)
+    if idle_start is not None and idle_start < 0.9:
+        print(f"  WARNING: only {100 * idle_start:.0f}% of the CPU time was idle in the second before this run: "
+              "other processes will distort the figures", flush=True)
 
     bw = timing.copy_bandwidth(device, 8 * 2**20 if tiny else None, min_time=min_time, min_blocks=min_blocks)
     ctx.copy_bw = bw["bytes_per_s"]
@@ -187,7 +190,8 @@ def run_bench(args) -> int:
         "rotation": "input sets rotated so that together they exceed 2x the last-level cache",
         "timing_method": ("CUDA events (median, IQR over calls); CUDA graph replay for the MOSEI-size "
                           "inference figures" if device == "cuda" else
-                          "torch.utils.benchmark.Timer.timeit in blocks of >= ~1 ms (median, IQR over blocks)"),
+                          "timeit on perf_counter (as torch.utils.benchmark.Timer) in blocks of >= ~1 ms, peers of a "
+                          "table interleaved block by block (median, IQR over blocks)"),
         "memory_method": memory.method(device),
         "sweep_T": Ts,
         "elapsed_s": None,

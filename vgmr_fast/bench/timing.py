@@ -1,7 +1,8 @@
 """Timing: medians with spread, warm-up, inputs rotated through a working set larger than cache.
 
-- CPU: ``torch.utils.benchmark.Timer(...).blocked_autorange()`` (per-call time of each block;
-  median and quartiles over blocks), run long enough for at least ``min_blocks`` blocks.
+- CPU: blocks of calls timed like ``torch.utils.benchmark.Timer`` (``timeit`` on ``perf_counter``;
+  per-call time of each block; median and quartiles over blocks), run long enough for at least
+  ``min_blocks`` blocks; several peers interleaved block by block (``time_cpu_interleaved``).
 - GPU: CUDA events around each call (median and quartiles over calls); with ``graph=True``
   the calls are captured once in a CUDA graph and the replay is timed (per-call time = replay /
   calls captured), which removes launch overhead from small-size latency figures. A capture
@@ -114,29 +115,77 @@ def _warmup(fn, device: str, warmup: int, warmup_time: float) -> float:
     return best
 
 
+def _block_timer(fn):
+    """``timeit.Timer`` on ``time.perf_counter``: the clock and loop ``torch.utils.benchmark.Timer`` uses on
+    the CPU, without the extra warm-up calls its ``timeit()`` runs before every block (which would
+    triple the cost of a slow step). Threads: torch's global setting (``--threads``)."""
+    import timeit
+
+    return timeit.Timer(stmt=fn, timer=time.perf_counter)
+
+
 def time_cpu(fn, *, min_time: float = 0.3, min_blocks: int = 7, max_time: float = 30.0,
              warmup: int = 1, warmup_time: float = 0.05) -> Timing:
-    """Blocks of ``number`` calls timed by ``torch.utils.benchmark.Timer.timeit`` (per-call mean of each
+    """Blocks of ``number`` calls timed by ``timeit`` on ``perf_counter`` (per-call mean of each
     block is one sample) until ``min_time`` s are spent *and* at least ``min_blocks`` samples exist.
 
     ``number`` makes a block last >= ~1 ms (timer overhead < 0.1%) but keeps many blocks in
     ``min_time``; this is ``blocked_autorange`` with a guaranteed number of blocks for the spread.
     """
-    from torch.utils import benchmark as tb
-
     est = _warmup(fn, "cpu", warmup, warmup_time)
     block_target = min(max(1e-3, min_time / (4 * min_blocks)), 0.05)
     number = max(1, int(block_target / max(est, 1e-9)))
-    timer = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    timer = _block_timer(fn)
     samples, total = [], 0.0
     while (total < min_time or len(samples) < min_blocks) and total < max_time:
-        m = timer.timeit(number)
-        per_call = float(m.times[0])
+        per_call = timer.timeit(number) / number
         samples.append(per_call)
         total += per_call * number
     q25, med, q75 = quantiles(samples)
     return Timing(med, q25, q75, len(samples), len(samples) * number,
-                  f"torch.utils.benchmark.Timer.timeit, blocks of {number} call(s)", samples=samples)
+                  f"timeit.Timer(perf_counter), blocks of {number} call(s)", samples=samples)
+
+
+def time_cpu_interleaved(fns: dict, *, min_time: float = 0.3, min_blocks: int = 7, max_time: float = 60.0,
+                         warmup: int = 1, warmup_time: float = 0.05) -> dict:
+    """Time several peers *interleaved*: round after round, one block of each peer (the order
+    rotating every round), until every peer has ``min_blocks`` samples and ``min_time`` s.
+
+    On a machine shared with other work, a burst of load then hits every peer alike instead of
+    whichever peer happened to be running, so the ratios between peers stay meaningful.
+    Block sizes as in :func:`time_cpu`. Returns ``{peer: Timing}``.
+    """
+    names = list(fns)
+    if not names:
+        return {}
+    block_target = min(max(1e-3, min_time / (4 * min_blocks)), 0.05)
+    number, timers = {}, {}
+    for p in names:
+        est = _warmup(fns[p], "cpu", warmup, warmup_time)
+        number[p] = max(1, int(block_target / max(est, 1e-9)))
+        timers[p] = _block_timer(fns[p])
+    samples = {p: [] for p in names}
+    spent = {p: 0.0 for p in names}
+    t_start = time.perf_counter()
+    r = 0
+    while True:
+        if all(len(samples[p]) >= min_blocks and spent[p] >= min_time for p in names):
+            break
+        if time.perf_counter() - t_start > max_time and all(len(samples[p]) >= 3 for p in names):
+            break
+        k = r % len(names)
+        for p in names[k:] + names[:k]:
+            per_call = timers[p].timeit(number[p]) / number[p]
+            samples[p].append(per_call)
+            spent[p] += per_call * number[p]
+        r += 1
+    out = {}
+    for p in names:
+        q25, med, q75 = quantiles(samples[p])
+        out[p] = Timing(med, q25, q75, len(samples[p]), len(samples[p]) * number[p],
+                        f"timeit.Timer(perf_counter), blocks of {number[p]} call(s), "
+                        f"interleaved with {len(names) - 1} other peer(s)", samples=samples[p])
+    return out
 
 
 def time_cuda(fn, *, min_time: float = 0.3, min_reps: int = 20, max_reps: int = 2000, warmup: int = 5,
