@@ -315,8 +315,8 @@ class VGMR(nn.Module):
         return type(xs)(outs) if isinstance(xs, tuple) else list(outs)
 
     def _dropout_seeds(self) -> list[int]:
-        if not (self.training and self.p > 0):
-            return [0] * self.num_modalities
+        if not (self.training and self.p > 0) or self.dropout_rng == "torch":
+            return [0] * self.num_modalities  # no draw: torch's dropout keeps its own stream
         return [draw_seed() for _ in range(self.num_modalities)]
 
     def _select_u(self, u: torch.Tensor) -> torch.Tensor:
