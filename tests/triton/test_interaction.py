@@ -6,7 +6,6 @@ Test rule (CONVENTIONS.md): error <= 2x the eager reference's error in the same 
 """
 from __future__ import annotations
 
-import importlib
 
 import pytest
 import torch
@@ -98,17 +97,10 @@ def test_argument_errors():
 # ---------------------------------------------------------------------------
 # Through the op layer (public function, backend="triton"): autograd.
 # ---------------------------------------------------------------------------
-def _public(name):
-    try:
-        mod = importlib.import_module(f"vgmr_fast.ops.{name}")
-        return getattr(mod, name)
-    except Exception as exc:
-        pytest.skip(f"op layer vgmr_fast.ops.{name} not importable: {exc!r}")
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_public_autograd(dtype):
-    interaction = _public("interaction")
+    from vgmr_fast.ops import interaction  # the op layer is built in CI: a failure here is a failure
+
     s = make_s(2, 3, 35, dtype)
     sf = s.clone().requires_grad_()
     u = interaction(sf, backend="triton")
