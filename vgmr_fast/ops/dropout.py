@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import torch
 
-_M0, _M1 = 0xD2511F53, 0xCD9E8D57
-_W0, _W1 = 0x9E3779B9, 0xBB67AE85
-_MASK32 = 0xFFFFFFFF
+from ..philox_constants import MASK32 as _MASK32
+from ..philox_constants import PHILOX_M0 as _M0
+from ..philox_constants import PHILOX_M1 as _M1
+from ..philox_constants import PHILOX_W0 as _W0
+from ..philox_constants import PHILOX_W1 as _W1
 
 
 def threshold(p: float) -> int:
