@@ -140,12 +140,16 @@ def run_bench(args) -> int:
 
     bw = timing.copy_bandwidth(device, 8 * 2**20 if tiny else None, min_time=min_time, min_blocks=min_blocks)
     ctx.copy_bw = bw["bytes_per_s"]
+    launch = timing.op_cost(device, min_time=min_time, min_blocks=min_blocks)
+    ctx.op_cost = launch["seconds"]
 
     tasks = []
     if "ops" in levels:
         tasks += ops.tasks(ctx, settings)
     if "layer" in levels:
-        tasks += layer.tasks(ctx, settings)
+        tasks += layer.tasks(ctx, settings, fullgraph=not args.no_compile)
+        if args.no_compile:
+            ctx.skip("fullgraph=True check of the training step", "--no-compile")
     if "e2e" in levels:
         tasks += e2e.tasks(ctx, settings[0])
     if "sweep" in levels:
@@ -186,6 +190,8 @@ def run_bench(args) -> int:
         "min_time_s": min_time,
         "min_blocks": min_blocks,
         "copy_bandwidth": bw,
+        "op_cost": launch,
+        "count_method": report.COUNT_METHOD,
         "cache_bytes": timing.cache_bytes(device),
         "rotation": "input sets rotated so that together they exceed 2x the last-level cache",
         "timing_method": ("CUDA events (median, IQR over calls); CUDA graph replay for the MOSEI-size "
