@@ -6,11 +6,38 @@ passes and the un-removed pass run as ONE batched backbone pass of ``(M + 1) B``
 gradient, with the backbone in eval mode (choice: so dropout noise does not enter Delta; the
 backbone's train/eval state is restored afterwards). Targets ``t = sigmoid(Delta / tau)``
 (``value_target="signed"``) or ``sigmoid(|Delta| / tau)`` (``"magnitude"``).
+
+Cost control (not in the paper; the defaults are the paper's objective):
+
+- ``value_fraction`` rho in (0, 1]: exact targets for a random ``ceil(rho B)`` samples of the
+  batch only, and ``L_value`` over those samples; the removal pass then takes
+  ``ceil(rho B) (M + 1)`` rows instead of ``B (M + 1)``. ``L_task`` and ``L_reg`` still use the
+  whole batch. The subset is drawn from ``generator`` (torch's default generator when None) and
+  only when rho < 1, so rho = 1 draws nothing and is bit-identical to the paper's objective.
+- ``value_every`` k: the removal pass and ``L_value`` run on steps with ``step % k == 0`` only
+  (the caller passes ``step``); other steps train on ``L_task + lambda_r L_reg``.
+
+The backbone protocol (what this module calls; ``vgmr_fast.models.adapter`` provides it for a
+backbone whose forward takes one tensor per modality):
+
+- ``model(xs, masks, return_aux=True) -> (logits, aux)`` with ``aux["refined"]`` (the M refined
+  ``[B, T_m, D_m]`` features the backbone consumed), ``aux["masks"]`` (M masks or Nones),
+  ``aux["global_value"]`` and ``aux["channel_value"]`` (the VGMR's value auxiliaries);
+- ``model.backbone_logits(feats, masks) -> logits`` for already-refined features (called under
+  ``torch.no_grad`` on ``(M + 1) ceil(rho B)`` rows);
+- ``model.train()`` / ``model.eval()`` / ``model.training``.
+
+A ``DistributedDataParallel`` wrapper is unwrapped (``.module``) for ``backbone_logits`` (no
+gradient flows there, so DDP's hooks are not needed); the main forward goes through the wrapper.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+__all__ = ["task_loss", "value_targets", "value_loss", "reg_loss", "vgmr_objective", "value_rows"]
 
 
 def _up(x: torch.Tensor) -> torch.Tensor:
@@ -18,13 +45,45 @@ def _up(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def _check_task(task: str) -> None:
+    if task not in ("classification", "regression"):
+        raise ValueError(f"task: expected 'classification' or 'regression', got {task!r}")
+
+
+def _labels(y: torch.Tensor, batch: int, task: str) -> torch.Tensor:
+    """Labels checked against the batch size; regression scores ``[B]`` or ``[B, 1]`` become ``[B]``."""
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"y: expected a tensor, got {type(y).__name__}")
+    if y.dim() == 0 or y.shape[0] != batch:
+        raise ValueError(f"y: expected {batch} labels (the batch size of the inputs), got shape {tuple(y.shape)}")
+    if task == "regression":
+        if y.dim() == 2 and y.shape[1] == 1:
+            y = y.squeeze(1)
+        if y.dim() != 1:
+            raise ValueError(f"y: regression expects scores of shape [B] or [B, 1], got {tuple(y.shape)}")
+    return y
+
+
 def task_loss(logits: torch.Tensor, y: torch.Tensor, task: str = "classification", reduction: str = "mean"):
-    """Cross entropy on class labels, or L1 on a score (``logits`` [B, 1]) for ``task="regression"``."""
+    """Cross entropy on class labels, or L1 on a score (``logits`` [B, 1], ``y`` [B] or [B, 1]) for
+    ``task="regression"``."""
+    _check_task(task)
+    y = _labels(y, logits.shape[0], task)
     if task == "classification":
         return F.cross_entropy(_up(logits), y, reduction=reduction)
-    if task == "regression":
-        return F.l1_loss(_up(logits).squeeze(-1), y.to(_up(logits).dtype), reduction=reduction)
-    raise ValueError(f"task: expected 'classification' or 'regression', got {task!r}")
+    return F.l1_loss(_up(logits).reshape(logits.shape[0], -1).squeeze(-1), y.to(_up(logits).dtype),
+                     reduction=reduction)
+
+
+def _backbone(model):
+    """The module that holds ``backbone_logits`` (DDP keeps the user's module in ``.module``)."""
+    if hasattr(model, "backbone_logits"):
+        return model
+    inner = getattr(model, "module", None)
+    if inner is not None and hasattr(inner, "backbone_logits"):
+        return inner
+    raise TypeError(f"model: {type(model).__name__} has no backbone_logits(feats, masks) method; wrap the "
+                    "backbone with vgmr_fast.models.adapter.PerModality (see docs/training.md)")
 
 
 @torch.no_grad()
@@ -35,20 +94,23 @@ def value_targets(model, refined, masks, y, *, tau: float = 1.0, value_target: s
         raise ValueError(f"value_target: expected 'signed' or 'magnitude', got {value_target!r}")
     if tau <= 0:
         raise ValueError(f"tau: expected > 0, got {tau}")
-    M, B = len(refined), y.shape[0]
+    _check_task(task)
+    M, B = len(refined), refined[0].shape[0]
+    y = _labels(y, B, task)
     # variant 0 keeps everything; variant k (1..M) zeroes modality k-1
     feats = [
         torch.cat([r.detach() if k != m + 1 else torch.zeros_like(r) for k in range(M + 1)], dim=0)
         for m, r in enumerate(refined)
     ]
     big_masks = [None if mk is None else mk.repeat(M + 1, 1) for mk in masks]
-    was_training = model.training
-    model.eval()
+    inner = _backbone(model)
+    was_training = inner.training
+    inner.eval()
     try:
-        logits = model.backbone_logits(feats, big_masks)
+        logits = inner.backbone_logits(feats, big_masks)
     finally:
-        model.train(was_training)
-    losses = task_loss(logits, y.repeat(M + 1), task, reduction="none").view(M + 1, B)
+        inner.train(was_training)
+    losses = task_loss(logits, y.repeat((M + 1,) + (1,) * (y.dim() - 1)), task, reduction="none").view(M + 1, B)
     delta = (losses[1:] - losses[:1]).t()  # [B, M]
     if value_target == "magnitude":
         delta = delta.abs()
@@ -66,7 +128,9 @@ def value_loss(global_value, channel_value, targets) -> torch.Tensor:
 
 
 def reg_loss(global_value, channel_value, kappa: float = 0.05) -> torch.Tensor:
-    """``sum_m relu(kappa - std_b g_m) + relu(kappa - std_{b,k} v_m)``: keeps values from collapsing."""
+    """``sum_m relu(kappa - std_b g_m) + relu(kappa - std_{b,k} v_m)``: keeps values from collapsing.
+
+    The std is over the batch this process sees (under DDP: its local batch)."""
     terms = []
     if global_value is not None and global_value.shape[0] > 1:
         terms.append(F.relu(kappa - _up(global_value).std(dim=0)).sum())
@@ -76,18 +140,60 @@ def reg_loss(global_value, channel_value, kappa: float = 0.05) -> torch.Tensor:
     return sum(terms) if terms else torch.zeros(())
 
 
+def value_rows(batch: int, value_fraction: float = 1.0) -> int:
+    """Samples that get exact value targets per step: ``ceil(value_fraction * batch)``, at least 1."""
+    _check_fraction(value_fraction)
+    return max(1, min(batch, math.ceil(value_fraction * batch - 1e-9)))
+
+
+def _check_fraction(value_fraction) -> None:
+    if isinstance(value_fraction, bool) or not isinstance(value_fraction, (int, float)) \
+            or not 0.0 < float(value_fraction) <= 1.0:
+        raise ValueError(f"value_fraction: expected a number in (0, 1], got {value_fraction!r}")
+
+
 def vgmr_objective(model, xs, masks, y, *, lambda_v: float = 0.1, lambda_r: float = 0.01, tau: float = 1.0,
-                   kappa: float = 0.05, value_target: str = "signed", task: str = "classification"):
-    """Full §6 loss for a backbone whose refiner is a VGMR. Returns ``(loss, parts)``."""
+                   kappa: float = 0.05, value_target: str = "signed", task: str = "classification",
+                   value_fraction: float = 1.0, value_every: int = 1, step: int = 0,
+                   generator: torch.Generator | None = None):
+    """Full §6 loss for a backbone whose refiner is a VGMR. Returns ``(loss, parts)``.
+
+    ``parts``: detached ``task``, ``value``, ``reg`` losses, ``logits``, the ``targets``
+    ``[n, M]`` (None on a step without value supervision) and ``value_index``, the ``n``
+    samples of the batch they belong to (all of them when ``value_fraction = 1``).
+    """
+    _check_fraction(value_fraction)
+    if isinstance(value_every, bool) or not isinstance(value_every, int) or value_every < 1:
+        raise ValueError(f"value_every: expected an int >= 1, got {value_every!r}")
+    _check_task(task)
+    if value_target not in ("signed", "magnitude"):
+        raise ValueError(f"value_target: expected 'signed' or 'magnitude', got {value_target!r}")
     logits, aux = model(xs, masks, return_aux=True)
+    y = _labels(y, logits.shape[0], task)
     l_task = task_loss(logits, y, task)
     if "global_value" not in aux:
         raise ValueError("model: its refiner returns no value auxiliaries (is it a VGMR?)")
     g, v = aux["global_value"], aux["channel_value"]
-    t = value_targets(model, aux["refined"], aux["masks"], y, tau=tau, value_target=value_target, task=task)
-    l_value = value_loss(g, v, t)
+    B = logits.shape[0]
+    targets = index = None
+    l_value = torch.zeros((), device=logits.device, dtype=_up(logits).dtype)
+    if step % value_every == 0:
+        n = value_rows(B, value_fraction)
+        if n < B:
+            index = torch.randperm(B, generator=generator)[:n].sort().values.to(logits.device)
+            refined = [r.index_select(0, index) for r in aux["refined"]]
+            sub_masks = [None if mk is None else mk.index_select(0, index) for mk in aux["masks"]]
+            targets = value_targets(model, refined, sub_masks, y.index_select(0, index), tau=tau,
+                                    value_target=value_target, task=task)
+            l_value = value_loss(None if g is None else g.index_select(0, index),
+                                 None if v is None else v.index_select(0, index), targets)
+        else:
+            index = torch.arange(B, device=logits.device)
+            targets = value_targets(model, aux["refined"], aux["masks"], y, tau=tau, value_target=value_target,
+                                    task=task)
+            l_value = value_loss(g, v, targets)
     l_reg = reg_loss(g, v, kappa)
     loss = l_task + lambda_v * l_value + lambda_r * l_reg
     parts = {"task": l_task.detach(), "value": l_value.detach(), "reg": l_reg.detach(),
-             "targets": t, "logits": logits.detach()}
+             "targets": targets, "value_index": index, "logits": logits.detach()}
     return loss, parts

@@ -3,8 +3,10 @@
 Grid: ``settings`` (benchmark presets, e.g. ``clean`` and ``noisy``) ×
 ``backbones`` (``concat``, ``transformer``) × ``methods`` × ``seeds``.
 A method is ``none`` (the bare backbone, the paper's "Concat"), or ``+``-joined
-parts: at most one refiner (``vgmr``; the Table 7 comparison refiners ``mlp``,
-``gate``, ``cross_attention``) and at most one balancer (``ogm``: OGM-GE;
+parts: at most one refiner (``vgmr``; ``vgmr@RHO`` / ``vgmr%K``: VGMR with
+value fraction RHO / value supervision every K-th step, e.g. ``vgmr@0.25``,
+``vgmr%4``; the Table 7 comparison refiners ``mlp``, ``gate``,
+``cross_attention``) and at most one balancer (``ogm``: OGM-GE;
 ``iibalance``; ``decision``: the adaptive decision-layer allocation head).
 ``vgmr+ogm`` is the paper's Table 4.6 combination. ``iibalance`` and
 ``decision`` replace the backbone's head, so they are not combined with
@@ -19,11 +21,16 @@ of the dominant modality's steps replaced by noise (Table 4.4), the
 refinement-difference heatmap (§4.10), decision-layer diagnostics of the
 concat models against unimodally trained concat models (seed 000).
 
-VGMR trains with the SPEC §6 objective. Its dropout uses
-``torch.nn.functional.dropout`` during training here (``dropout_rng =
-"torch"``): the shared Philox stream of the reference is ~6× slower on a CPU
-and only matters for bit-matching the fused kernels, which this script does
-not do.
+VGMR is the fused module ``vgmr_fast.VGMR`` (``--backend``, default
+``auto``: the best fused backend for the device, the reference where none is
+built) with its default dropout stream, the shared Philox stream, so this
+command runs what users run. It trains with the SPEC §6 objective;
+``--value-fraction`` and ``--value-every`` make its value supervision cheaper
+(see ``vgmr_fast.objective``).
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) every process takes its slice of each
+batch, gradients are averaged over processes before each optimiser step (gloo,
+or NCCL for CUDA), and rank 0 alone writes the outputs.
 
 Outputs in ``--out``: ``results.md``, ``results.json`` and PNG plots.
 """
@@ -105,6 +112,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     o.add_argument("--threads", type=int, default=1,
                    help="torch threads (0 = torch default). 1 by default: these models are tiny and "
                    "dispatch-bound, and intra-op threads only add synchronisation (and thrash on a busy machine)")
+    _add_objective_arguments(parser)
     a = parser.add_argument_group("analysis")
     a.add_argument("--noise-ratios", type=_floats, default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5])
     a.add_argument("--noise-weight", type=float, default=1.0, help="weight of the ratio sweep")
@@ -118,6 +126,120 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     a.add_argument("--quick", action="store_true",
                    help="tiny sizes for a smoke test (overrides data sizes, epochs, sweeps)")
     return parser
+
+
+def _add_objective_arguments(parser: argparse.ArgumentParser) -> None:
+    from .vgmr import BACKENDS
+
+    v = parser.add_argument_group("VGMR module and objective")
+    v.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="VGMR backend: auto (best fused backend for the device), cpu, cuda, triton, or reference")
+    v.add_argument("--value-fraction", type=float, default=1.0,
+                   help="share of each batch with exact value targets, in (0, 1]; 1 = the paper")
+    v.add_argument("--value-every", type=int, default=1,
+                   help="value supervision every k-th step (1 = every step, the paper)")
+
+
+def _check_objective_arguments(args) -> None:
+    from .objective import value_rows
+
+    try:
+        value_rows(1, getattr(args, "value_fraction", 1.0))
+    except ValueError as exc:
+        raise ValueError(f"--value-fraction: {exc}") from None
+    every = getattr(args, "value_every", 1)
+    if not (isinstance(every, int) and every >= 1):
+        raise ValueError(f"--value-every: expected an int >= 1, got {every!r}")
+
+
+def _make_vgmr(widths, args) -> nn.Module:
+    """The fused VGMR of a run (its default dropout stream: the shared Philox one)."""
+    from .vgmr import VGMR
+
+    return VGMR(widths, d=args.vgmr_d, dropout=args.dropout, backend=getattr(args, "backend", "auto"))
+
+
+def _vgmr_options(method: str, args) -> Tuple[float, int]:
+    """``(value_fraction, value_every)`` of a method: ``vgmr@0.25`` sets the fraction, ``vgmr%4`` the
+    period (``vgmr@0.5%2`` both); what a method leaves out comes from ``--value-fraction``/``--value-every``."""
+    from .objective import value_rows
+
+    fraction, every = getattr(args, "value_fraction", 1.0), getattr(args, "value_every", 1)
+    for part in method.split("+"):
+        part = part.strip().lower()
+        if not part.startswith(("vgmr@", "vgmr%")):
+            continue
+        rest, _, k = part[4:].partition("%")
+        try:
+            if rest:
+                fraction = float(rest[1:])
+                value_rows(1, fraction)
+            if k:
+                every = int(k)
+                if every < 1:
+                    raise ValueError
+        except ValueError:
+            raise ValueError(f"method {method!r}: expected vgmr@RHO (RHO in (0, 1]), vgmr%K (K an int >= 1) "
+                             f"or vgmr@RHO%K") from None
+    return fraction, every
+
+
+def _vgmr_loss(core, method: str, xs, masks, y, args, step: int):
+    from .objective import vgmr_objective
+
+    fraction, every = _vgmr_options(method, args)
+    return vgmr_objective(core, xs, masks, y, lambda_v=args.lambda_v, lambda_r=args.lambda_r,
+                          value_fraction=fraction, value_every=every, step=step)
+
+
+# ---------------------------------------------------------- several processes
+def _world() -> Tuple[int, int]:
+    """``(rank, world_size)``: ``(0, 1)`` outside an initialised process group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _init_distributed(args) -> None:
+    """Join the process group of a ``torchrun`` launch; rank != 0 writes to a scratch directory."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = _world()
+    if world > 1 and rank != 0:
+        args.out = tempfile.mkdtemp(prefix=f"vgmr_train_rank{rank}_")
+        args.no_progress = True
+
+
+def _shard(xs, masks, y):
+    """This process's slice of a batch (contiguous, the same split as ``torch.chunk``)."""
+    rank, world = _world()
+    if world == 1:
+        return xs, masks, y
+    n = y.shape[0]
+    per = -(-n // world)
+    sl = slice(rank * per, min(n, (rank + 1) * per))
+    return ([x[sl] for x in xs], None if masks is None else [None if m is None else m[sl] for m in masks], y[sl])
+
+
+def _average_gradients(model: nn.Module) -> None:
+    """Average the gradients over processes (every process then takes the same optimiser step)."""
+    import torch.distributed as dist
+
+    rank, world = _world()
+    if world == 1:
+        return
+    for p in model.parameters():
+        if p.requires_grad:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
 
 
 def _apply_quick(args):
@@ -141,6 +263,9 @@ def parse_method(method: str) -> Tuple[Optional[str], Optional[str]]:
         part = part.strip().lower()
         if part in ("none", "plain", ""):
             continue
+        if part.startswith(("vgmr@", "vgmr%")):
+            _vgmr_options(part, None)  # validates the options
+            part = "vgmr"
         if part in REFINERS:
             if refiner is not None:
                 raise ValueError(f"method {method!r}: at most one refiner ({REFINERS})")
@@ -162,7 +287,6 @@ def build_model(backbone: str, method: str, train: MultimodalDataset, val: Multi
                 seed: int, budget_cache: Optional[Dict] = None) -> Tuple[nn.Module, Dict]:
     """Build the model of one run (seeded). Returns ``(model, info)``."""
     from .models import Concat, Transformer, make_refiner
-    from .reference import VGMR
 
     refiner_kind, balancer = parse_method(method)
     torch.manual_seed(seed)
@@ -171,8 +295,7 @@ def build_model(backbone: str, method: str, train: MultimodalDataset, val: Multi
     info: Dict = {}
     refiner = None
     if refiner_kind == "vgmr":
-        refiner = VGMR(widths, d=args.vgmr_d, dropout=args.dropout)
-        refiner.dropout_rng = "torch"
+        refiner = _make_vgmr(widths, args)
     elif refiner_kind is not None:
         refiner = make_refiner(refiner_kind, widths, hidden=args.vgmr_d * 2)
     if backbone == "concat":
@@ -211,9 +334,8 @@ def _is_vgmr(model: nn.Module) -> bool:
     return ref is not None and getattr(ref, "has_aux", False)
 
 
-def _train_step(model, method, xs, masks, y, opt, ogm, epoch, args) -> float:
-    from .objective import vgmr_objective
-
+def _train_step(model, method, xs, masks, y, opt, ogm, epoch, args, step: int = 0) -> float:
+    xs, masks, y = _shard(xs, masks, y)
     refiner_kind, balancer = parse_method(method)
     core = _core(model)
     opt.zero_grad(set_to_none=True)
@@ -221,7 +343,7 @@ def _train_step(model, method, xs, masks, y, opt, ogm, epoch, args) -> float:
     if balancer in ("iibalance", "decision"):
         loss, _ = model.loss(xs, masks, y)
     elif refiner_kind == "vgmr":
-        loss, _ = vgmr_objective(core, xs, masks, y, lambda_v=args.lambda_v, lambda_r=args.lambda_r)
+        loss, _ = _vgmr_loss(core, method, xs, masks, y, args, step)
     else:
         hs = core.encode(xs, masks)
         loss = F.cross_entropy(core.classify(hs), y)
@@ -233,6 +355,7 @@ def _train_step(model, method, xs, masks, y, opt, ogm, epoch, args) -> float:
                 hs_for_ogm = core.encode(xs, masks)
             z = modality_logits(core, [h.detach() for h in hs_for_ogm])
         ogm.step(z, y, epoch)
+    _average_gradients(model)
     opt.step()
     return float(loss.detach())
 
@@ -256,13 +379,16 @@ def train_one(model: nn.Module, method: str, data: Dict[str, MultimodalDataset],
     history = {"train_loss": [], "val_loss": [], "val_accuracy": [], "cos_step": [], "cosine": []}
     best = (-1.0, None, -1)
     step = 0
+    step_seconds = 0.0  # optimisation steps only (no evaluation): the cost of the method itself
     # gradient cosine only on models that use the backbone's own head (the paper's setting)
     shared = [p for _, p in A.shared_parameters(model)] if balancer not in ("iibalance", "decision") else []
     for epoch in range(args.epochs):
         model.train()
         losses = []
         for xs, masks, y in train.batches(args.batch_size, shuffle=True, generator=gen):
-            losses.append(_train_step(model, method, xs, masks, y, opt, ogm, epoch, args))
+            t_step = time.perf_counter()
+            losses.append(_train_step(model, method, xs, masks, y, opt, ogm, epoch, args, step))
+            step_seconds += time.perf_counter() - t_step
             step += 1
             if shared and step % cos_every == 0:
                 history["cos_step"].append(step / steps_per_epoch)
@@ -280,6 +406,7 @@ def train_one(model: nn.Module, method: str, data: Dict[str, MultimodalDataset],
     model.load_state_dict(best[1])
     model.eval()
     history["best_epoch"] = best[2]
+    history["step_seconds"] = step_seconds / max(1, step)
     if balancer == "iibalance":
         xs, masks, y = val.full()
         history["gate_calibration"] = model.calibrate(xs, masks, y)
@@ -355,6 +482,8 @@ def train_grid(args) -> Dict:
         raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
     if not args.seeds:
         raise ValueError("--seeds must name at least one seed")
+    _check_objective_arguments(args)
+    _init_distributed(args)
     threads_before = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -402,10 +531,10 @@ def _train_grid(args) -> Dict:
                            "history": hist, "train_seconds": t_train, **info}
                     if seed == args.seeds[0]:
                         first_models[(setting, backbone, method)] = model
-                        if _is_vgmr(model):
-                            run["value_gate"] = A.value_gate_shift(model, data["test"], target=0, ratio=0.3,
-                                                                   weight=args.gate_noise_weight, stats=stats,
-                                                                   seed=seed)
+                    if _is_vgmr(model):  # every seed: cheap, and comparisons of methods need the spread
+                        run["value_gate"] = A.value_gate_shift(model, data["test"], target=0, ratio=0.3,
+                                                               weight=args.gate_noise_weight, stats=stats,
+                                                               seed=seed)
                     runs.append(run)
     bar.close()
     analyses = _first_seed_analyses(args, datasets, first_models, plots)
@@ -498,6 +627,7 @@ def _summarize(args, runs: List[Dict]) -> List[Dict]:
                "accuracy": _agg([r["test"]["accuracy"] for r in rs]),
                "macro_f1": _agg([r["test"]["macro_f1"] for r in rs]),
                "train_seconds": _agg([r["train_seconds"] for r in rs]),
+               "step_seconds": _agg([r["history"]["step_seconds"] for r in rs]),
                "best_epoch": [r["history"]["best_epoch"] for r in rs]}
         row["removal"] = {}
         for j, cond in enumerate(rs[0]["removal"]):
@@ -624,7 +754,7 @@ def _markdown(args, summary, analyses, runs, elapsed, plots) -> str:
             L.append(f"| {r['setting']} | {r['backbone']} | {r['method']} | "
                      + " | ".join(f"{m:.4f}" for m in r[key]["mean"]) + " |")
         L.append("")
-    vg_runs = [r for r in runs if "value_gate" in r]
+    vg_runs = [r for r in runs if "value_gate" in r and r["seed"] == args.seeds[0]]
     if vg_runs:
         L.append("## VGMR value and gate statistics (Table 4.4 analogue)\n")
         L.append("Test split, clean vs. 30 % of the first (dominant) modality's steps replaced by Gaussian "
@@ -644,6 +774,7 @@ def _markdown(args, summary, analyses, runs, elapsed, plots) -> str:
                              f"{cond}{' (corrupted)' if cond == 'noisy' and name == vgs['target'] else ''} | "
                              + " | ".join(cells) + " |")
         L.append("")
+    L.extend(_step_time_lines(args, summary))
     if analyses.get("decision"):
         L.append("## Decision-layer diagnostics (concat backbone, test split, first seed)\n")
         L.append("Per-modality logits `z_m = W_m h_m + b/M` (linear head) or the head with the other modalities "
@@ -697,6 +828,24 @@ def _markdown(args, summary, analyses, runs, elapsed, plots) -> str:
         L.append(f"- `{os.path.basename(p)}`")
     L.append("")
     return "\n".join(L)
+
+
+def _step_time_lines(args, summary) -> List[str]:
+    """Training-step time per method and its ratio to the bare backbone (same setting and backbone)."""
+    base = {(r["setting"], r["backbone"]): r["step_seconds"]["mean"] for r in summary if r["method"] == "none"}
+    L = ["## Training-step time\n",
+         f"Mean wall time of one optimisation step (forward, objective, backward, optimiser; no evaluation), "
+         f"batch {args.batch_size}, VGMR backend `{getattr(args, 'backend', 'auto')}`, value fraction "
+         f"{getattr(args, 'value_fraction', 1.0):g} unless the method says `vgmr@RHO`, value every "
+         f"{getattr(args, 'value_every', 1)} step(s); ratio to the bare backbone's step.\n",
+         "| setting | backbone | method | step ms | × bare backbone |", "|---|---|---|---|---|"]
+    for r in summary:
+        b = base.get((r["setting"], r["backbone"]))
+        ratio = f"{r['step_seconds']['mean'] / b:.2f}" if b else "–"
+        L.append(f"| {r['setting']} | {r['backbone']} | {r['method']} | {1e3 * r['step_seconds']['mean']:.2f} | "
+                 f"{ratio} |")
+    L.append("")
+    return L
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:

@@ -1,0 +1,161 @@
+"""Fidelity and cost of the cheaper value supervision (issue 14): value_fraction 0.25 against 1.
+
+One command (from the repository root):
+
+    python benchmarks/value_fraction.py [--seeds 0,1,2] [--epochs 10] [--n-train 1600] [--out DIR]
+
+1. ``vgmr-fast train`` on the controlled benchmark, noisy setting, both backbones, methods
+   ``none`` (bare backbone), ``vgmr`` (value fraction 1, the paper), ``vgmr@0.25`` (value
+   fraction 0.25) and ``vgmr%4`` (value supervision every 4th step, same mean removal rows), the
+   given seeds; its own ``results.md``/``results.json`` go to ``--out``.
+2. A step-time comparison on one fixed batch, the methods' steps interleaved
+   (``rounds`` rounds, median per method), so a busy shared machine slows all three alike.
+3. ``benchmarks/results/<machine>-<date>-value-fraction.md`` (and ``.json``): accuracy and
+   macro-F1 (mean ± std over seeds), the paired difference 0.25 − 1 per seed, the Table 4.4
+   value/gate shifts under noise on the first modality (mean ± std over seeds), step times.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # this checkout's vgmr_fast, not an installed copy
+
+import torch  # noqa: E402
+
+from vgmr_fast import train as T  # noqa: E402
+
+METHODS = ["none", "vgmr", "vgmr@0.25", "vgmr%4"]
+
+
+def _agg(xs):
+    xs = [float(x) for x in xs]
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def _fmt(xs, nd=4, signed=False):
+    m, s = _agg(xs)
+    return f"{m:{'+' if signed else ''}.{nd}f} ± {s:.{nd}f}"
+
+
+def step_times(args, backbone: str, rounds: int):
+    """Median seconds of one training step per method, on one batch, steps interleaved."""
+    data = T._load_data(args, "noisy")
+    xs, masks, y = data["train"].batch(torch.arange(args.batch_size))
+    models = {}
+    for method in METHODS:
+        model, _ = T.build_model(backbone, method, data["train"], data["val"], args, seed=0)
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+        models[method] = (model.train(), opt)
+    times = {m: [] for m in METHODS}
+    for r in range(rounds + 1):
+        for method, (model, opt) in models.items():
+            t0 = time.perf_counter()
+            for k in range(4):  # 4 steps: one period of vgmr%4
+                T._train_step(model, method, xs, masks, y, opt, None, 0, args, step=4 * r + k)
+            if r >= 1:  # the warm-up round is not timed
+                times[method].append((time.perf_counter() - t0) / 4)
+    return {m: statistics.median(v) for m, v in times.items()}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--n-train", type=int, default=1600)
+    p.add_argument("--rounds", type=int, default=15, help="interleaved rounds of the step-time comparison")
+    p.add_argument("--out", default="vgmr_value_fraction_out", help="vgmr-fast train's output directory")
+    p.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"))
+    a = p.parse_args(argv)
+    targs = T.add_train_arguments(argparse.ArgumentParser()).parse_args(
+        ["--settings", "noisy", "--backbones", "concat,transformer", "--methods", ",".join(METHODS),
+         "--seeds", a.seeds, "--epochs", str(a.epochs), "--n-train", str(a.n_train), "--out", a.out,
+         "--no-progress"])
+    t0 = time.time()
+    res = T.train_grid(targs)
+    grid_s = time.time() - t0
+    torch.set_num_threads(1)
+    steps = {b: step_times(targs, b, a.rounds) for b in ("concat", "transformer")}
+    runs = res["runs"]
+
+    def per_seed(backbone, method):
+        return {r["seed"]: r for r in runs if r["backbone"] == backbone and r["method"] == method}
+
+    date = datetime.date.today().isoformat()
+    L = [f"# Value supervision on a fraction of the batch: fidelity and cost ({date})\n",
+         f"Command: `python benchmarks/value_fraction.py --seeds {a.seeds} --epochs {a.epochs} --n-train {a.n_train}` "
+         f"(this CPU, 2 cores shared with other jobs; torch {torch.__version__}, 1 thread). "
+         f"`vgmr-fast train` grid: noisy setting, n_train {a.n_train}, n_val {targs.n_val}, n_test {targs.n_test}, "
+         f"{a.epochs} epochs, batch {targs.batch_size}, fused VGMR (backend `{targs.backend}`, Philox dropout), "
+         f"seeds {a.seeds}; best-validation checkpoint on test. Grid wall time {grid_s:.0f} s.\n",
+         "`vgmr` = the paper's objective (exact removal targets for every sample); `vgmr@0.25` = exact "
+         "targets and L_value for a random ⌈0.25 B⌉ samples per step (removal pass 4× fewer rows); "
+         "`vgmr%4` = the paper's value supervision on every 4th step only (same mean removal rows).\n",
+         "## Test accuracy and macro-F1 (mean ± std over seeds)\n",
+         "| backbone | method | accuracy | macro-F1 | paired Δacc vs vgmr | paired ΔF1 vs vgmr |",
+         "|---|---|---|---|---|---|"]
+    out = {"date": date, "grid_seconds": grid_s, "config": vars(a), "step_seconds": steps, "rows": []}
+    for b in ("concat", "transformer"):
+        full = per_seed(b, "vgmr")
+        for m in METHODS:
+            rs = per_seed(b, m)
+            acc = [rs[s]["test"]["accuracy"] for s in sorted(rs)]
+            f1 = [rs[s]["test"]["macro_f1"] for s in sorted(rs)]
+            d_acc = [rs[s]["test"]["accuracy"] - full[s]["test"]["accuracy"] for s in sorted(rs)]
+            d_f1 = [rs[s]["test"]["macro_f1"] - full[s]["test"]["macro_f1"] for s in sorted(rs)]
+            paired = m != "vgmr"
+            L.append(f"| {b} | {m} | {_fmt(acc)} | {_fmt(f1)} | {_fmt(d_acc, signed=True) if paired else '–'} | "
+                     f"{_fmt(d_f1, signed=True) if paired else '–'} |")
+            out["rows"].append({"backbone": b, "method": m, "seeds": sorted(rs), "accuracy": acc, "macro_f1": f1})
+    L.append("")
+    L.append("## Table 4.4 statistics: shift under noise (noisy − clean test split), mean ± std over seeds\n")
+    L.append(f"30 % of the first modality's steps replaced by noise ({targs.gate_noise_weight:g} × train std). "
+             "Δ of the mean global value g, mean channel value v̄ and mean gate G per modality.\n")
+    L.append("| backbone | method | modality | Δ global value | Δ channel value | Δ gate |")
+    L.append("|---|---|---|---|---|---|")
+    for b in ("concat", "transformer"):
+        for m in METHODS[1:]:
+            rs = per_seed(b, m)
+            names = list(rs[min(rs)]["value_gate"]["delta"])
+            target = rs[min(rs)]["value_gate"]["target"]
+            for n in names:
+                cells = []
+                for k in ("global_value", "channel_value", "gate"):
+                    vals = [rs[s]["value_gate"]["delta"][n].get(k) for s in sorted(rs)]
+                    cells.append("–" if None in vals else _fmt(vals, 3, signed=True))
+                L.append(f"| {b} | {m} | {n}{' (corrupted)' if n == target else ''} | " + " | ".join(cells) + " |")
+    L.append("")
+    L.append(f"## Training-step time (one batch of {targs.batch_size}, the methods' steps interleaved, median over "
+             f"{a.rounds} rounds of 4 consecutive steps per method, so `vgmr%4` has its removal pass once a round)\n")
+    L.append("| backbone | method | step ms | × bare backbone | × vgmr |")
+    L.append("|---|---|---|---|---|")
+    for b, st in steps.items():
+        for m in METHODS:
+            L.append(f"| {b} | {m} | {1e3 * st[m]:.2f} | {st[m] / st['none']:.2f} | {st[m] / st['vgmr']:.2f} |")
+    L.append("")
+    L.append("Mean step time inside the grid (every step of every seed; busier machine, noisier):\n")
+    L.append("| backbone | method | step ms | × bare |")
+    L.append("|---|---|---|---|")
+    for row in res["summary"]:
+        base = next(r for r in res["summary"] if r["backbone"] == row["backbone"] and r["method"] == "none")
+        L.append(f"| {row['backbone']} | {row['method']} | {1e3 * row['step_seconds']['mean']:.2f} | "
+                 f"{row['step_seconds']['mean'] / base['step_seconds']['mean']:.2f} |")
+    L.append("")
+    os.makedirs(a.results, exist_ok=True)
+    stem = os.path.join(a.results, f"cpu-2core-{date}-value-fraction")
+    with open(stem + ".md", "w") as f:
+        f.write("\n".join(L))
+    with open(stem + ".json", "w") as f:
+        json.dump(out, f, indent=1)
+    print("\n".join(L))
+    print(f"wrote {stem}.md")
+
+
+if __name__ == "__main__":
+    main()
