@@ -143,20 +143,12 @@ def count_generated_kernels(codes) -> dict:
 def capture_inductor_code():
     """Collects the output code of every graph Inductor compiles while active (as
     ``torch._inductor.utils.run_and_get_code`` does, without its ``torch._dynamo.reset()``, so other
-    compiled peers stay compiled). Inductor's FX-graph and AOT-autograd caches are off inside, so a
-    cache hit cannot hide a graph's code. Yields a list that fills with the code strings."""
+    compiled peers stay compiled). A graph loaded from Inductor's FX-graph or AOT-autograd cache
+    reports its code through the same hook. Yields a list that fills with the code strings."""
     from unittest import mock
 
-    import torch._functorch.config as functorch_config
-    import torch._inductor.config as inductor_config
     from torch._inductor.graph import GraphLowering
 
     codes: list = []
-    patches = {"fx_graph_cache": False}
-    with mock.patch.object(GraphLowering, "save_output_code", lambda code: codes.append(code)), \
-            inductor_config.patch(patches):
-        if hasattr(functorch_config, "enable_autograd_cache"):
-            with functorch_config.patch(enable_autograd_cache=False):
-                yield codes
-        else:
-            yield codes
+    with mock.patch.object(GraphLowering, "save_output_code", lambda code: codes.append(code)):
+        yield codes
