@@ -24,15 +24,16 @@ LEVELS = ("ops", "layer", "e2e", "sweep")
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
-                   help="short run (under a minute on a 2-core CPU): fewer repetitions, shorter sweep, "
-                        "no torch.compile peers")
+                   help="short run (about a minute on a 2-core CPU): fewer repetitions, shorter sweep, "
+                        "no torch.compile peers (launch counts and the fullgraph=True check still run)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="device to benchmark (default: cuda when available, else cpu)")
     p.add_argument("--levels", default=",".join(LEVELS),
                    help=f"comma-separated subset of {','.join(LEVELS)} (default: all)")
     p.add_argument("--backends", default=None,
                    help="comma-separated fused backends to measure (default: every one that runs here)")
-    p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile peers")
+    p.add_argument("--no-compile", action="store_true",
+                   help="leave out the torch.compile peers and the fullgraph=True check of the training step")
     p.add_argument("--max-autotune", action="store_true",
                    help="GPU: also torch.compile(mode='max-autotune') of the reference at the large size "
                         "(default on a GPU unless --quick)")
