@@ -225,7 +225,12 @@ def measure_fullgraph(ctx: Ctx, s: Setting, peers: list) -> None:
         except Skip as exc:
             ctx.skip(f"fullgraph {s.name} {peer}", str(exc))
             continue
+        # Dynamo's state from the compiled peers measured before (a frame it gave up on after a
+        # graph break is skipped from then on, and its submodules compiled one by one) must not
+        # decide this check; those peers are done with (this task ends its group).
+        torch._dynamo.reset()
         result = fullgraph_training(mod, xs, masks)
+        torch._dynamo.reset()
         record(ctx, level="fullgraph", setting=s.name, shape=s.describe(), dtype=s.dtype, mode="train", peer=peer,
                **result)
 
