@@ -17,7 +17,10 @@ class Breaks(nn.Module):
         self.lin = nn.Linear(4, 4)
 
     def forward(self, xs, masks=None):
-        return [_opaque(self.lin(xs[0]))]
+        outs = []
+        for x in xs:  # a graph break inside a loop makes Dynamo skip this frame from then on
+            outs.append(_opaque(self.lin(x)))
+        return outs
 
 
 def test_reference_training_step_is_one_graph_with_fresh_masks():
@@ -40,3 +43,22 @@ def test_graph_break_is_reported_with_its_place():
     assert res["error"].startswith("graph break:")
     assert "test_bench_graphcheck.py" in res["error"]
     assert describe(res) == res["error"]
+
+
+def test_layer_check_is_not_decided_by_earlier_compiles(monkeypatch):
+    """A module compiled before with graph breaks (as the fused+compile peer is) must still be
+    reported as breaking, not as the per-submodule graphs Dynamo falls back to."""
+    from vgmr_fast.bench import layer
+    from vgmr_fast.bench.common import Ctx
+    from vgmr_fast.bench.settings import settings_for
+
+    module = Breaks()
+    xs = [torch.randn(3, 4), torch.randn(3, 4)]
+    torch.compile(module, backend="eager")(xs)  # graph break at _opaque
+    monkeypatch.setattr(layer, "peer_module", lambda ctx, s, peer: (module, module, list(module.parameters())))
+    monkeypatch.setattr(layer, "input_sets", lambda ctx, s: [(xs, None, None)])
+    ctx = Ctx(device="cpu", backends=[], compile=False, compile_reason="test", min_time=0.001, min_blocks=2,
+              quick=True, tiny=True)
+    layer.measure_fullgraph(ctx, settings_for("cpu", tiny=True)[0], ["breaks"])
+    (rec,) = ctx.records
+    assert rec["level"] == "fullgraph" and not rec["ok"] and rec["error"].startswith("graph break:")
