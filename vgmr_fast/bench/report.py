@@ -403,6 +403,8 @@ def headline(records) -> list:
                     parts.append(f"{ratio(r['x_gemm_only'])} GEMM-only time")
                 if r.get("mem_vs_eager") is not None:
                     parts.append(f"peak memory {pct(r['mem_vs_eager'])} of eager")
+                if r.get("aten_ops") is not None:
+                    parts.append(f"{r['aten_ops']} ATen ops per step")
                 lines.append(f"layer {r['setting']} {r['mode']}, {f}: " + ", ".join(parts))
         for r in records:
             if r["level"] == "ops" and r["peer"] == f and r["op"] == "gate_norm" and r["mode"] == "fwd+bwd":
@@ -457,7 +459,9 @@ def header_lines(meta, ctx_info) -> list:
                          "that makes absolute times unreliable (ratios between interleaved peers less so). "
                          "Rerun on an idle machine before quoting figures.")
     lines.append("ratios: 'vs eager' = eager time / this time (>1 is faster); 'x GEMM-only' and 'x bare' = "
-                 "this time / that time; spread = interquartile range")
+                 "this time / that time; spread = interquartile range; 'x bytes floor' = time / (bytes moved "
+                 "once / copy bandwidth); 'x launch floor' = time / (launches x minimal-op time); 'saved MiB' = "
+                 "activations saved for backward (inputs and parameters left out)")
     return lines
 
 
