@@ -12,8 +12,9 @@ Training step = ``zero_grad`` + forward + loss + backward + ``Adam.step``; for V
 ``vgmr_objective`` (task + value supervision, whose M+1 backbone passes without gradient are part
 of the step), for the others cross entropy. The fused rows are repeated with
 ``vgmr_objective(..., value_fraction=0.25)`` (the cheaper value pass; training only); where the installed
-objective has no such keyword the row is printed as unavailable with the reason. Inference = eval mode, ``torch.inference_mode``, one
-batch. Every figure is also given as a ratio to the bare backbone, beside the paper's ratios.
+objective has no such keyword the row is printed as unavailable with the reason. Inference = eval
+mode, ``torch.inference_mode``, one batch. Every figure is also given as a ratio to the bare
+backbone, beside the paper's ratios.
 """
 from __future__ import annotations
 
