@@ -47,12 +47,39 @@ def _fmt(xs, nd=4, signed=False):
 def step_times(args, backbone: str, rounds: int):
     """Median seconds of one training step per method, on one batch, steps interleaved."""
     data = T._load_data(args, "noisy")
-    xs, masks, y = data["train"].batch(torch.arange(args.batch_size))
+    batch = data["train"].batch(torch.arange(args.batch_size))
     models = {}
     for method in METHODS:
         model, _ = T.build_model(backbone, method, data["train"], data["val"], args, seed=0)
-        opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
-        models[method] = (model.train(), opt)
+        models[method] = model
+    return interleaved(models, batch, args, rounds)
+
+
+def mosei_size_models(backbone: str):
+    """The bench's MOSEI-like size (B 32, T 50, widths 768/74/35, VGMR d 128; Transformer d_model 176,
+    2 layers, 4 heads: about the paper's 0.72M-parameter backbone), one model per method."""
+    import vgmr_fast
+    from vgmr_fast.models import Concat, Transformer
+
+    widths = [768, 74, 35]
+    models = {}
+    for method in METHODS:
+        torch.manual_seed(0)
+        refiner = None if method == "none" else vgmr_fast.VGMR(widths, d=128, dropout=0.1)
+        if backbone == "transformer":
+            models[method] = Transformer(widths, 2, d_model=176, nhead=4, num_layers=2, refiner=refiner)
+        else:
+            models[method] = Concat(widths, 2, hidden=176, refiner=refiner)
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(32, 50, D, generator=g) for D in widths]
+    masks = [torch.arange(50).unsqueeze(0) < torch.randint(25, 51, (32, 1), generator=g) for _ in widths]
+    return models, (xs, masks, torch.randint(0, 2, (32,), generator=g))
+
+
+def interleaved(models, batch, args, rounds: int):
+    """Median over rounds of the mean step time of 4 consecutive steps, methods interleaved."""
+    xs, masks, y = batch
+    models = {m: (model.train(), torch.optim.AdamW(model.parameters(), lr=args.lr)) for m, model in models.items()}
     times = {m: [] for m in METHODS}
     for r in range(rounds + 1):
         for method, (model, opt) in models.items():
@@ -70,6 +97,7 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--n-train", type=int, default=1600)
     p.add_argument("--rounds", type=int, default=15, help="interleaved rounds of the step-time comparison")
+    p.add_argument("--mosei-rounds", type=int, default=6, help="rounds of the MOSEI-size step-time comparison")
     p.add_argument("--out", default="vgmr_value_fraction_out", help="vgmr-fast train's output directory")
     p.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"))
     a = p.parse_args(argv)
@@ -82,6 +110,7 @@ def main(argv=None):
     grid_s = time.time() - t0
     torch.set_num_threads(1)
     steps = {b: step_times(targs, b, a.rounds) for b in ("concat", "transformer")}
+    steps_mosei = {b: interleaved(*mosei_size_models(b), targs, a.mosei_rounds) for b in ("concat", "transformer")}
     runs = res["runs"]
 
     def per_seed(backbone, method):
@@ -100,7 +129,8 @@ def main(argv=None):
          "## Test accuracy and macro-F1 (mean ± std over seeds)\n",
          "| backbone | method | accuracy | macro-F1 | paired Δacc vs vgmr | paired ΔF1 vs vgmr |",
          "|---|---|---|---|---|---|"]
-    out = {"date": date, "grid_seconds": grid_s, "config": vars(a), "step_seconds": steps, "rows": []}
+    out = {"date": date, "grid_seconds": grid_s, "config": vars(a), "step_seconds": steps,
+           "step_seconds_mosei_size": steps_mosei, "rows": []}
     for b in ("concat", "transformer"):
         full = per_seed(b, "vgmr")
         for m in METHODS:
@@ -139,7 +169,17 @@ def main(argv=None):
         for m in METHODS:
             L.append(f"| {b} | {m} | {1e3 * st[m]:.2f} | {st[m] / st['none']:.2f} | {st[m] / st['vgmr']:.2f} |")
     L.append("")
-    L.append("Mean step time inside the grid (every step of every seed; busier machine, noisier):\n")
+    L.append("At the bench's MOSEI-like size (B 32, T 50, widths 768/74/35, masks, VGMR d 128, dropout 0.1; "
+             "Transformer d_model 176, 2 layers, 4 heads; Concat hidden 176; 2 classes), same protocol, median "
+             f"over {a.mosei_rounds} rounds:\n")
+    L.append("| backbone | method | step ms | × bare backbone | × vgmr |")
+    L.append("|---|---|---|---|---|")
+    for b, st in steps_mosei.items():
+        for m in METHODS:
+            L.append(f"| {b} | {m} | {1e3 * st[m]:.1f} | {st[m] / st['none']:.2f} | {st[m] / st['vgmr']:.2f} |")
+    L.append("")
+    L.append("Mean step time inside the grid (every step of every seed, not interleaved: other jobs on the "
+             "shared machine weigh on each method differently, so these ratios are noisier):\n")
     L.append("| backbone | method | step ms | × bare |")
     L.append("|---|---|---|---|")
     for row in res["summary"]:

@@ -94,3 +94,70 @@ def test_bad_arguments(tmp_path):
         T.train_grid(_args(tmp_path, "--methods", "bogus"))
     with pytest.raises(ValueError, match="data"):
         T.train_grid(_args(tmp_path, "--data", "imagenet:/x"))
+
+
+# ------------------------------------------------- the fused module, value fraction, step times
+def test_vgmr_runs_are_the_fused_module_with_the_shared_dropout_stream(tmp_path):
+    import torch
+
+    import vgmr_fast
+    from vgmr_fast.data import make_benchmark
+
+    data = make_benchmark("bimodal", n_train=16, n_val=8, n_test=8)
+    for backend in ("auto", "reference", "cpu"):
+        args = _args(tmp_path, "--backend", backend)
+        model, _ = T.build_model("concat", "vgmr", data["train"], data["val"], args, seed=0)
+        assert type(model.refiner) is vgmr_fast.VGMR
+        assert model.refiner.backend == backend and model.refiner.dropout_rng == "philox"
+    assert model.refiner.resolved_backend(torch.device("cpu")) == "cpu"
+    with pytest.raises(SystemExit):
+        _args(tmp_path, "--backend", "gpu")
+
+
+def test_value_fraction_method_and_flag_reach_the_objective(tmp_path):
+    import torch
+
+    from vgmr_fast.data import make_benchmark
+
+    data = make_benchmark("noisy", n_train=16, n_val=8, n_test=8)
+    xs, masks, y = data["train"].batch(torch.arange(16))
+    M = data["train"].num_modalities
+    # samples with value targets at steps 0..3: ceil(rho B) on each step with step % K == 0
+    for method, extra, samples in (("vgmr", [], [16, 16, 16, 16]), ("vgmr@0.25", [], [4, 4, 4, 4]),
+                                   ("vgmr", ["--value-fraction", "0.5"], [8, 8, 8, 8]),
+                                   ("vgmr", ["--value-every", "3"], [16, 16]),
+                                   ("vgmr%2", [], [16, 16]), ("vgmr@0.25%2+ogm", [], [4, 4])):
+        args = _args(tmp_path, *extra)
+        model, _ = T.build_model("transformer", method, data["train"], data["val"], args, seed=0)
+        seen = []
+        orig = model.backbone_logits
+        model.backbone_logits = lambda f, m: seen.append(f[0].shape[0]) or orig(f, m)
+        opt = torch.optim.AdamW(model.parameters())
+        for step in range(4):
+            T._train_step(model, method, xs, masks, y, opt, None, 0, args, step)
+        assert seen == [n * (M + 1) for n in samples], (method, extra)  # ONE removal pass per such step
+
+
+def test_bad_value_fraction_and_every(tmp_path):
+    with pytest.raises(ValueError, match="--value-fraction"):
+        T.train_grid(_args(tmp_path, "--value-fraction", "0"))
+    with pytest.raises(ValueError, match="--value-every"):
+        T.train_grid(_args(tmp_path, "--value-every", "0"))
+    for bad in ("vgmr@0", "vgmr@1.5", "vgmr%0", "vgmr@x"):
+        with pytest.raises(ValueError, match="vgmr@RHO"):
+            T.parse_method(bad)
+    assert T.parse_method("vgmr@0.25+ogm") == ("vgmr", "ogm")
+
+
+def test_results_have_step_times_and_ratio_to_the_bare_backbone(tmp_path):
+    args = _args(tmp_path, "--settings", "bimodal", "--backbones", "concat", "--methods", "none,vgmr@0.5",
+                 "--epochs", "1")
+    args.noise_ratios, args.noise_weights = [0.0], [1.0]
+    res = T.train_grid(args)
+    for row in res["summary"]:
+        assert row["step_seconds"]["mean"] > 0
+    md = open(tmp_path / "results.md").read()
+    assert "## Training-step time" in md and "| bimodal | concat | none |" in md
+    line = next(l for l in md.splitlines() if l.startswith("| bimodal | concat | none |") and l.endswith("| 1.00 |"))
+    assert line
+    assert res["environment"]["world_size"] == 1

@@ -543,7 +543,8 @@ def _train_grid(args) -> Dict:
     elapsed = time.time() - t_start
     result = {"config": {k: v for k, v in vars(args).items() if not callable(v) and not k.startswith("_")},
               "environment": {"torch": torch.__version__, "python": platform.python_version(),
-                              "threads": torch.get_num_threads(), "machine": platform.machine()},
+                              "threads": torch.get_num_threads(), "machine": platform.machine(),
+                              "world_size": _world()[1]},
               "elapsed_seconds": elapsed, "n_runs": n_runs, "summary": summary, "analyses": analyses,
               "runs": runs, "plots": [os.path.basename(p) for p in plots]}
     with open(os.path.join(args.out, "results.json"), "w") as f:
