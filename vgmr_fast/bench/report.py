@@ -318,6 +318,10 @@ def layer_summary(records, settings, ctx_info) -> list:
             if lparts:
                 notes.append(f"launch floor, {what}: launches x {op['seconds'] * 1e6:.2f} us per minimal op: "
                              + ", ".join(lparts))
+    if full:
+        notes.append("fullgraph row: torch.compile(fullgraph=True) of a copy of each module in train mode (dropout "
+                     "0.1), backend aot_eager wrapped to count graphs (Dynamo + AOT autograd, no Inductor codegen), "
+                     "3 forward+backward steps on the same input")
     title = f"VGMR layer summary (issue 12), {s['name']} ({describe(s)})"
     return [(title, text + ("\n" + "\n".join(notes) if notes else ""))]
 
