@@ -114,24 +114,50 @@ def test_bench_tiny_writes_json_md_png(tmp_path, capsys):
         torch.set_num_threads(threads)
     assert rc == 0
     out = capsys.readouterr().out
-    for title in ("ops, mosei", "VGMR layer, large", "Table 7", "Concat backbone", "sweep over T", "skipped"):
+    for title in ("ops, mosei", "VGMR layer, large", "VGMR layer summary (issue 12), mosei", "Table 7",
+                  "Concat backbone", "sweep over T", "skipped"):
         assert title in out
+    for row in ("ATen ops, inference forward", "ATen ops, training forward+backward",
+                "training step vs torch.compile(reference)", "inference vs torch.compile(reference)",
+                "activations saved for backward", "training-step peak memory vs eager",
+                "torch.compile(fullgraph=True) training with dropout", "floor, training step",
+                "launch floor, inference forward"):
+        assert row in out
     doc = json.loads((tmp_path / "tiny.json").read_text())
     meta = doc["meta"]
     for key in ("device_name", "cpu_model", "torch_threads", "torch", "triton", "date", "commit"):
         assert key in meta
     assert meta["torch_threads"] == 1
     assert doc["run"]["copy_bandwidth"]["bytes_per_s"] > 0
+    assert doc["run"]["op_cost"]["seconds"] > 0
     levels = {r["level"] for r in doc["records"]}
-    assert levels == {"ops", "layer", "e2e", "sweep"}
-    for r in doc["records"]:
+    assert levels == {"ops", "layer", "e2e", "sweep", "fullgraph"}
+    timed = [r for r in doc["records"] if r["level"] != "fullgraph" and r["mode"] != "unavailable"]
+    for r in timed:
         assert r["median_s"] > 0 and r["q25_s"] <= r["median_s"] <= r["q75_s"] and r["samples_s"]
-    eager = [r for r in doc["records"] if r.get("peer") == "eager"]
+    layer = {(r["setting"], r["mode"], r["peer"]): r for r in doc["records"] if r["level"] == "layer"}
+    for key, r in layer.items():  # counts, not times
+        assert isinstance(r["aten_ops"], int) and r["aten_ops"] > 0, key
+        assert r["floor_bytes"] > 0 and r["x_floor"] > 0 and r["x_launch_floor"] > 0
+    for mode in ("train", "infer"):
+        assert layer[("mosei", mode, "gemm-only")]["aten_ops"] < layer[("mosei", mode, "eager")]["aten_ops"]
+    eager_train = layer[("mosei", "train", "eager")]
+    assert eager_train["saved_bytes"] > 0 and eager_train["saved_vs_eager"] == pytest.approx(1.0)
+    assert layer[("mosei", "train", "eager")]["aten_ops"] > layer[("mosei", "infer", "eager")]["aten_ops"]
+    full = {r["peer"]: r for r in doc["records"] if r["level"] == "fullgraph"}
+    assert full["eager"]["ok"] and full["eager"]["graphs"] == 1 and full["eager"]["recompiles"] == 0
+    assert set(full) == {"eager"} | {f"fused-{b}" for b in doc["run"]["backends"]}
+    for r in full.values():
+        assert r["ok"] or r["error"]  # a failure says why
+    eager = [r for r in timed if r.get("peer") == "eager"]
     assert eager and all(r["vs_eager"] == pytest.approx(1.0) for r in eager)
     assert any(r.get("x_gemm_only") for r in doc["records"] if r["level"] == "layer")
     assert any("peak_bytes" in r for r in doc["records"] if r["level"] == "layer")
     rows = {r["row"] for r in doc["records"] if r["level"] == "e2e" and r["backbone"] == "transformer"}
     assert {"bare", "mlp", "gate", "cross_attention", "vgmr-eager"} <= rows
+    assert {f"vgmr-fused-{b}-vf0.25" for b in doc["run"]["backends"]} <= rows
+    e2e_counts = [r for r in doc["records"] if r["level"] == "e2e" and r["mode"] != "unavailable"]
+    assert e2e_counts and all(r["aten_ops"] > 0 for r in e2e_counts)
     assert any("torch.compile" in s["what"] for s in doc["skipped"])  # --quick says what it left out
     png = tmp_path / "tiny.png"
     assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"

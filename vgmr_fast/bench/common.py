@@ -25,6 +25,7 @@ class Ctx:
     quick: bool
     tiny: bool
     copy_bw: float | None = None  # bytes/s of a large copy, measured in this run
+    op_cost: float | None = None  # seconds per minimal ATen op (launch/dispatch cost), measured in this run
     max_autotune: bool = False  # GPU: also torch.compile(mode="max-autotune") at the layer level
     records: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
@@ -42,6 +43,9 @@ class Ctx:
 
     def floor(self, nbytes: float) -> float | None:
         return nbytes / self.copy_bw if self.copy_bw else None
+
+    def launch_floor(self, launches) -> float | None:
+        return launches * self.op_cost if (self.op_cost and launches) else None
 
     def clear(self) -> None:
         self.cache.clear()
@@ -84,7 +88,47 @@ def compiled(fn, **kwargs):
     return torch.compile(fn, dynamic=False, **kwargs)
 
 
-def run_group(ctx: Ctx, label: str, builders: dict, *, graph: bool = False, memory: bool = False) -> dict:
+def is_compiled_peer(peer: str) -> bool:
+    return "compile" in peer
+
+
+def _first_call(step, peer: str, counts: bool, info: dict) -> None:
+    """The first (warm-up) call; for a torch.compile peer with ``counts``, the launches in the code
+    Inductor generates during it (``compiled_kernels``)."""
+    if not (counts and is_compiled_peer(peer)):
+        step()
+        return
+    from .opcount import capture_inductor_code, count_generated_kernels
+
+    with capture_inductor_code() as codes:
+        step()
+    kernels = count_generated_kernels(codes)
+    if not kernels["graphs"]:
+        # Dynamo reused a graph compiled earlier for the same code, shapes and guards (another
+        # instance of the same module class): compile afresh once to see this peer's code.
+        # Peers compiled before are recompiled at their next call (outside any timing: warm-up).
+        torch._dynamo.reset()
+        with capture_inductor_code() as codes:
+            step()
+        kernels = count_generated_kernels(codes)
+    if kernels["graphs"]:
+        info["compiled_kernels"] = kernels
+    else:
+        info["compiled_kernels_note"] = "no Inductor output code captured during the first calls"
+
+
+def count_step(step, device: str) -> dict:
+    """ATen ops one call of ``step`` dispatches (views left out): ``{"aten_ops", "aten_ops_by_name"}``."""
+    from .opcount import OpCounter
+
+    with OpCounter() as counter:
+        step()
+        timing.sync(device)
+    return {"aten_ops": counter.total, "aten_ops_by_name": dict(counter.by_name.most_common())}
+
+
+def run_group(ctx: Ctx, label: str, builders: dict, *, graph: bool = False, memory: bool = False,
+              counts: bool = False) -> dict:
     """Build, warm and time a group of peers that are compared with each other.
 
     ``builders``: ``{peer: () -> (step, info)}`` (``info`` a dict saved in the record; its
@@ -92,13 +136,17 @@ def run_group(ctx: Ctx, label: str, builders: dict, *, graph: bool = False, memo
     or fails its first call is skipped with the reason. On the CPU the peers are timed interleaved
     (``timing.time_cpu_interleaved``); on a GPU one after the other with CUDA events (or graph
     replay when ``graph``). Returns ``{peer: info + first_call_s, timing[, peak_bytes, memory_method]}``.
+
+    ``counts``: also the ATen ops of one call (``aten_ops``; after timing, outside it) of every peer
+    but the torch.compile ones, and for those the launches in Inductor's generated code
+    (``compiled_kernels``, captured during the first call, which compiles).
     """
     steps, out = {}, {}
     for peer, build in builders.items():
         try:
             t0 = time.perf_counter()
             step, info = build()
-            step()
+            _first_call(step, peer, counts, info)
             timing.sync(ctx.device)
             first = time.perf_counter() - t0
         except Skip as exc:
@@ -127,6 +175,11 @@ def run_group(ctx: Ctx, label: str, builders: dict, *, graph: bool = False, memo
             del out[peer]
             continue
         out[peer]["timing"] = timings[peer]
+        if counts and not is_compiled_peer(peer):
+            try:
+                out[peer].update(count_step(steps[peer], ctx.device))
+            except Exception as exc:  # noqa: BLE001
+                out[peer]["count_error"] = short_exc(exc)
         if memory:
             try:
                 m = ctx.peak(steps[peer])

@@ -10,8 +10,11 @@ compiled); the fused VGMR per backend. Also the Concat backbone: bare, reference
 
 Training step = ``zero_grad`` + forward + loss + backward + ``Adam.step``; for VGMR rows the loss is
 ``vgmr_objective`` (task + value supervision, whose M+1 backbone passes without gradient are part
-of the step), for the others cross entropy. Inference = eval mode, ``torch.inference_mode``, one
-batch. Every figure is also given as a ratio to the bare backbone, beside the paper's ratios.
+of the step), for the others cross entropy. The fused rows are repeated with
+``vgmr_objective(..., value_fraction=0.25)`` (the cheaper value pass; training only); where the installed
+objective has no such keyword the row is printed as unavailable with the reason. Inference = eval
+mode, ``torch.inference_mode``, one batch. Every figure is also given as a ratio to the bare
+backbone, beside the paper's ratios.
 """
 from __future__ import annotations
 
@@ -54,7 +57,35 @@ ROW_LABELS = {
 }
 
 
+VALUE_FRACTION = 0.25  # the cheaper value-supervision pass measured beside the full one
+_VF_SUFFIX = f"-vf{VALUE_FRACTION:g}"
+
+
+def split_value_fraction(row: str):
+    """``("vgmr-fused-cpu", 0.25)`` for ``"vgmr-fused-cpu-vf0.25"``; ``(row, None)`` otherwise."""
+    if row.endswith(_VF_SUFFIX):
+        return row[: -len(_VF_SUFFIX)], VALUE_FRACTION
+    return row, None
+
+
+def objective_value_fraction_support() -> str | None:
+    """``None`` if ``vgmr_objective`` takes ``value_fraction``, else why the row is unavailable."""
+    import inspect
+
+    try:
+        params = inspect.signature(vgmr_objective).parameters
+    except (TypeError, ValueError) as exc:
+        return f"cannot inspect vgmr_objective ({exc})"
+    if "value_fraction" not in params:
+        return ("vgmr_objective in this install has no value_fraction keyword (the cheaper value pass is not "
+                "available)")
+    return None
+
+
 def row_label(row: str) -> str:
+    row, vf = split_value_fraction(row)
+    if vf is not None:
+        return f"{row_label(row)}, value_fraction {vf:g}"
     if row in ROW_LABELS:
         return ROW_LABELS[row]
     if row.startswith("vgmr-fused-"):
@@ -87,6 +118,11 @@ def transformer_width(ctx: Ctx, s: Setting) -> int:
 
 
 def build_model(ctx: Ctx, s: Setting, backbone: str, row: str):
+    row, vf = split_value_fraction(row)
+    if vf is not None:
+        why = objective_value_fraction_support()
+        if why:
+            raise Skip(why)
     widths = list(s.widths)
     torch.manual_seed(0)
     vgmr_ref = ref.VGMR(widths, s.d)
@@ -139,20 +175,28 @@ def measure(ctx: Ctx, s: Setting, backbone: str, rows: list) -> None:
     """All rows of one backbone: built once, then one comparison group per mode (train, infer)."""
     built = {}
     for row in rows:
+        why = None
         try:
             model, is_vgmr = build_model(ctx, s, backbone, row)
-            built[row] = (model, is_vgmr, torch.optim.Adam(model.parameters(), lr=1e-4), Rotator(batches(ctx, s)))
+            built[row] = (model, is_vgmr, torch.optim.Adam(model.parameters(), lr=1e-4), Rotator(batches(ctx, s)),
+                          split_value_fraction(row)[1])
         except Skip as exc:
-            ctx.skip(f"e2e {backbone} {row}", str(exc))
+            why = str(exc)
         except Exception as exc:  # noqa: BLE001
-            ctx.skip(f"e2e {backbone} {row}", short_exc(exc))
+            why = short_exc(exc)
+        if why is not None:  # said in the table itself, not only in the skipped list
+            ctx.skip(f"e2e {backbone} {row}", why)
+            record(ctx, level="e2e", setting=s.name, shape=s.describe(), dtype=s.dtype, backbone=backbone, row=row,
+                   label=row_label(row), mode="unavailable", peer=row, unavailable=why)
 
-    def train_step(model, is_vgmr, opt, rot):
+    def train_step(model, is_vgmr, opt, rot, vf):
+        objective_kwargs = {} if vf is None else {"value_fraction": vf}
+
         def step():
             xs, masks, y = rot.next()
             opt.zero_grad(set_to_none=True)
             if is_vgmr:
-                loss, _ = vgmr_objective(model, xs, masks, y)
+                loss, _ = vgmr_objective(model, xs, masks, y, **objective_kwargs)
             else:
                 loss = F.cross_entropy(model(xs, masks).float(), y)
             loss.backward()
@@ -168,27 +212,30 @@ def measure(ctx: Ctx, s: Setting, backbone: str, rows: list) -> None:
 
     for mode in ("train", "infer"):
         builders = {}
-        for row, (model, is_vgmr, opt, rot) in built.items():
-            def build(model=model, is_vgmr=is_vgmr, opt=opt, rot=rot):
+        for row, (model, is_vgmr, opt, rot, vf) in built.items():
+            if mode == "infer" and vf is not None:
+                continue  # value_fraction changes the training objective only
+            def build(model=model, is_vgmr=is_vgmr, opt=opt, rot=rot, vf=vf):
                 model.train(mode == "train")
-                step = train_step(model, is_vgmr, opt, rot) if mode == "train" else infer_step(model, rot)
+                step = train_step(model, is_vgmr, opt, rot, vf) if mode == "train" else infer_step(model, rot)
                 return step, {"rotation_sets": len(rot)}
             builders[row] = build
-        res = run_group(ctx, f"e2e {backbone} {mode}", builders, graph=(mode == "infer"))
+        res = run_group(ctx, f"e2e {backbone} {mode}", builders, graph=(mode == "infer"), counts=True)
         for row, r in res.items():
             model = built[row][0]
             kind = paper_kind(row)
             record(ctx, level="e2e", setting=s.name, shape=s.describe(), dtype=s.dtype, backbone=backbone, row=row,
                    backbone_width=transformer_width(ctx, s) if backbone == "transformer" else model.hidden,
                    label=row_label(row), mode=mode, peer=row, params=param_count(model),
-                   paper_kind=kind if backbone == "transformer" else None, **r)
+                   paper_kind=kind if backbone == "transformer" else None,
+                   value_fraction=built[row][4] if built[row][4] is not None else 1.0, **r)
 
 
 def rows_for(ctx: Ctx, backbone: str) -> list:
     fused = ["vgmr-" + p for p in fused_peers(ctx)]
     if backbone == "transformer":
         return (["bare", "mlp", "gate", "cross_attention", "vgmr-eager"]
-                + (["vgmr-compile"] if ctx.compile else []) + fused)
+                + (["vgmr-compile"] if ctx.compile else []) + fused + [f + _VF_SUFFIX for f in fused])
     return ["bare", "vgmr-eager"] + fused
 
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from .. import reference as ref
 from . import backends
-from .common import Ctx, Skip, Task, compiled, fused_peers, record, run_group
+from .common import Ctx, Skip, Task, compiled, fused_peers, record, run_group, short_exc
 from .settings import Setting, make_batch
 from .timing import Rotator, rotation_count
 
@@ -152,19 +152,87 @@ def make_step(ctx: Ctx, s: Setting, peer: str, mode: str):
     return step, len(rot)
 
 
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def floor_bytes(ctx: Ctx, s: Setting, mode: str) -> int:
+    """Bytes a step must move once: features, masks and parameters read, outputs written; in
+    training also the output gradients read and the parameter gradients written (no activation
+    round trip: that is what a fused layer may avoid)."""
+    xs, masks, grads = input_sets(ctx, s)[0]
+    params = _nbytes(reference_module(ctx, s).parameters())
+    once = _nbytes(xs) + _nbytes(masks) + params + _nbytes(xs)  # outputs have the inputs' shapes
+    if mode == "train":
+        once += _nbytes(grads) + params
+    return once
+
+
+def saved_activation_bytes(ctx: Ctx, s: Setting, peer: str) -> int:
+    """Bytes autograd saves for backward in one training forward of ``peer`` (inputs, masks and
+    parameters left out: they live anyway); the backward then runs so nothing is left behind."""
+    from .opcount import SavedTensorBytes
+
+    fn, mod, params = peer_module(ctx, s, peer)
+    mod.train()
+    xs, masks, grads = input_sets(ctx, s)[0]
+    counter = SavedTensorBytes(exclude=list(xs) + list(masks) + list(params))
+    with counter():
+        outs = fn(xs, masks)
+    torch.autograd.backward(list(outs), grads)
+    for p in params:
+        p.grad = None
+    return counter.bytes
+
+
 def measure(ctx: Ctx, s: Setting, mode: str, peers: list, level: str = "layer") -> None:
-    """One comparison group: every peer on the same setting and mode (memory for layer train steps)."""
+    """One comparison group: every peer on the same setting and mode (memory for layer train steps;
+    ATen ops / generated kernels, saved activations and floors at the layer level)."""
     builders = {}
     for peer in peers:
         def build(peer=peer):
             step, nsets = make_step(ctx, s, peer, mode)
             return step, {"rotation_sets": nsets}
         builders[peer] = build
+    is_layer = level == "layer"
     res = run_group(ctx, f"{level} {s.name} {mode}", builders, graph=(mode == "infer" and s.name == "mosei"),
-                    memory=(mode == "train" and level == "layer"))
+                    memory=(mode == "train" and is_layer), counts=is_layer)
+    once = floor_bytes(ctx, s, mode) if is_layer else None
     for peer, r in res.items():
+        extra = {}
+        if is_layer:
+            extra["floor_bytes"] = once
+            extra["floor_s"] = ctx.floor(once)
+            launches = r.get("aten_ops") or (r.get("compiled_kernels") or {}).get("total")
+            extra["launch_floor_s"] = ctx.launch_floor(launches)
+            if mode == "train" and (peer == "eager" or (peer.startswith("fused-") and "+" not in peer)):
+                try:
+                    extra["saved_bytes"] = saved_activation_bytes(ctx, s, peer)
+                except Exception as exc:  # noqa: BLE001
+                    extra["saved_bytes_error"] = short_exc(exc)
         record(ctx, level=level, setting=s.name, shape=s.describe(), dtype=s.dtype, T=s.T, mode=mode, peer=peer,
-               **r)
+               **r, **extra)
+
+
+def measure_fullgraph(ctx: Ctx, s: Setting, peers: list) -> None:
+    """``torch.compile(fullgraph=True)`` of a training step with dropout, per module (graphcheck.py)."""
+    from .graphcheck import fullgraph_training
+
+    xs, masks, _ = input_sets(ctx, s)[0]
+    for peer in peers:
+        try:
+            _, mod, _ = peer_module(ctx, s, peer)
+        except Skip as exc:
+            ctx.skip(f"fullgraph {s.name} {peer}", str(exc))
+            continue
+        # Dynamo's state from the compiled peers measured before (a frame it gave up on after a
+        # graph break is skipped from then on, and its submodules compiled one by one) must not
+        # decide this check; those peers are done with (this task ends its group).
+        torch._dynamo.reset()
+        result = fullgraph_training(mod, xs, masks)
+        torch._dynamo.reset()
+        record(ctx, level="fullgraph", setting=s.name, shape=s.describe(), dtype=s.dtype, mode="train", peer=peer,
+               **result)
 
 
 def layer_peers(ctx: Ctx, s: Setting) -> list:
@@ -181,12 +249,18 @@ def layer_peers(ctx: Ctx, s: Setting) -> list:
     return peers
 
 
-def tasks(ctx: Ctx, settings: list) -> list:
+def tasks(ctx: Ctx, settings: list, fullgraph: bool = True) -> list:
+    """Train and infer groups per setting; at the first (the paper's MOSEI-like) setting also the
+    ``fullgraph=True`` check of the reference and each fused module."""
     out = []
-    for s in settings:
+    for i, s in enumerate(settings):
         peers = layer_peers(ctx, s)
         for mode in MODES:
             out.append(Task(f"layer {s.name} {mode}", (lambda s=s, mode=mode, peers=peers: measure(ctx, s, mode, peers)),
+                            group=f"layer/{s.name}"))
+        if fullgraph and i == 0:
+            modules = ["eager"] + fused_peers(ctx)
+            out.append(Task(f"layer {s.name} fullgraph", (lambda s=s, m=modules: measure_fullgraph(ctx, s, m)),
                             group=f"layer/{s.name}"))
     return out
 

@@ -7,13 +7,15 @@ views and metadata-only ops (they launch nothing). Ops of this project's extensi
 """
 from __future__ import annotations
 
+import re
 from collections import Counter
 from contextlib import contextmanager
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["OpCounter", "count_aten_ops", "saved_tensor_bytes", "SavedTensorBytes"]
+__all__ = ["OpCounter", "count_aten_ops", "saved_tensor_bytes", "SavedTensorBytes", "count_generated_kernels",
+           "capture_inductor_code"]
 
 # Ops that launch nothing: views, metadata, aliasing, and size queries.
 _NO_LAUNCH = {
@@ -86,3 +88,67 @@ def saved_tensor_bytes(fn, *args, exclude=(), **kwargs):
     with counter():
         out = fn(*args, **kwargs)
     return out, counter.bytes
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile: kernels in Inductor's generated code
+# ---------------------------------------------------------------------------------------------
+# A statement in the generated ``call`` function that launches work: an Inductor kernel (C++
+# ``cpp_fused_*`` on the CPU, ``triton_*.run`` on a GPU), a library call (``extern_kernels.mm``,
+# ``addmm``, ``bmm``, ...) or an ATen / custom op Inductor falls back to (``torch.ops.<ns>.<op>``,
+# ``aten.<op>``). Buffer allocations, ``reinterpret_tensor`` views, asserts and ``del`` are not launches.
+_KERNEL_CALL = re.compile(
+    r"^(?:[\w\[\], ]+=\s*)?"
+    r"(cpp_fused_\w+|triton_\w+\.run|extern_kernels\.\w+|torch\.ops\.\w+\.\w+(?:\.\w+)?|aten\.\w+(?:\.\w+)?)\s*\(")
+_NOT_A_LAUNCH = {"extern_kernels.reinterpret_tensor"}
+
+
+def _call_body(code: str) -> list:
+    """Lines of the generated ``call`` function (the one Inductor runs per step)."""
+    lines = code.splitlines()
+    for i, line in enumerate(lines):
+        stripped = line.lstrip()
+        if stripped.startswith("def call("):
+            indent = len(line) - len(stripped)
+            body = []
+            for nxt in lines[i + 1:]:
+                if nxt.strip() and len(nxt) - len(nxt.lstrip()) <= indent:
+                    break
+                body.append(nxt.strip())
+            return body
+    return []
+
+
+def count_generated_kernels(codes) -> dict:
+    """Launches in Inductor output code: ``{"total", "graphs", "by_kind"}`` summed over the
+    graphs given (a training step has a forward and a backward graph; graph breaks add more)."""
+    by_kind: Counter = Counter()
+    graphs = 0
+    for code in codes:
+        body = _call_body(code)
+        if not body:
+            continue
+        graphs += 1
+        for line in body:
+            m = _KERNEL_CALL.match(line)
+            if m and m.group(1) not in _NOT_A_LAUNCH:
+                name = m.group(1)
+                kind = ("inductor kernel" if name.startswith(("cpp_fused_", "triton_"))
+                        else "library call" if name.startswith("extern_kernels.") else "fallback op")
+                by_kind[kind] += 1
+    return {"total": sum(by_kind.values()), "graphs": graphs, "by_kind": dict(by_kind)}
+
+
+@contextmanager
+def capture_inductor_code():
+    """Collects the output code of every graph Inductor compiles while active (as
+    ``torch._inductor.utils.run_and_get_code`` does, without its ``torch._dynamo.reset()``, so other
+    compiled peers stay compiled). A graph loaded from Inductor's FX-graph or AOT-autograd cache
+    reports its code through the same hook. Yields a list that fills with the code strings."""
+    from unittest import mock
+
+    from torch._inductor.graph import GraphLowering
+
+    codes: list = []
+    with mock.patch.object(GraphLowering, "save_output_code", lambda code: codes.append(code)):
+        yield codes

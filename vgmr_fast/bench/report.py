@@ -14,6 +14,13 @@ import torch
 from .e2e import PAPER, paper_ratios
 
 
+COUNT_METHOD = (
+    "launches per step: eager and fused = ATen ops dispatched (a TorchDispatchMode below autograd counts "
+    "every op of one call, views and metadata ops left out; about one kernel launch each on a GPU); "
+    "torch.compile = launches in the code Inductor generates (in each graph's call(): Inductor kernels "
+    "cpp_fused_*/triton_*, library calls extern_kernels.*, fallback ops torch.ops.*/aten.*; forward and "
+    "backward graphs summed), captured while the first call compiles, shown as 'N gen'")
+
 # ---------------------------------------------------------------------------------------------
 # Machine and software description
 # ---------------------------------------------------------------------------------------------
@@ -112,6 +119,12 @@ def derive(records: list) -> None:
             r["x_gemm_only"] = r["median_s"] / g["median_s"] if g else None
             if "peak_bytes" in r and e and e.get("peak_bytes"):
                 r["mem_vs_eager"] = r["peak_bytes"] / e["peak_bytes"]
+            if r.get("floor_s"):
+                r["x_floor"] = r["median_s"] / r["floor_s"]
+            if r.get("launch_floor_s"):
+                r["x_launch_floor"] = r["median_s"] / r["launch_floor_s"]
+            if r.get("saved_bytes") is not None and e and e.get("saved_bytes"):
+                r["saved_vs_eager"] = r["saved_bytes"] / e["saved_bytes"]
     bare = {(r["backbone"], r["mode"]): r for r in records
             if r["level"] == "e2e" and r.get("row") == "bare" and "median_s" in r}
     veager = {(r["backbone"], r["mode"]): r for r in records
@@ -206,13 +219,111 @@ def layer_tables(records, settings) -> list:
             if r["level"] != "layer" or r["setting"] != s["name"]:
                 continue
             rows.append([r["mode"], r["peer"], ms(r["median_s"]), _spread(r), ratio(r.get("vs_eager")),
-                         ratio(r.get("vs_compile")), ratio(r.get("x_gemm_only")), mb(r.get("peak_bytes")),
-                         pct(r.get("mem_vs_eager"))])
+                         ratio(r.get("vs_compile")), ratio(r.get("x_gemm_only")), launches(r),
+                         ratio(r.get("x_floor"), 0), ratio(r.get("x_launch_floor"), 1), mb(r.get("peak_bytes")),
+                         pct(r.get("mem_vs_eager")), mb(r.get("saved_bytes"))])
         if rows:
             title = f"VGMR layer, {s['name']} ({describe(s)})"
             out.append((title, table(["mode", "peer", "median ms", "IQR ms", "vs eager", "vs compile",
-                                      "x GEMM-only", "peak MiB", "mem % eager"], rows, ["l", "l"] + ["r"] * 7)))
+                                      "x GEMM-only", "launches", "x bytes floor", "x launch floor", "peak MiB",
+                                      "mem % eager", "saved MiB"], rows, ["l", "l"] + ["r"] * 11)))
     return out
+
+
+def launches(r) -> str:
+    """Launch count of a record: ATen ops, or 'N gen' for kernels in torch.compile's generated code."""
+    if r is None:
+        return "-"
+    if r.get("aten_ops") is not None:
+        return str(r["aten_ops"])
+    k = r.get("compiled_kernels")
+    return f"{k['total']} gen" if k else "-"
+
+
+GOALS = {  # issue 12's goals for the layer at the MOSEI-like size
+    "ops_infer": "<= 30", "ops_train": "<= 100", "train_vs_compile": ">= 1.30x", "infer_vs_compile": ">= 1.05x",
+    "saved": "<= 0.35x reference", "memory": "<= 50%", "fullgraph": "one graph, no recompiles",
+}
+
+
+def layer_summary(records, settings, ctx_info) -> list:
+    """Issue 12's layer table, from this run's records (first setting: the paper's MOSEI-like size)."""
+    from .graphcheck import describe as describe_fullgraph
+
+    if not settings:
+        return []
+    s = settings[0]
+    lay = {(r["mode"], r["peer"]): r for r in records
+           if r["level"] == "layer" and r["setting"] == s["name"] and "median_s" in r}
+    if not lay:
+        return []
+    full = {r["peer"]: r for r in records if r["level"] == "fullgraph" and r["setting"] == s["name"]}
+    fused = sorted({p for _, p in lay if p.startswith("fused-") and "+" not in p})
+    no_compile = "-" if ctx_info.get("compile") else "- (not run)"
+    cols = ["eager"] + fused + ["compile"]
+
+    def cell(key, peer):
+        tr, inf = lay.get(("train", peer)), lay.get(("infer", peer))
+        if key == "ops_infer":
+            return launches(inf) if inf else ("-" if peer != "compile" else no_compile)
+        if key == "ops_train":
+            return launches(tr) if tr else ("-" if peer != "compile" else no_compile)
+        if key in ("train_vs_compile", "infer_vs_compile"):
+            r = tr if key == "train_vs_compile" else inf
+            if peer in ("eager", "compile"):
+                return ratio(r.get("vs_compile")) if (r and peer == "eager" and r.get("vs_compile")) else "-"
+            return ratio(r.get("vs_compile")) if (r and r.get("vs_compile")) else no_compile
+        if key == "saved":
+            if not tr or tr.get("saved_bytes") is None:
+                return "-"
+            x = tr.get("saved_vs_eager")
+            return f"{mb(tr['saved_bytes'])} MiB" + (f" ({x:.2f}x)" if x is not None and peer != "eager" else "")
+        if key == "memory":
+            return pct(tr.get("mem_vs_eager")) if tr else ("-" if peer != "compile" else no_compile)
+        if key == "fullgraph":
+            return describe_fullgraph(full.get(peer)) if peer in full else "-"
+        return "-"
+
+    names = [("ops_infer", "ATen ops, inference forward"), ("ops_train", "ATen ops, training forward+backward"),
+             ("train_vs_compile", "training step vs torch.compile(reference)"),
+             ("infer_vs_compile", "inference vs torch.compile(reference)"),
+             ("saved", "activations saved for backward (no inputs, no parameters)"),
+             ("memory", "training-step peak memory vs eager"),
+             ("fullgraph", "torch.compile(fullgraph=True) training with dropout")]
+    rows = [[label] + [cell(key, p) for p in cols[:-1]] + [GOALS[key], cell(key, "compile")] for key, label in names]
+    headers = ["", "reference"] + fused + ["goal", "torch.compile(reference)"]
+    text = table(headers, rows, ["l"] * len(headers))
+    notes = []
+    bw, op = ctx_info.get("copy_bandwidth"), ctx_info.get("op_cost")
+    for mode, what in (("train", "training step"), ("infer", "inference forward")):
+        any_r = next((r for (m, _), r in lay.items() if m == mode and r.get("floor_bytes")), None)
+        if not any_r:
+            continue
+        parts = []
+        for p in cols:
+            r = lay.get((mode, p))
+            if r and r.get("x_floor"):
+                parts.append(f"{'reference' if p == 'eager' else p} {ms(r['median_s'])} ms = {ratio(r['x_floor'], 0)}")
+        line = (f"floor, {what}: {any_r['floor_bytes'] / 2**20:.2f} MiB moved once"
+                + (f" / {bw['bytes_per_s'] / 1e9:.1f} GB/s copy = {ms(any_r['floor_s'])} ms" if bw else "")
+                + ("; measured/floor: " + ", ".join(parts) if parts else ""))
+        notes.append(line)
+        if op:
+            lparts = []
+            for p in cols:
+                r = lay.get((mode, p))
+                if r and r.get("launch_floor_s"):
+                    lparts.append(f"{'reference' if p == 'eager' else p} {launches(r)} launches = "
+                                  f"{ms(r['launch_floor_s'])} ms (measured {ratio(r.get('x_launch_floor'), 1)})")
+            if lparts:
+                notes.append(f"launch floor, {what}: launches x {op['seconds'] * 1e6:.2f} us per minimal op: "
+                             + ", ".join(lparts))
+    if full:
+        notes.append("fullgraph row: torch.compile(fullgraph=True) of a copy of each module in train mode (dropout "
+                     "0.1), backend aot_eager wrapped to count graphs (Dynamo + AOT autograd, no Inductor codegen), "
+                     "3 forward+backward steps on the same input")
+    title = f"VGMR layer summary (issue 12), {s['name']} ({describe(s)})"
+    return [(title, text + ("\n" + "\n".join(notes) if notes else ""))]
 
 
 def e2e_tables(records) -> list:
@@ -224,27 +335,37 @@ def e2e_tables(records) -> list:
                 by_row.setdefault(r["row"], {})[r["mode"]] = r
         if not by_row:
             continue
-        rows = []
+        rows, unavailable = [], []
         for row, modes in by_row.items():
+            if "unavailable" in modes:
+                u = modes["unavailable"]
+                unavailable.append(f"{u['label']}: UNAVAILABLE ({u['unavailable']})")
+                continue
             tr, inf = modes.get("train"), modes.get("infer")
             any_r = tr or inf
             pr = paper_ratios(any_r.get("paper_kind")) if any_r.get("paper_kind") else None
             rows.append([
                 any_r["label"], f"{any_r['params'] / 1e6:.2f}M", ratio(any_r.get("params_x_bare")),
                 ms(tr["median_s"]) if tr else "-", _spread(tr) if tr else "-", ratio(tr.get("x_bare")) if tr else "-",
-                ratio(pr["train"]) if pr else "",
+                ratio(pr["train"]) if pr else "", launches(tr),
                 ms(inf["median_s"]) if inf else "-", _spread(inf) if inf else "-",
-                ratio(inf.get("x_bare")) if inf else "-", ratio(pr["infer"]) if pr else "",
+                ratio(inf.get("x_bare")) if inf else "-", ratio(pr["infer"]) if pr else "", launches(inf),
             ])
-        first = next(iter(next(iter(by_row.values())).values()))
+        first = next((r for modes in by_row.values() for m, r in modes.items() if m != "unavailable"), None)
+        if first is None:
+            out.append((f"{backbone} backbone", "\n".join(unavailable)))
+            continue
         size = first["shape"]
         if backbone == "transformer":
             name = (f"Transformer backbone (d_model {first.get('backbone_width')}, 2 layers): the paper's Table 7 "
                     f"on this machine, {size}; train = optimizer step incl. VGMR's value-supervision pass")
         else:
             name = f"Concat backbone (hidden {first.get('backbone_width')}), {size}"
-        out.append((name, table(["model", "params", "x bare", "train ms", "IQR", "x bare", "paper x",
-                                 "infer ms", "IQR", "x bare", "paper x"], rows, ["l"] + ["r"] * 10)))
+        name += ("; launches = ATen ops per step ('N gen': kernels in the generated code of the compiled "
+                 "refiner alone, the rest of the step not counted)")
+        text = table(["model", "params", "x bare", "train ms", "IQR", "x bare", "paper x", "launches",
+                      "infer ms", "IQR", "x bare", "paper x", "launches"], rows, ["l"] + ["r"] * 12)
+        out.append((name, "\n".join([text] + unavailable)))
     return out
 
 
@@ -286,6 +407,8 @@ def headline(records) -> list:
                     parts.append(f"{ratio(r['x_gemm_only'])} GEMM-only time")
                 if r.get("mem_vs_eager") is not None:
                     parts.append(f"peak memory {pct(r['mem_vs_eager'])} of eager")
+                if r.get("aten_ops") is not None:
+                    parts.append(f"{r['aten_ops']} ATen ops per step")
                 lines.append(f"layer {r['setting']} {r['mode']}, {f}: " + ", ".join(parts))
         for r in records:
             if r["level"] == "ops" and r["peer"] == f and r["op"] == "gate_norm" and r["mode"] == "fwd+bwd":
@@ -298,6 +421,11 @@ def headline(records) -> list:
             lines.append(f"Transformer + {row}: train {ratio(tr.get('x_bare'))}, inference {ratio(inf.get('x_bare'))} "
                          f"the bare backbone (paper's VGMR: {ratio(tr.get('paper_x_bare'))} / "
                          f"{ratio(inf.get('paper_x_bare'))})")
+    for f in fused:
+        tr = e2e.get((f"vgmr-{f}-vf0.25", "train"))
+        if tr:
+            lines.append(f"Transformer + vgmr-{f}, value_fraction 0.25: train {ratio(tr.get('x_bare'))} the bare "
+                         f"backbone, {ratio(tr.get('vs_vgmr_eager'))} vs the reference VGMR's training step")
     for row in ("gate", "mlp"):
         inf = e2e.get((row, "infer"))
         if inf:
@@ -317,6 +445,11 @@ def header_lines(meta, ctx_info) -> list:
     if bw:
         lines.append(f"copy bandwidth (floor unit): {bw['bytes_per_s'] / 1e9:.2f} GB/s "
                      f"({bw['tensor_bytes'] / 2**20:.0f} MiB torch.Tensor.copy_, read+write, median)")
+    op = ctx_info.get("op_cost")
+    if op:
+        lines.append(f"minimal op (launch floor unit): {op['seconds'] * 1e6:.2f} us ({op['method']})")
+    if ctx_info.get("count_method"):
+        lines.append(ctx_info["count_method"])
     lines.append(f"fused backends measured: {', '.join(ctx_info['backends']) or 'none'}; "
                  f"torch.compile peers: {'yes' if ctx_info['compile'] else 'no (' + ctx_info['compile_reason'] + ')'}")
     lines.append(f"timing: {ctx_info['timing_method']}; memory: {ctx_info['memory_method']}")
@@ -330,14 +463,16 @@ def header_lines(meta, ctx_info) -> list:
                          "that makes absolute times unreliable (ratios between interleaved peers less so). "
                          "Rerun on an idle machine before quoting figures.")
     lines.append("ratios: 'vs eager' = eager time / this time (>1 is faster); 'x GEMM-only' and 'x bare' = "
-                 "this time / that time; spread = interquartile range")
+                 "this time / that time; spread = interquartile range; 'x bytes floor' = time / (bytes moved "
+                 "once / copy bandwidth); 'x launch floor' = time / (launches x minimal-op time); 'saved MiB' = "
+                 "activations saved for backward (inputs and parameters left out)")
     return lines
 
 
 def render(meta, ctx_info, records, settings, skipped) -> str:
     parts = ["\n".join(header_lines(meta, ctx_info))]
-    for title, t in (ops_tables(records, settings) + layer_tables(records, settings) + e2e_tables(records)
-                     + sweep_table(records)):
+    for title, t in (ops_tables(records, settings) + layer_tables(records, settings)
+                     + layer_summary(records, settings, ctx_info) + e2e_tables(records) + sweep_table(records)):
         parts.append(f"== {title} ==\n{t}")
     head = headline(records)
     if head:

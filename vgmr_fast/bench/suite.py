@@ -24,15 +24,16 @@ LEVELS = ("ops", "layer", "e2e", "sweep")
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
-                   help="short run (under a minute on a 2-core CPU): fewer repetitions, shorter sweep, "
-                        "no torch.compile peers")
+                   help="short run (about a minute on a 2-core CPU): fewer repetitions, shorter sweep, "
+                        "no torch.compile peers (launch counts and the fullgraph=True check still run)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="device to benchmark (default: cuda when available, else cpu)")
     p.add_argument("--levels", default=",".join(LEVELS),
                    help=f"comma-separated subset of {','.join(LEVELS)} (default: all)")
     p.add_argument("--backends", default=None,
                    help="comma-separated fused backends to measure (default: every one that runs here)")
-    p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile peers")
+    p.add_argument("--no-compile", action="store_true",
+                   help="leave out the torch.compile peers and the fullgraph=True check of the training step")
     p.add_argument("--max-autotune", action="store_true",
                    help="GPU: also torch.compile(mode='max-autotune') of the reference at the large size "
                         "(default on a GPU unless --quick)")
@@ -140,12 +141,16 @@ def run_bench(args) -> int:
 
     bw = timing.copy_bandwidth(device, 8 * 2**20 if tiny else None, min_time=min_time, min_blocks=min_blocks)
     ctx.copy_bw = bw["bytes_per_s"]
+    launch = timing.op_cost(device, min_time=min_time, min_blocks=min_blocks)
+    ctx.op_cost = launch["seconds"]
 
     tasks = []
     if "ops" in levels:
         tasks += ops.tasks(ctx, settings)
     if "layer" in levels:
-        tasks += layer.tasks(ctx, settings)
+        tasks += layer.tasks(ctx, settings, fullgraph=not args.no_compile)
+        if args.no_compile:
+            ctx.skip("fullgraph=True check of the training step", "--no-compile")
     if "e2e" in levels:
         tasks += e2e.tasks(ctx, settings[0])
     if "sweep" in levels:
@@ -186,6 +191,8 @@ def run_bench(args) -> int:
         "min_time_s": min_time,
         "min_blocks": min_blocks,
         "copy_bandwidth": bw,
+        "op_cost": launch,
+        "count_method": report.COUNT_METHOD,
         "cache_bytes": timing.cache_bytes(device),
         "rotation": "input sets rotated so that together they exceed 2x the last-level cache",
         "timing_method": ("CUDA events (median, IQR over calls); CUDA graph replay for the MOSEI-size "

@@ -262,3 +262,19 @@ def copy_bandwidth(device: str, nbytes: int | None = None, *, min_time: float = 
     return {"bytes_per_s": bw, "tensor_bytes": n * 4, "bytes_moved_per_copy": 2 * n * 4,
             "method": "torch.Tensor.copy_ of a float32 tensor, read + write counted",
             "timing": t.to_dict()}
+
+
+def op_cost(device: str, *, min_time: float = 0.3, min_blocks: int = 7) -> dict:
+    """Time of one minimal ATen op (``torch.add(a, b, out=c)`` on one-element tensors): the cost of
+    a launch on a GPU, of a dispatch on the CPU. ATen ops × this = the launch floor of a step."""
+    a = torch.ones(1, device=device)
+    b = torch.ones(1, device=device)
+    c = torch.empty(1, device=device)
+
+    def ten_adds():
+        for _ in range(10):
+            torch.add(a, b, out=c)
+
+    t = time_fn(ten_adds, device, min_time=min_time, min_blocks=min_blocks)
+    return {"seconds": t.median / 10, "method": "torch.add(a, b, out=c) on one-element tensors, 10 per call, median",
+            "timing": t.to_dict()}
