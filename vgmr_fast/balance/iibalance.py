@@ -226,6 +226,9 @@ class PrototypeAlignment(nn.Module):
         for m, s in enumerate(sizes):
             self.register_buffer(f"proto_{m}", torch.zeros(num_classes, s))
         self.register_buffer("seen", torch.zeros(len(sizes), num_classes, dtype=torch.bool))
+        # diagnostics, not state: on how many training steps each modality's alignment term was active
+        self.steps = 0
+        self.triggered = torch.zeros(len(sizes))
 
     @property
     def anchor(self) -> int:
@@ -249,6 +252,10 @@ class PrototypeAlignment(nn.Module):
             new = torch.where(first[:, None], mean, torch.where(present[:, None], blended, proto))
             proto.copy_(new)
             self.seen[m] |= present
+
+    def trigger_rate(self) -> torch.Tensor:
+        """Fraction of training steps (``update=True`` calls) on which each modality's term was active → ``[M]``."""
+        return self.triggered / max(1, self.steps)
 
     def proto_logits(self, m: int, h: torch.Tensor) -> torch.Tensor:
         """``cos(h, P_m[c]) / τ`` → ``[B, C]`` (gradient flows into ``h`` only)."""
@@ -283,6 +290,7 @@ class PrototypeAlignment(nn.Module):
             raise ValueError(f"hs has {len(hs)} modalities, expected {len(self.sizes)}")
         if update:
             self.update(hs, y)
+            self.steps += 1
         loss = hs[0].new_zeros(())
         ready = self.seen.all(dim=1)  # every class of the modality has a prototype
         if not bool(ready[self.anchor]):
@@ -290,6 +298,8 @@ class PrototypeAlignment(nn.Module):
             return loss, {"performance": zero, "deficit": zero}
         perf = self.performance(hs, y)
         w = self.deficits(perf) * ready.cpu().float()
+        if update:
+            self.triggered += (w > 0).float()
         for m, h in enumerate(hs):
             if w[m] > 0:
                 loss = loss + float(w[m]) * F.cross_entropy(self.proto_logits(m, h), y)
