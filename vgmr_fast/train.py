@@ -105,6 +105,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     o.add_argument("--lambda-v", type=float, default=0.1)
     o.add_argument("--lambda-r", type=float, default=0.01)
     o.add_argument("--ogm-alpha", type=float, default=0.5)
+    o.add_argument("--ogm-modulation", choices=("grad", "step"), default="grad",
+                   help="OGM-GE: multiply the gradient (the paper; cancelled by Adam's normalisation) or the "
+                   "modality's learning rate (acts under Adam too; docs/balance.md)")
     o.add_argument("--lambda-align", type=float, default=0.5)
     o.add_argument("--threads", type=int, default=1,
                    help="torch threads (0 = torch default). 1 by default: these models are tiny and "
@@ -271,7 +274,8 @@ def train_one(model: nn.Module, method: str, data: Dict[str, MultimodalDataset],
     ogm = None
     if balancer == "ogm":
         ogm = OGMGE(modality_parameter_groups(model), alpha=args.ogm_alpha, ge=True,
-                    generator=torch.Generator().manual_seed(seed + 17))
+                    generator=torch.Generator().manual_seed(seed + 17),
+                    modulation=getattr(args, "ogm_modulation", "grad"), optimizer=opt)
     gen = torch.Generator().manual_seed(seed)
     n_cos = min(len(val), 256)
     cos_batch = val.batch(torch.arange(n_cos))
@@ -580,6 +584,9 @@ def _plots(args, runs, summary, plots):
 def _markdown(args, summary, analyses, runs, elapsed, plots) -> str:
     L: List[str] = []
     L.append("# vgmr-fast train: results\n")
+    command = _command_line()
+    if command:
+        L.append(f"Produced by: `{command}`\n")
     seeds = ",".join(map(str, args.seeds))
     L.append(f"Data: `{args.data}`; settings {', '.join(args.settings) if args.data == 'synthetic' else '-'}; "
              f"seeds {seeds}; {args.epochs} epochs, batch {args.batch_size}, "
@@ -728,6 +735,18 @@ def _markdown(args, summary, analyses, runs, elapsed, plots) -> str:
         L.append(f"- `{os.path.basename(p)}`")
     L.append("")
     return "\n".join(L)
+
+
+def _command_line() -> Optional[str]:
+    """The command that runs this process, when it is the package's CLI (not a test or a library call)."""
+    import sys
+
+    prog = os.path.basename(sys.argv[0]) if sys.argv else ""
+    if prog == "__main__.py" and os.path.basename(os.path.dirname(sys.argv[0])) == "vgmr_fast":
+        return "python -m vgmr_fast " + " ".join(sys.argv[1:])
+    if prog in ("vgmr-fast", "train.py"):
+        return " ".join(["vgmr-fast" if prog == "vgmr-fast" else "python -m vgmr_fast.train", *sys.argv[1:]])
+    return None
 
 
 # ------------------------------------------------- linear probes (imbalance gap)
