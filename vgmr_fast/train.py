@@ -108,7 +108,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     o.add_argument("--ogm-modulation", choices=("grad", "step"), default="grad",
                    help="OGM-GE: multiply the gradient (the paper; cancelled by Adam's normalisation) or the "
                    "modality's learning rate (acts under Adam too; docs/balance.md)")
-    o.add_argument("--lambda-align", type=float, default=0.5)
+    o.add_argument("--lambda-align", type=float, default=0.5, help="IIBalance: weight of the prototype alignment")
+    o.add_argument("--lambda-uni", type=float, default=1.0,
+                   help="IIBalance: weight of the unimodal heads' cross entropy (our choice, not the paper's)")
     o.add_argument("--threads", type=int, default=1,
                    help="torch threads (0 = torch default). 1 by default: these models are tiny and "
                    "dispatch-bound, and intra-op threads only add synchronisation (and thrash on a busy machine)")
@@ -205,7 +207,8 @@ def build_model(backbone: str, method: str, train: MultimodalDataset, val: Multi
                 budget_cache[key] = est
         info["budgets"] = est.to_dict()
         torch.manual_seed(seed + 1)
-        model = IIBalanceModel(core, sizes, c, est, lambda_align=args.lambda_align)
+        model = IIBalanceModel(core, sizes, c, est, lambda_align=args.lambda_align,
+                               lambda_uni=getattr(args, "lambda_uni", 1.0))
     elif balancer == "decision":
         model = AllocatedModel(core, sizes, c)
     info["params"] = sum(p.numel() for p in model.parameters())

@@ -91,3 +91,14 @@ def test_optimizer_flag(optimizer):
     args.optimizer = "rmsprop"
     with pytest.raises(ValueError, match="--optimizer"):
         T.make_optimizer(model, args)
+
+
+def test_ablation_rows():
+    from vgmr_fast.balance.ablate import ablate, main
+
+    rows = ablate("concat", [0, 1], ["none|--epochs 1", "iibalance|--epochs 1 --lambda-align 0"],
+                  n_train=64, n_val=32, n_test=32)
+    assert rows[0].startswith("| concat | none | `--epochs 1` |") and rows[0].endswith("| – |")
+    cells = rows[1].split("|")
+    assert cells[2].strip() == "iibalance" and len(cells[6].split(",")) == 2  # one trigger rate per seed
+    assert main([]) == 2  # usage
