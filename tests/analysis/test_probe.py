@@ -66,10 +66,15 @@ def test_concat_features_are_the_decision_layer_inputs(refined):
         torch.testing.assert_close(f, e)
 
 
-def test_transformer_features_are_the_stream_alone():
+@pytest.mark.parametrize("masked", [False, True])
+def test_transformer_features_are_the_stream_alone(masked):
     """Stream m of the joint Transformer run alone equals a one-modality Transformer with the same weights,
     and does not see the other modality (attention would otherwise leak the dominant modality's evidence)."""
     ds = _dataset(widths=(5, 6), lengths=(4, 3))
+    if masked:  # variable lengths, including one row of stream b with no valid step
+        lengths = torch.tensor([1, 2, 3, 0] * 10)
+        mask_b = torch.arange(3)[None] < lengths[:, None]
+        ds = MultimodalDataset([ds.xs[0], ds.xs[1] * mask_b[..., None]], ds.y, ds.names, [None, mask_b], 3)
     torch.manual_seed(0)
     joint = Transformer(ds.widths, 3, d_model=8, nhead=2, num_layers=1)
     uni = Transformer({"b": 6}, 3, d_model=8, nhead=2, num_layers=1)
@@ -77,13 +82,15 @@ def test_transformer_features_are_the_stream_alone():
     uni.encoder.load_state_dict(joint.encoder.state_dict())
     with torch.no_grad():
         uni.modality_embedding.copy_(joint.modality_embedding[1:2])
-    single = MultimodalDataset([ds.xs[1]], ds.y, ["b"], None, 3)
+    mask_b = None if ds.masks is None else ds.masks[1]
+    single = MultimodalDataset([ds.xs[1]], ds.y, ["b"], None if mask_b is None else [mask_b], 3)
     f_joint = modality_features(joint, ds, 1)
+    assert torch.isfinite(f_joint).all()
     torch.testing.assert_close(f_joint, modality_features(uni, single, 0))
     uni.eval()
     with torch.no_grad():
-        torch.testing.assert_close(f_joint, uni.encode([ds.xs[1]])[0])
-    other = MultimodalDataset([ds.xs[0] * 10 + 3, ds.xs[1]], ds.y, ds.names, None, 3)
+        torch.testing.assert_close(f_joint, uni.encode([ds.xs[1]], None if mask_b is None else [mask_b])[0])
+    other = MultimodalDataset([ds.xs[0] * 10 + 3, ds.xs[1]], ds.y, ds.names, ds.masks, 3)
     torch.testing.assert_close(modality_features(joint, other, 1), f_joint)
     # while the joint model's own pooled stream does depend on the other modality
     joint.eval()

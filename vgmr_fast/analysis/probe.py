@@ -45,27 +45,20 @@ def _core(model: nn.Module) -> nn.Module:
     return getattr(model, "backbone", model)
 
 
-def _masked_mean(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    if mask is None:
-        return x.mean(dim=1)
-    m = mask.unsqueeze(-1).to(x.dtype)
-    return (x * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)
-
-
 def _stream_features(core: nn.Module, m: int, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     """Pooled features of modality ``m``'s encoder on its (already refined) input ``x`` alone."""
+    from ..models.backbones import masked_mean, sinusoidal
+
     encoders = getattr(core, "encoders", None)
     if isinstance(encoders, nn.ModuleList):  # Concat
-        return encoders[m](_masked_mean(x, mask))
+        return encoders[m](masked_mean(x, mask))
     proj, shared = getattr(core, "proj", None), getattr(core, "encoder", None)
     if isinstance(proj, nn.ModuleList) and shared is not None:  # Transformer: the stream alone
-        from ..models.backbones import sinusoidal
-
         b, t, _ = x.shape
         tokens = proj[m](x) + core.modality_embedding[m] + sinusoidal(t, core.d_model, x.device, x.dtype)
         valid = mask if mask is not None else torch.ones(b, t, dtype=torch.bool, device=x.device)
         padding = ~valid & valid.any(dim=1, keepdim=True)
-        return _masked_mean(shared(tokens, src_key_padding_mask=padding), valid)
+        return masked_mean(shared(tokens, src_key_padding_mask=padding), valid)
     raise TypeError(f"model: no per-modality encoder found on {type(core).__name__} "
                     "(expected Concat-style 'encoders' or Transformer-style 'proj' + 'encoder')")
 
