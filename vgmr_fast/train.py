@@ -336,6 +336,172 @@ def _train_unimodal(data: Dict[str, MultimodalDataset], m: int, args, seed: int)
     return model, sub["test"]
 
 
+def _command_line() -> Optional[str]:
+    """The command that runs this process, when it is the package's CLI (not a test or a library call)."""
+    import sys
+
+    prog = os.path.basename(sys.argv[0]) if sys.argv else ""
+    if prog == "__main__.py" and os.path.basename(os.path.dirname(sys.argv[0])) == "vgmr_fast":
+        return "python -m vgmr_fast " + " ".join(sys.argv[1:])
+    if prog in ("vgmr-fast", "train.py"):
+        return " ".join(["vgmr-fast" if prog == "vgmr-fast" else "python -m vgmr_fast.train", *sys.argv[1:]])
+    return None
+
+
+# ------------------------------------------------- linear probes (imbalance gap)
+def _probing(args, setting: str) -> bool:
+    return bool(getattr(args, "probes", False)) or setting == "imbalanced"
+
+
+def _single_modality(ds: MultimodalDataset, m: int) -> MultimodalDataset:
+    masks = None if ds.masks is None else [ds.masks[m]]
+    return MultimodalDataset([ds.xs[m]], ds.y, [ds.names[m]], masks, ds.num_classes)
+
+
+def _probe_reference(cache: Dict, setting: str, data: Dict[str, MultimodalDataset], backbone: str, args,
+                     seed: int) -> List[Dict]:
+    """Per modality, a bare ``backbone`` trained on that modality alone (same seed and settings):
+    its linear-probe accuracy and its own test accuracy. Cached per (setting, backbone, seed)."""
+    from .analysis.probe import probe_accuracy
+
+    key = (setting, backbone, seed)
+    if key not in cache:
+        quiet = copy.copy(args)
+        quiet.cosine_points = 0
+        rows = []
+        for m in range(data["train"].num_modalities):
+            sub = {k: _single_modality(v, m) for k, v in data.items()}
+            model, _ = build_model(backbone, "none", sub["train"], sub["val"], quiet, seed)
+            train_one(model, "none", sub, quiet, seed)
+            rows.append({"probe": probe_accuracy(model, sub["train"], sub["test"], 0),
+                         "accuracy": A.evaluate(model, sub["test"])["accuracy"]})
+        cache[key] = rows
+    return cache[key]
+
+
+def _block_weight_norms(model: nn.Module) -> Dict:
+    """Frobenius norm of each modality's block of the first layer that reads the modality features."""
+    from .balance.decision import AllocatedModel
+
+    if isinstance(model, IIBalanceModel):
+        return {"layer": "unimodal heads", "norms": [float(h.weight.detach().norm()) for h in model.heads]}
+    if isinstance(model, AllocatedModel):
+        return {"layer": "unimodal heads", "norms": [float(h.weight.detach().norm()) for h in model.head.heads]}
+    core = _core(model)
+    layer = getattr(core, "classifier", None)
+    name = "classifier W_m"
+    if not isinstance(layer, nn.Linear):
+        head = getattr(core, "head", None)
+        layer = head[0] if isinstance(head, nn.Sequential) and isinstance(head[0], nn.Linear) else None
+        name = "head[0] W_m"
+    if layer is None:
+        return {"layer": None, "norms": []}
+    m = core.num_modalities
+    return {"layer": name, "norms": [float(w.detach().norm()) for w in layer.weight.chunk(m, dim=1)]}
+
+
+def _probe_run(model: nn.Module, data: Dict[str, MultimodalDataset], reference: List[Dict]) -> Dict:
+    from .analysis.probe import probe_gap, probe_model
+
+    joint = probe_model(model, data["train"], data["test"])
+    uni = [r["probe"] for r in reference]
+    out = {"names": list(data["train"].names), "joint": joint, "unimodal": uni, "gap": probe_gap(uni, joint),
+           "unimodal_accuracy": [r["accuracy"] for r in reference], "block_norms": _block_weight_norms(model)}
+    align = getattr(model, "align", None)
+    if align is not None and hasattr(align, "trigger_rate"):
+        out["align_trigger_rate"] = align.trigger_rate().tolist()
+    return out
+
+
+def _probe_summary(runs: List[Dict]) -> List[Dict]:
+    """Per (setting, backbone, method): probe accuracy, gap, and Δ vs. the bare model paired by seed."""
+    groups: Dict[Tuple[str, str, str], List[Dict]] = {}
+    for r in runs:
+        if "probe" in r:
+            groups.setdefault((r["setting"], r["backbone"], r["method"]), []).append(r)
+    rows = []
+    for (setting, backbone, method), rs in groups.items():
+        names = rs[0]["probe"]["names"]
+        bare = {r["seed"]: r for r in groups.get((setting, backbone, "none"), [])}
+        paired = [(r, bare[r["seed"]]) for r in rs if r["seed"] in bare]
+        rows.append({
+            "setting": setting, "backbone": backbone, "method": method, "names": names,
+            "seeds": [r["seed"] for r in rs],
+            "accuracy": _agg([r["test"]["accuracy"] for r in rs]),
+            "macro_f1": _agg([r["test"]["macro_f1"] for r in rs]),
+            "joint": [_agg([r["probe"]["joint"][m] for r in rs]) for m in range(len(names))],
+            "unimodal": [_agg([r["probe"]["unimodal"][m] for r in rs]) for m in range(len(names))],
+            "gap": [_agg([r["probe"]["gap"][m] for r in rs]) for m in range(len(names))],
+            "delta_accuracy": _agg([r["test"]["accuracy"] - b["test"]["accuracy"] for r, b in paired]),
+            "delta_macro_f1": _agg([r["test"]["macro_f1"] - b["test"]["macro_f1"] for r, b in paired]),
+            "delta_gap": [_agg([b["probe"]["gap"][m] - r["probe"]["gap"][m] for r, b in paired])
+                          for m in range(len(names))],
+            "wins": sum(r["test"]["accuracy"] > b["test"]["accuracy"] for r, b in paired), "paired": len(paired),
+        })
+    return rows
+
+
+def _verdict(a: Dict[str, float]) -> str:
+    """Paired Δ over seeds: 'beats' needs mean > 2 standard errors, as in the VGMR verdict."""
+    if a["n"] == 0:
+        return "–"
+    if a["mean"] > 0 and a["n"] > 1 and a["mean"] > 2 * a["std"] / math.sqrt(a["n"]):
+        return "beats"
+    if a["mean"] < 0 and a["n"] > 1 and -a["mean"] > 2 * a["std"] / math.sqrt(a["n"]):
+        return "worse than"
+    return "within seed noise of"
+
+
+def _probe_markdown(runs: List[Dict]) -> List[str]:
+    rows = _probe_summary(runs)
+    if not rows:
+        return []
+    names = rows[0]["names"]
+    L = ["## Linear probes on the frozen modality encoders (the imbalance gap)\n",
+         "Per modality, a multinomial logistic-regression probe is fitted on the frozen encoder's pooled train "
+         "features and scored on test (vgmr_fast/analysis/probe.py). *uni* = the same probe on an encoder of the "
+         "same backbone trained on that modality alone (same seed, epochs, data); gap = uni − joint (points of "
+         "accuracy the joint training left on the table). Δ vs. bare: paired by seed; Δgap > 0 = gap shrunk. "
+         "'beats' = paired mean Δ above two standard errors.\n"]
+    head = ["setting", "backbone", "method", "acc", "macro-F1"]
+    head += [f"probe {n} (uni → joint)" for n in names] + [f"gap {n}" for n in names]
+    head += ["Δacc vs bare", "ΔF1 vs bare", f"Δgap {names[-1]}", "verdict (acc)"]
+    L.append("| " + " | ".join(head) + " |")
+    L.append("|" + "---|" * len(head))
+    for r in rows:
+        cells = [r["setting"], r["backbone"], r["method"], _fmt(r["accuracy"], 3), _fmt(r["macro_f1"], 3)]
+        cells += [f"{u['mean']:.3f} → {_fmt(j, 3)}" for u, j in zip(r["unimodal"], r["joint"])]
+        cells += [_fmt(g, 3, signed=True) for g in r["gap"]]
+        bare = r["method"] == "none"
+        cells += ["–" if bare else _fmt(r["delta_accuracy"], 3, signed=True),
+                  "–" if bare else _fmt(r["delta_macro_f1"], 3, signed=True),
+                  "–" if bare else _fmt(r["delta_gap"][-1], 3, signed=True),
+                  "–" if bare else f"{_verdict(r['delta_accuracy'])} bare ({r['wins']}/{r['paired']} seeds)"]
+        L.append("| " + " | ".join(cells) + " |")
+    L.append("")
+    first = {}
+    for r in runs:
+        if "probe" in r:
+            first.setdefault((r["setting"], r["backbone"], r["method"]), r)
+    L.append("Decision-layer block norms of the first seed (‖W_m‖_F of each modality's block of the first layer "
+             "that reads the features: the concat classifier, the Transformer head's first layer, or the "
+             "per-modality heads of iibalance/decision); unimodal test accuracy of the reference encoders; "
+             "iibalance: fraction of training steps on which the alignment loss was active per modality.\n")
+    L.append("| setting | backbone | method | seed | layer | " + " | ".join(f"‖W_{n}‖" for n in names)
+             + " | " + " | ".join(f"uni acc {n}" for n in names) + " | alignment active |")
+    L.append("|" + "---|" * (6 + 2 * len(names)))
+    for (setting, backbone, method), r in first.items():
+        p = r["probe"]
+        bn = p["block_norms"]
+        rate = p.get("align_trigger_rate")
+        L.append(f"| {setting} | {backbone} | {method} | {r['seed']} | {bn['layer'] or '–'} | "
+                 + " | ".join(f"{x:.3f}" for x in bn["norms"]) + " | "
+                 + " | ".join(f"{x:.3f}" for x in p["unimodal_accuracy"]) + " | "
+                 + ("–" if rate is None else ", ".join(f"{x:.2f}" for x in rate)) + " |")
+    L.append("")
+    return L
+
+
 # --------------------------------------------------------------- the grid
 def _load_data(args, setting: str) -> Dict[str, MultimodalDataset]:
     if args.data == "synthetic":
@@ -438,10 +604,10 @@ def _train_grid(args) -> Dict:
                             run["value_gate"] = A.value_gate_shift(model, data["test"], target=0, ratio=0.3,
                                                                    weight=args.gate_noise_weight, stats=stats,
                                                                    seed=seed)
+                    runs.append(run)
                     if _probing(args, setting):
                         run["probe"] = _probe_run(model, data, _probe_reference(probe_refs, setting, data, backbone,
                                                                                 args, seed))
-                    runs.append(run)
     bar.close()
     analyses = _first_seed_analyses(args, datasets, first_models, plots)
     summary = _summarize(args, runs)
@@ -738,172 +904,6 @@ def _markdown(args, summary, analyses, runs, elapsed, plots) -> str:
         L.append(f"- `{os.path.basename(p)}`")
     L.append("")
     return "\n".join(L)
-
-
-def _command_line() -> Optional[str]:
-    """The command that runs this process, when it is the package's CLI (not a test or a library call)."""
-    import sys
-
-    prog = os.path.basename(sys.argv[0]) if sys.argv else ""
-    if prog == "__main__.py" and os.path.basename(os.path.dirname(sys.argv[0])) == "vgmr_fast":
-        return "python -m vgmr_fast " + " ".join(sys.argv[1:])
-    if prog in ("vgmr-fast", "train.py"):
-        return " ".join(["vgmr-fast" if prog == "vgmr-fast" else "python -m vgmr_fast.train", *sys.argv[1:]])
-    return None
-
-
-# ------------------------------------------------- linear probes (imbalance gap)
-def _probing(args, setting: str) -> bool:
-    return bool(getattr(args, "probes", False)) or setting == "imbalanced"
-
-
-def _single_modality(ds: MultimodalDataset, m: int) -> MultimodalDataset:
-    masks = None if ds.masks is None else [ds.masks[m]]
-    return MultimodalDataset([ds.xs[m]], ds.y, [ds.names[m]], masks, ds.num_classes)
-
-
-def _probe_reference(cache: Dict, setting: str, data: Dict[str, MultimodalDataset], backbone: str, args,
-                     seed: int) -> List[Dict]:
-    """Per modality, a bare ``backbone`` trained on that modality alone (same seed and settings):
-    its linear-probe accuracy and its own test accuracy. Cached per (setting, backbone, seed)."""
-    from .analysis.probe import probe_accuracy
-
-    key = (setting, backbone, seed)
-    if key not in cache:
-        quiet = copy.copy(args)
-        quiet.cosine_points = 0
-        rows = []
-        for m in range(data["train"].num_modalities):
-            sub = {k: _single_modality(v, m) for k, v in data.items()}
-            model, _ = build_model(backbone, "none", sub["train"], sub["val"], quiet, seed)
-            train_one(model, "none", sub, quiet, seed)
-            rows.append({"probe": probe_accuracy(model, sub["train"], sub["test"], 0),
-                         "accuracy": A.evaluate(model, sub["test"])["accuracy"]})
-        cache[key] = rows
-    return cache[key]
-
-
-def _block_weight_norms(model: nn.Module) -> Dict:
-    """Frobenius norm of each modality's block of the first layer that reads the modality features."""
-    from .balance.decision import AllocatedModel
-
-    if isinstance(model, IIBalanceModel):
-        return {"layer": "unimodal heads", "norms": [float(h.weight.detach().norm()) for h in model.heads]}
-    if isinstance(model, AllocatedModel):
-        return {"layer": "unimodal heads", "norms": [float(h.weight.detach().norm()) for h in model.head.heads]}
-    core = _core(model)
-    layer = getattr(core, "classifier", None)
-    name = "classifier W_m"
-    if not isinstance(layer, nn.Linear):
-        head = getattr(core, "head", None)
-        layer = head[0] if isinstance(head, nn.Sequential) and isinstance(head[0], nn.Linear) else None
-        name = "head[0] W_m"
-    if layer is None:
-        return {"layer": None, "norms": []}
-    m = core.num_modalities
-    return {"layer": name, "norms": [float(w.detach().norm()) for w in layer.weight.chunk(m, dim=1)]}
-
-
-def _probe_run(model: nn.Module, data: Dict[str, MultimodalDataset], reference: List[Dict]) -> Dict:
-    from .analysis.probe import probe_gap, probe_model
-
-    joint = probe_model(model, data["train"], data["test"])
-    uni = [r["probe"] for r in reference]
-    out = {"names": list(data["train"].names), "joint": joint, "unimodal": uni, "gap": probe_gap(uni, joint),
-           "unimodal_accuracy": [r["accuracy"] for r in reference], "block_norms": _block_weight_norms(model)}
-    align = getattr(model, "align", None)
-    if align is not None and hasattr(align, "trigger_rate"):
-        out["align_trigger_rate"] = align.trigger_rate().tolist()
-    return out
-
-
-def _probe_summary(runs: List[Dict]) -> List[Dict]:
-    """Per (setting, backbone, method): probe accuracy, gap, and Δ vs. the bare model paired by seed."""
-    groups: Dict[Tuple[str, str, str], List[Dict]] = {}
-    for r in runs:
-        if "probe" in r:
-            groups.setdefault((r["setting"], r["backbone"], r["method"]), []).append(r)
-    rows = []
-    for (setting, backbone, method), rs in groups.items():
-        names = rs[0]["probe"]["names"]
-        bare = {r["seed"]: r for r in groups.get((setting, backbone, "none"), [])}
-        paired = [(r, bare[r["seed"]]) for r in rs if r["seed"] in bare]
-        rows.append({
-            "setting": setting, "backbone": backbone, "method": method, "names": names,
-            "seeds": [r["seed"] for r in rs],
-            "accuracy": _agg([r["test"]["accuracy"] for r in rs]),
-            "macro_f1": _agg([r["test"]["macro_f1"] for r in rs]),
-            "joint": [_agg([r["probe"]["joint"][m] for r in rs]) for m in range(len(names))],
-            "unimodal": [_agg([r["probe"]["unimodal"][m] for r in rs]) for m in range(len(names))],
-            "gap": [_agg([r["probe"]["gap"][m] for r in rs]) for m in range(len(names))],
-            "delta_accuracy": _agg([r["test"]["accuracy"] - b["test"]["accuracy"] for r, b in paired]),
-            "delta_macro_f1": _agg([r["test"]["macro_f1"] - b["test"]["macro_f1"] for r, b in paired]),
-            "delta_gap": [_agg([b["probe"]["gap"][m] - r["probe"]["gap"][m] for r, b in paired])
-                          for m in range(len(names))],
-            "wins": sum(r["test"]["accuracy"] > b["test"]["accuracy"] for r, b in paired), "paired": len(paired),
-        })
-    return rows
-
-
-def _verdict(a: Dict[str, float]) -> str:
-    """Paired Δ over seeds: 'beats' needs mean > 2 standard errors, as in the VGMR verdict."""
-    if a["n"] == 0:
-        return "–"
-    if a["mean"] > 0 and a["n"] > 1 and a["mean"] > 2 * a["std"] / math.sqrt(a["n"]):
-        return "beats"
-    if a["mean"] < 0 and a["n"] > 1 and -a["mean"] > 2 * a["std"] / math.sqrt(a["n"]):
-        return "worse than"
-    return "within seed noise of"
-
-
-def _probe_markdown(runs: List[Dict]) -> List[str]:
-    rows = _probe_summary(runs)
-    if not rows:
-        return []
-    names = rows[0]["names"]
-    L = ["## Linear probes on the frozen modality encoders (the imbalance gap)\n",
-         "Per modality, a multinomial logistic-regression probe is fitted on the frozen encoder's pooled train "
-         "features and scored on test (vgmr_fast/analysis/probe.py). *uni* = the same probe on an encoder of the "
-         "same backbone trained on that modality alone (same seed, epochs, data); gap = uni − joint (points of "
-         "accuracy the joint training left on the table). Δ vs. bare: paired by seed; Δgap > 0 = gap shrunk. "
-         "'beats' = paired mean Δ above two standard errors.\n"]
-    head = ["setting", "backbone", "method", "acc", "macro-F1"]
-    head += [f"probe {n} (uni → joint)" for n in names] + [f"gap {n}" for n in names]
-    head += ["Δacc vs bare", "ΔF1 vs bare", f"Δgap {names[-1]}", "verdict (acc)"]
-    L.append("| " + " | ".join(head) + " |")
-    L.append("|" + "---|" * len(head))
-    for r in rows:
-        cells = [r["setting"], r["backbone"], r["method"], _fmt(r["accuracy"], 3), _fmt(r["macro_f1"], 3)]
-        cells += [f"{u['mean']:.3f} → {_fmt(j, 3)}" for u, j in zip(r["unimodal"], r["joint"])]
-        cells += [_fmt(g, 3, signed=True) for g in r["gap"]]
-        bare = r["method"] == "none"
-        cells += ["–" if bare else _fmt(r["delta_accuracy"], 3, signed=True),
-                  "–" if bare else _fmt(r["delta_macro_f1"], 3, signed=True),
-                  "–" if bare else _fmt(r["delta_gap"][-1], 3, signed=True),
-                  "–" if bare else f"{_verdict(r['delta_accuracy'])} bare ({r['wins']}/{r['paired']} seeds)"]
-        L.append("| " + " | ".join(cells) + " |")
-    L.append("")
-    first = {}
-    for r in runs:
-        if "probe" in r:
-            first.setdefault((r["setting"], r["backbone"], r["method"]), r)
-    L.append("Decision-layer block norms of the first seed (‖W_m‖_F of each modality's block of the first layer "
-             "that reads the features: the concat classifier, the Transformer head's first layer, or the "
-             "per-modality heads of iibalance/decision); unimodal test accuracy of the reference encoders; "
-             "iibalance: fraction of training steps on which the alignment loss was active per modality.\n")
-    L.append("| setting | backbone | method | seed | layer | " + " | ".join(f"‖W_{n}‖" for n in names)
-             + " | " + " | ".join(f"uni acc {n}" for n in names) + " | alignment active |")
-    L.append("|" + "---|" * (6 + 2 * len(names)))
-    for (setting, backbone, method), r in first.items():
-        p = r["probe"]
-        bn = p["block_norms"]
-        rate = p.get("align_trigger_rate")
-        L.append(f"| {setting} | {backbone} | {method} | {r['seed']} | {bn['layer'] or '–'} | "
-                 + " | ".join(f"{x:.3f}" for x in bn["norms"]) + " | "
-                 + " | ".join(f"{x:.3f}" for x in p["unimodal_accuracy"]) + " | "
-                 + ("–" if rate is None else ", ".join(f"{x:.2f}" for x in rate)) + " |")
-    L.append("")
-    return L
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
