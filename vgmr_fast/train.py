@@ -56,7 +56,8 @@ from .balance.iibalance import IIBalanceModel, estimate_budgets
 from .balance.ogm import OGMGE, modality_parameter_groups
 from .data import MultimodalDataset, load_cremad, load_mosei, load_mosi, make_benchmark
 
-__all__ = ["add_train_arguments", "run_train", "train_grid", "parse_method", "build_model", "train_one", "main"]
+__all__ = ["add_train_arguments", "run_train", "train_grid", "parse_method", "build_model", "make_optimizer",
+           "train_one", "main"]
 
 REFINERS = ("vgmr", "mlp", "gate", "cross_attention")
 BALANCERS = ("ogm", "iibalance", "decision")
@@ -83,7 +84,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--data", default="synthetic",
                    help="'synthetic' (the controlled benchmark) or mosi:PATH, mosei:PATH, cremad:PATH")
     g.add_argument("--settings", type=_csv, default=["clean", "noisy"],
-                   help="benchmark presets, comma-separated (clean, noisy, bimodal)")
+                   help="benchmark presets, comma-separated (clean, noisy, bimodal, imbalanced)")
     g.add_argument("--backbones", type=_csv, default=["concat", "transformer"], help="concat, transformer")
     g.add_argument("--methods", type=_csv, default=["none", "vgmr", "ogm", "iibalance", "decision"],
                    help="none, vgmr, ogm, iibalance, decision, mlp, gate, cross_attention, or X+Y combos")
@@ -96,6 +97,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     d.add_argument("--num-classes", type=int, default=4)
     o = parser.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=10)
+    o.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
+                   help="adamw, or sgd (momentum 0.9: the OGM-GE paper's optimizer, under which its gradient "
+                   "coefficients act; Adam's per-parameter normalisation cancels them)")
     o.add_argument("--batch-size", type=int, default=64)
     o.add_argument("--lr", type=float, default=2e-3)
     o.add_argument("--weight-decay", type=float, default=1e-4)
@@ -108,7 +112,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     o.add_argument("--lambda-v", type=float, default=0.1)
     o.add_argument("--lambda-r", type=float, default=0.01)
     o.add_argument("--ogm-alpha", type=float, default=0.5)
-    o.add_argument("--lambda-align", type=float, default=0.5)
+    o.add_argument("--ogm-modulation", choices=("grad", "step"), default="grad",
+                   help="OGM-GE: multiply the gradient (the paper; cancelled by Adam's normalisation) or the "
+                   "modality's learning rate (acts under Adam too; docs/balance.md)")
+    o.add_argument("--lambda-align", type=float, default=0.5, help="IIBalance: weight of the prototype alignment")
+    o.add_argument("--lambda-uni", type=float, default=1.0,
+                   help="IIBalance: weight of the unimodal heads' cross entropy (our choice, not the paper's)")
     o.add_argument("--threads", type=int, default=1,
                    help="torch threads (0 = torch default). 1 by default: these models are tiny and "
                    "dispatch-bound, and intra-op threads only add synchronisation (and thrash on a busy machine)")
@@ -122,6 +131,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     a.add_argument("--gate-noise-weight", type=float, default=3.0,
                    help="noise weight of the value/gate analysis (30 %% of the first modality's steps)")
     a.add_argument("--cosine-points", type=int, default=2, help="gradient-cosine checkpoints per epoch")
+    a.add_argument("--probes", action="store_true",
+                   help="linear probes on every frozen modality encoder vs. encoders trained on that modality "
+                   "alone (the imbalance gap); always on for the 'imbalanced' setting")
     a.add_argument("--no-progress", action="store_true", help="disable the tqdm progress bars")
     a.add_argument("--quick", action="store_true",
                    help="tiny sizes for a smoke test (overrides data sizes, epochs, sweeps)")
@@ -318,7 +330,8 @@ def build_model(backbone: str, method: str, train: MultimodalDataset, val: Multi
                 budget_cache[key] = est
         info["budgets"] = est.to_dict()
         torch.manual_seed(seed + 1)
-        model = IIBalanceModel(core, sizes, c, est, lambda_align=args.lambda_align)
+        model = IIBalanceModel(core, sizes, c, est, lambda_align=args.lambda_align,
+                               lambda_uni=getattr(args, "lambda_uni", 1.0))
     elif balancer == "decision":
         model = AllocatedModel(core, sizes, c)
     info["params"] = sum(p.numel() for p in model.parameters())
@@ -360,17 +373,35 @@ def _train_step(model, method, xs, masks, y, opt, ogm, epoch, args, step: int = 
     return float(loss.detach())
 
 
+def make_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
+    """``--optimizer``: AdamW (default) or SGD with momentum 0.9 (the OGM-GE paper's optimizer).
+
+    Why SGD exists here: Adam divides each parameter's step by its running
+    gradient RMS, so OGM-GE's multiplication of a modality's gradient by a
+    coefficient ``k`` is undone (``Adam(k·g) ≈ Adam(g)``, exactly on the first
+    step) and only the GE noise is left; under SGD the step scales with ``k`` as
+    the paper intends (docs/balance.md).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    kind = getattr(args, "optimizer", "adamw")
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    raise ValueError(f"--optimizer must be 'adamw' or 'sgd', got {kind!r}")
+
+
 def train_one(model: nn.Module, method: str, data: Dict[str, MultimodalDataset], args, seed: int,
               progress=None) -> Dict:
     """Train one model; restore the best validation checkpoint; return the training history."""
     train, val = data["train"], data["val"]
     refiner_kind, balancer = parse_method(method)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                            weight_decay=args.weight_decay)
+    opt = make_optimizer(model, args)
     ogm = None
     if balancer == "ogm":
         ogm = OGMGE(modality_parameter_groups(model), alpha=args.ogm_alpha, ge=True,
-                    generator=torch.Generator().manual_seed(seed + 17))
+                    generator=torch.Generator().manual_seed(seed + 17),
+                    modulation=getattr(args, "ogm_modulation", "grad"), optimizer=opt)
     gen = torch.Generator().manual_seed(seed)
     n_cos = min(len(val), 256)
     cos_batch = val.batch(torch.arange(n_cos))
@@ -430,6 +461,172 @@ def _train_unimodal(data: Dict[str, MultimodalDataset], m: int, args, seed: int)
     quiet.cosine_points = 0
     train_one(model, "none", sub, quiet, seed)
     return model, sub["test"]
+
+
+def _command_line() -> Optional[str]:
+    """The command that runs this process, when it is the package's CLI (not a test or a library call)."""
+    import sys
+
+    prog = os.path.basename(sys.argv[0]) if sys.argv else ""
+    if prog == "__main__.py" and os.path.basename(os.path.dirname(sys.argv[0])) == "vgmr_fast":
+        return "python -m vgmr_fast " + " ".join(sys.argv[1:])
+    if prog in ("vgmr-fast", "train.py"):
+        return " ".join(["vgmr-fast" if prog == "vgmr-fast" else "python -m vgmr_fast.train", *sys.argv[1:]])
+    return None
+
+
+# ------------------------------------------------- linear probes (imbalance gap)
+def _probing(args, setting: str) -> bool:
+    return bool(getattr(args, "probes", False)) or setting == "imbalanced"
+
+
+def _single_modality(ds: MultimodalDataset, m: int) -> MultimodalDataset:
+    masks = None if ds.masks is None else [ds.masks[m]]
+    return MultimodalDataset([ds.xs[m]], ds.y, [ds.names[m]], masks, ds.num_classes)
+
+
+def _probe_reference(cache: Dict, setting: str, data: Dict[str, MultimodalDataset], backbone: str, args,
+                     seed: int) -> List[Dict]:
+    """Per modality, a bare ``backbone`` trained on that modality alone (same seed and settings):
+    its linear-probe accuracy and its own test accuracy. Cached per (setting, backbone, seed)."""
+    from .analysis.probe import probe_accuracy
+
+    key = (setting, backbone, seed)
+    if key not in cache:
+        quiet = copy.copy(args)
+        quiet.cosine_points = 0
+        rows = []
+        for m in range(data["train"].num_modalities):
+            sub = {k: _single_modality(v, m) for k, v in data.items()}
+            model, _ = build_model(backbone, "none", sub["train"], sub["val"], quiet, seed)
+            train_one(model, "none", sub, quiet, seed)
+            rows.append({"probe": probe_accuracy(model, sub["train"], sub["test"], 0),
+                         "accuracy": A.evaluate(model, sub["test"])["accuracy"]})
+        cache[key] = rows
+    return cache[key]
+
+
+def _block_weight_norms(model: nn.Module) -> Dict:
+    """Frobenius norm of each modality's block of the first layer that reads the modality features."""
+    from .balance.decision import AllocatedModel
+
+    if isinstance(model, IIBalanceModel):
+        return {"layer": "unimodal heads", "norms": [float(h.weight.detach().norm()) for h in model.heads]}
+    if isinstance(model, AllocatedModel):
+        return {"layer": "unimodal heads", "norms": [float(h.weight.detach().norm()) for h in model.head.heads]}
+    core = _core(model)
+    layer = getattr(core, "classifier", None)
+    name = "classifier W_m"
+    if not isinstance(layer, nn.Linear):
+        head = getattr(core, "head", None)
+        layer = head[0] if isinstance(head, nn.Sequential) and isinstance(head[0], nn.Linear) else None
+        name = "head[0] W_m"
+    if layer is None:
+        return {"layer": None, "norms": []}
+    m = core.num_modalities
+    return {"layer": name, "norms": [float(w.detach().norm()) for w in layer.weight.chunk(m, dim=1)]}
+
+
+def _probe_run(model: nn.Module, data: Dict[str, MultimodalDataset], reference: List[Dict]) -> Dict:
+    from .analysis.probe import probe_gap, probe_model
+
+    joint = probe_model(model, data["train"], data["test"])
+    uni = [r["probe"] for r in reference]
+    out = {"names": list(data["train"].names), "joint": joint, "unimodal": uni, "gap": probe_gap(uni, joint),
+           "unimodal_accuracy": [r["accuracy"] for r in reference], "block_norms": _block_weight_norms(model)}
+    align = getattr(model, "align", None)
+    if align is not None and hasattr(align, "trigger_rate"):
+        out["align_trigger_rate"] = align.trigger_rate().tolist()
+    return out
+
+
+def _probe_summary(runs: List[Dict]) -> List[Dict]:
+    """Per (setting, backbone, method): probe accuracy, gap, and Δ vs. the bare model paired by seed."""
+    groups: Dict[Tuple[str, str, str], List[Dict]] = {}
+    for r in runs:
+        if "probe" in r:
+            groups.setdefault((r["setting"], r["backbone"], r["method"]), []).append(r)
+    rows = []
+    for (setting, backbone, method), rs in groups.items():
+        names = rs[0]["probe"]["names"]
+        bare = {r["seed"]: r for r in groups.get((setting, backbone, "none"), [])}
+        paired = [(r, bare[r["seed"]]) for r in rs if r["seed"] in bare]
+        rows.append({
+            "setting": setting, "backbone": backbone, "method": method, "names": names,
+            "seeds": [r["seed"] for r in rs],
+            "accuracy": _agg([r["test"]["accuracy"] for r in rs]),
+            "macro_f1": _agg([r["test"]["macro_f1"] for r in rs]),
+            "joint": [_agg([r["probe"]["joint"][m] for r in rs]) for m in range(len(names))],
+            "unimodal": [_agg([r["probe"]["unimodal"][m] for r in rs]) for m in range(len(names))],
+            "gap": [_agg([r["probe"]["gap"][m] for r in rs]) for m in range(len(names))],
+            "delta_accuracy": _agg([r["test"]["accuracy"] - b["test"]["accuracy"] for r, b in paired]),
+            "delta_macro_f1": _agg([r["test"]["macro_f1"] - b["test"]["macro_f1"] for r, b in paired]),
+            "delta_gap": [_agg([b["probe"]["gap"][m] - r["probe"]["gap"][m] for r, b in paired])
+                          for m in range(len(names))],
+            "wins": sum(r["test"]["accuracy"] > b["test"]["accuracy"] for r, b in paired), "paired": len(paired),
+        })
+    return rows
+
+
+def _verdict(a: Dict[str, float]) -> str:
+    """Paired Δ over seeds: 'beats' needs mean > 2 standard errors, as in the VGMR verdict."""
+    if a["n"] == 0:
+        return "–"
+    if a["mean"] > 0 and a["n"] > 1 and a["mean"] > 2 * a["std"] / math.sqrt(a["n"]):
+        return "beats"
+    if a["mean"] < 0 and a["n"] > 1 and -a["mean"] > 2 * a["std"] / math.sqrt(a["n"]):
+        return "worse than"
+    return "within seed noise of"
+
+
+def _probe_markdown(runs: List[Dict]) -> List[str]:
+    rows = _probe_summary(runs)
+    if not rows:
+        return []
+    names = rows[0]["names"]
+    L = ["## Linear probes on the frozen modality encoders (the imbalance gap)\n",
+         "Per modality, a multinomial logistic-regression probe is fitted on the frozen encoder's pooled train "
+         "features and scored on test (vgmr_fast/analysis/probe.py). *uni* = the same probe on an encoder of the "
+         "same backbone trained on that modality alone (same seed, epochs, data); gap = uni − joint (points of "
+         "accuracy the joint training left on the table). Δ vs. bare: paired by seed; Δgap > 0 = gap shrunk. "
+         "'beats' = paired mean Δ above two standard errors.\n"]
+    head = ["setting", "backbone", "method", "acc", "macro-F1"]
+    head += [f"probe {n} (uni → joint)" for n in names] + [f"gap {n}" for n in names]
+    head += ["Δacc vs bare", "ΔF1 vs bare", f"Δgap {names[-1]}", "verdict (acc)"]
+    L.append("| " + " | ".join(head) + " |")
+    L.append("|" + "---|" * len(head))
+    for r in rows:
+        cells = [r["setting"], r["backbone"], r["method"], _fmt(r["accuracy"], 3), _fmt(r["macro_f1"], 3)]
+        cells += [f"{u['mean']:.3f} → {_fmt(j, 3)}" for u, j in zip(r["unimodal"], r["joint"])]
+        cells += [_fmt(g, 3, signed=True) for g in r["gap"]]
+        bare = r["method"] == "none"
+        cells += ["–" if bare else _fmt(r["delta_accuracy"], 3, signed=True),
+                  "–" if bare else _fmt(r["delta_macro_f1"], 3, signed=True),
+                  "–" if bare else _fmt(r["delta_gap"][-1], 3, signed=True),
+                  "–" if bare else f"{_verdict(r['delta_accuracy'])} bare ({r['wins']}/{r['paired']} seeds)"]
+        L.append("| " + " | ".join(cells) + " |")
+    L.append("")
+    first = {}
+    for r in runs:
+        if "probe" in r:
+            first.setdefault((r["setting"], r["backbone"], r["method"]), r)
+    L.append("Decision-layer block norms of the first seed (‖W_m‖_F of each modality's block of the first layer "
+             "that reads the features: the concat classifier, the Transformer head's first layer, or the "
+             "per-modality heads of iibalance/decision); unimodal test accuracy of the reference encoders; "
+             "iibalance: fraction of training steps on which the alignment loss was active per modality.\n")
+    L.append("| setting | backbone | method | seed | layer | " + " | ".join(f"‖W_{n}‖" for n in names)
+             + " | " + " | ".join(f"uni acc {n}" for n in names) + " | alignment active |")
+    L.append("|" + "---|" * (6 + 2 * len(names)))
+    for (setting, backbone, method), r in first.items():
+        p = r["probe"]
+        bn = p["block_norms"]
+        rate = p.get("align_trigger_rate")
+        L.append(f"| {setting} | {backbone} | {method} | {r['seed']} | {bn['layer'] or '–'} | "
+                 + " | ".join(f"{x:.3f}" for x in bn["norms"]) + " | "
+                 + " | ".join(f"{x:.3f}" for x in p["unimodal_accuracy"]) + " | "
+                 + ("–" if rate is None else ", ".join(f"{x:.2f}" for x in rate)) + " |")
+    L.append("")
+    return L
 
 
 # --------------------------------------------------------------- the grid
@@ -508,6 +705,7 @@ def _train_grid(args) -> Dict:
     plots: List[str] = []
     budget_cache: Dict = {}
     first_models: Dict[Tuple[str, str, str], nn.Module] = {}
+    probe_refs: Dict = {}
     for setting in settings:
         data = datasets[setting]
         stats = data["train"].feature_stats()
@@ -536,6 +734,9 @@ def _train_grid(args) -> Dict:
                                                                weight=args.gate_noise_weight, stats=stats,
                                                                seed=seed)
                     runs.append(run)
+                    if _probing(args, setting):
+                        run["probe"] = _probe_run(model, data, _probe_reference(probe_refs, setting, data, backbone,
+                                                                                args, seed))
     bar.close()
     analyses = _first_seed_analyses(args, datasets, first_models, plots)
     summary = _summarize(args, runs)
@@ -546,7 +747,7 @@ def _train_grid(args) -> Dict:
                               "threads": torch.get_num_threads(), "machine": platform.machine(),
                               "world_size": _world()[1]},
               "elapsed_seconds": elapsed, "n_runs": n_runs, "summary": summary, "analyses": analyses,
-              "runs": runs, "plots": [os.path.basename(p) for p in plots]}
+              "probes": _probe_summary(runs), "runs": runs, "plots": [os.path.basename(p) for p in plots]}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(result, f, indent=1, default=_json_default)
     with open(os.path.join(args.out, "results.md"), "w") as f:
@@ -683,9 +884,14 @@ def _plots(args, runs, summary, plots):
 def _markdown(args, summary, analyses, runs, elapsed, plots) -> str:
     L: List[str] = []
     L.append("# vgmr-fast train: results\n")
+    command = _command_line()
+    if command:
+        L.append(f"Produced by: `{command}`\n")
     seeds = ",".join(map(str, args.seeds))
     L.append(f"Data: `{args.data}`; settings {', '.join(args.settings) if args.data == 'synthetic' else '-'}; "
-             f"seeds {seeds}; {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}; "
+             f"seeds {seeds}; {args.epochs} epochs, batch {args.batch_size}, "
+             f"{getattr(args, 'optimizer', 'adamw')} lr {args.lr}; n_train/val/test {args.n_train}/{args.n_val}/"
+             f"{args.n_test}; "
              f"torch {torch.__version__}, {torch.get_num_threads()} threads; wall time {elapsed:.0f} s. "
              "Test metrics of the best-validation checkpoint; mean ± std over seeds where there are several.\n")
     names = None
@@ -713,6 +919,7 @@ def _markdown(args, summary, analyses, runs, elapsed, plots) -> str:
         L.append("| " + " | ".join(cells) + " |")
     L.append("")
     # verdict
+    L.extend(_probe_markdown(runs))
     L.append("## VGMR vs. the bare backbone (\"Concat\" in the paper's tables)\n")
     L.append("Paired by training seed (same data, same seed): Δ = VGMR − bare backbone.\n")
     for setting in dict.fromkeys(r["setting"] for r in summary):

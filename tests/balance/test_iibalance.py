@@ -155,3 +155,17 @@ def test_iibalance_model_end_to_end():
     assert len(res["temperature"]) == 2
     with pytest.raises(ValueError, match="sizes"):
         IIBalanceModel(core, [5], 3, est)
+
+
+def test_trigger_rate_counts_only_steps_below_budget():
+    h, y = _separable()
+    g = torch.Generator().manual_seed(3)
+    weak = torch.randn(60, 4, generator=g)
+    al = PrototypeAlignment([6, 4], 3, torch.tensor([0.9, 0.8]), label_entropy(y))
+    _, info = al([h, h[:, :4]], y)  # weak as separable as the anchor: at budget, inactive
+    assert info["deficit"][1] == 0
+    _, info = al([h, weak], y)  # no class information: below budget, active
+    assert info["deficit"][1] > 0
+    al([h, weak], y, update=False)  # evaluation calls are not training steps
+    assert al.steps == 2
+    torch.testing.assert_close(al.trigger_rate(), torch.tensor([0.0, 0.5]))

@@ -109,3 +109,84 @@ def test_parameter_groups_for_backbones():
         modality_parameter_groups(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="param_groups"):
         OGMGE([[nn.Parameter(torch.zeros(1))]])
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.3, 0.5, 0.8])  # the paper's range: 0.1 (VGGSound) .. 0.8 (CREMA-D)
+def test_coefficient_for_known_scores_in_the_paper_alpha_range(alpha):
+    # s_a = 3, s_v = 1: rho_a = 3 > 1 gets 1 - tanh(3 alpha); rho_v = 1/3 keeps 1 (the authors' code)
+    k = ogm_coefficients(torch.tensor([3.0, 1.0]), alpha=alpha)
+    torch.testing.assert_close(k, torch.tensor([1 - math.tanh(3 * alpha), 1.0]))
+    # the roles swap with the scores
+    k = ogm_coefficients(torch.tensor([1.0, 3.0]), alpha=alpha)
+    torch.testing.assert_close(k, torch.tensor([1.0, 1 - math.tanh(3 * alpha)]))
+
+
+def test_ge_noise_is_added_to_the_non_dominant_modality_too():
+    """As in the authors' code: grad * k + N(0, std(grad)) for every modulated group, k = 1 included."""
+    a, b = _params_with_grads()
+    gb = b.grad.clone()
+    ogm = OGMGE([[a], [b]], alpha=0.5, ge=True, generator=torch.Generator().manual_seed(1))
+    z = torch.stack([torch.tensor([[5.0, 0.0]] * 4), torch.tensor([[0.0, 0.0]] * 4)])
+    k = ogm.step(z, torch.zeros(4, dtype=torch.long))
+    assert k[1] == 1.0
+    noise = b.grad - gb
+    assert 0.7 * float(gb.std()) < float(noise.std()) < 1.3 * float(gb.std())
+
+
+def _one_step(opt_cls, scale, **kw):
+    p = nn.Parameter(torch.zeros(20))
+    opt = opt_cls([p], **kw)
+    p.grad = scale * torch.linspace(-1.0, 2.0, 20)
+    opt.step()
+    return p.detach().clone()
+
+
+def test_adam_cancels_the_ogm_coefficient_and_sgd_keeps_it():
+    """Why OGM-GE without GE noise is a no-op under Adam: its step is invariant to scaling the gradient by k.
+
+    The first Adam step is -lr * g / (|g| + eps) whatever k is; SGD's step is -lr * k * g. docs/balance.md.
+    """
+    k = 1 - math.tanh(0.5 * 3.0)  # ~0.095, a typical coefficient of a dominant modality
+    adam_full, adam_mod = _one_step(torch.optim.Adam, 1.0, lr=0.01), _one_step(torch.optim.Adam, k, lr=0.01)
+    torch.testing.assert_close(adam_mod, adam_full, atol=1e-6, rtol=1e-5)
+    sgd_full, sgd_mod = (_one_step(torch.optim.SGD, s, lr=0.01, momentum=0.9) for s in (1.0, k))
+    torch.testing.assert_close(sgd_mod, k * sgd_full)
+
+
+def test_step_modulation_scales_the_learning_rate_of_the_dominant_group_under_adam():
+    """modulation='step': the coefficient reaches the update under Adam (the fix for its cancellation)."""
+    enc_a, enc_b, head = nn.Linear(3, 2), nn.Linear(3, 2), nn.Linear(4, 2)
+    opt = torch.optim.Adam(list(enc_a.parameters()) + list(head.parameters()) + list(enc_b.parameters()), lr=0.01)
+    ogm = OGMGE([list(enc_a.parameters()), list(enc_b.parameters())], alpha=0.8, ge=False, modulation="step",
+                optimizer=opt)
+    # every parameter still in exactly one group; the head keeps the base lr
+    ids = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == 6
+    head_group = next(g for g in opt.param_groups if any(p is head.weight for p in g["params"]))
+    before = [p.detach().clone() for p in enc_a.parameters()] + [p.detach().clone() for p in enc_b.parameters()]
+    for p in list(enc_a.parameters()) + list(enc_b.parameters()) + list(head.parameters()):
+        p.grad = torch.ones_like(p)
+    z = torch.stack([torch.tensor([[5.0, 0.0]] * 4), torch.tensor([[0.0, 0.0]] * 4)])
+    k = ogm.step(z, torch.zeros(4, dtype=torch.long))
+    assert k[0] < 1 and k[1] == 1
+    assert torch.equal(enc_a.weight.grad, torch.ones(2, 3))  # the gradient itself is left alone
+    assert ogm.lr_groups[0]["lr"] == pytest.approx(0.01 * float(k[0])) and ogm.lr_groups[1]["lr"] == 0.01
+    assert head_group["lr"] == 0.01
+    opt.step()
+    step_a = enc_a.weight.detach() - before[0]
+    step_b = enc_b.weight.detach() - before[2]
+    torch.testing.assert_close(step_a, float(k[0]) * step_b)  # first Adam step: -lr_m * sign(g)
+    # outside the window the base learning rates come back
+    ogm.end_epoch = 0
+    ogm.step(z, torch.zeros(4, dtype=torch.long), epoch=1)
+    assert ogm.lr_groups[0]["lr"] == 0.01
+
+
+def test_step_modulation_validates():
+    a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match="modulation"):
+        OGMGE([[a], [b]], modulation="lr")
+    with pytest.raises(ValueError, match="optimizer"):
+        OGMGE([[a], [b]], modulation="step")
+    with pytest.raises(ValueError, match="optimizer"):
+        OGMGE([[a], [b]], modulation="step", optimizer=torch.optim.SGD([a], lr=0.1))

@@ -112,7 +112,9 @@ def test_variable_lengths_give_masks_and_zero_padding():
 
 @pytest.mark.parametrize("bad", [dict(num_classes=1), dict(complementarity=1.5), dict(noise_ratio=-0.1),
                                  dict(event_frac=0.0), dict(lengths=(3, 0, 2)), dict(noise_modalities=("nope",)),
-                                 dict(min_length_frac=0.0), dict(n_train=-1), dict(weak_snr=-1.0)])
+                                 dict(min_length_frac=0.0), dict(n_train=-1), dict(weak_snr=-1.0),
+                                 dict(weak_nuisance=-1.0), dict(weak_nuisance_rank=24),
+                                 dict(weak_nuisance_rank=-1)])
 def test_config_validation_names_the_argument(bad):
     key = next(iter(bad))
     with pytest.raises((ValueError, TypeError), match=key.split("_")[0]):
@@ -126,7 +128,7 @@ def test_make_benchmark_rejects_bad_config_and_seed():
         make_benchmark(3)
     with pytest.raises(TypeError, match="seed"):
         make_benchmark("clean", seed=1.5)
-    assert set(PRESETS) >= {"clean", "noisy", "bimodal"}
+    assert set(PRESETS) >= {"clean", "noisy", "bimodal", "imbalanced"}
 
 
 def test_dataset_batches_subset_and_stats():
@@ -162,3 +164,36 @@ def test_stratified_split_keeps_classes():
     assert torch.bincount(y[parts[0]]).tolist() == [30, 18, 12]
     with pytest.raises(ValueError, match="fractions"):
         stratified_split(y, [0.5, 0.2])
+
+
+def test_weak_nuisance_off_draws_nothing_extra():
+    """The nuisance knob off (its default) leaves every other preset's tensors exactly as they were."""
+    a = make_benchmark("clean", seed=5, **SMALL)
+    b = make_benchmark("clean", seed=5, weak_nuisance=0.0, weak_nuisance_rank=8, **SMALL)
+    for s in ("train", "test"):
+        assert all(torch.equal(x, y) for x, y in zip(a[s].xs, b[s].xs))
+
+
+def test_weak_nuisance_is_a_time_constant_subspace_orthogonal_to_the_class_directions():
+    cfg = BenchmarkConfig(n_train=3000, n_val=0, n_test=0, include_noisy=False, widths=(8, 20),
+                          weak_nuisance=3.0, weak_nuisance_rank=6, weak_snr=2.0)
+    tr = make_benchmark(cfg, seed=0)["train"]
+    pooled = tr.xs[1].mean(1).double()
+    # remove the class means: what is left is background (var 1/T per dim) + nuisance (var 9 in 6 dims)
+    means = torch.stack([pooled[tr.y == c].mean(0) for c in range(tr.num_classes)])
+    resid = pooled - means[tr.y]
+    evals, evecs = torch.linalg.eigh(resid.t().cov())
+    assert torch.all(evals[-6:] > 9 * 0.8) and torch.all(evals[:-6] < 0.2)
+    q = evecs[:, -6:]  # the nuisance subspace
+    diffs = means - means.mean(0)
+    assert float((diffs @ q).norm() / diffs.norm()) < 0.1
+    # it is constant over time: the step-to-step differences carry none of it
+    steps = (tr.xs[1][:, 1] - tr.xs[1][:, 0]).double()
+    assert float((steps @ q).var(0).max()) < 3.0  # background only: var 2 (+ class events)
+
+
+def test_imbalanced_preset_shape():
+    d = make_benchmark("imbalanced", seed=0, n_train=8, n_val=4, n_test=4)
+    cfg = d["train"].meta["config"]
+    assert d["train"].names == ["dominant", "weak"]
+    assert cfg["weak_nuisance"] > 0 and cfg["weak_nuisance_rank"] < cfg["widths"][1]

@@ -3,11 +3,13 @@
 Implemented from the abstract of Li et al., "Beyond Forced Modality Balance:
 Intrinsic Information Budgets for Multimodal Learning" (arXiv 2603.17347; seed
 001). Their code is not available here, so every concrete form below is *our
-reading* of one sentence of the abstract; each choice is stated where it is made.
+reading* of one sentence of the abstract; each such choice is marked **[choice]**
+(the quoted sentence is the paper's, the formula ours). Behaviour on the
+imbalanced benchmark, and which parts carry the effect: docs/balance.md.
 
 1. **Budget estimator** ("task-grounded estimator of each modality's IIB,
    transforming its capacity into a global prior over modality contributions"):
-   a modality's budget is the fraction of the label entropy its unimodal
+   **[choice]** a modality's budget is the fraction of the label entropy its unimodal
    predictor removes on held-out data,
    ``b_m = max(0, H(Y) − CE_m) / H(Y)`` ∈ [0, 1] (nats), with ``H(Y)`` the
    empirical label entropy and ``CE_m`` the held-out cross entropy of a unimodal
@@ -16,15 +18,16 @@ reading* of one sentence of the abstract; each choice is stated where it is made
    best held-out CE over training, i.e. early stopping on that split). Probes
    are trained *separately* from the multimodal model, so the budget measures
    what the modality can deliver, not what joint training let it learn.
-   The prior is ``π_m = (b_m + ε) / Σ_k (b_k + ε)`` (:func:`budget_prior`).
+   **[choice]** The prior is ``π_m = (b_m + ε) / Σ_k (b_k + ε)`` (:func:`budget_prior`).
 2. **Prototype-based relative alignment** ("anchored by the highest-budget
    modality … corrects semantic drift only when weaker modalities deviate from
    their budgeted potential, rather than forcing imitation"):
-   per-class prototypes ``P_m[c]`` are running (EMA) means of each modality's
+   **[choice]** per-class prototypes ``P_m[c]`` are running (EMA) means of each modality's
    L2-normalised features. A modality's current performance is measured with the
-   same information fraction as the budget, on its prototype classifier
+   same information fraction as the budget (**[choice]**), on its prototype classifier
    (``logits = cos(h_m, P_m) / τ``): ``q_m = max(0, H(Y) − CE_m^proto) / H(Y)``.
-   The anchor ``a = argmax_m b_m``. For every other modality the *relative*
+   The anchor ``a = argmax_m b_m`` (the abstract's "highest-budget modality"). **[choice]** For every other
+   modality the *relative*
    performance ``ρ_m = q_m / q_a`` is compared with the *budgeted* relative share
    ``β_m = b_m / b_a``; the deficit ``w_m = relu(β_m − ρ_m) / β_m`` ∈ [0, 1]
    weights a prototype cross-entropy that pulls ``h_m`` toward **its own**
@@ -36,16 +39,16 @@ reading* of one sentence of the abstract; each choice is stated where it is made
    seed 000). ``w_m`` is computed without gradient.
 3. **Probabilistic gating at inference** ("integrates the global budgets with
    sample-level uncertainty to generate calibrated fusion weights"): each
-   modality has a unimodal head ``z_m``; after per-modality temperature scaling
+   modality has a unimodal head ``z_m`` (**[choice]**); after per-modality temperature scaling
    ``T_m`` (fitted on validation data, :meth:`ProbabilisticGate.calibrate`),
    the normalised predictive entropy ``U_{i,m} = H(softmax(z_m/T_m)) / log C``
-   and the prior combine into ``w_{i,m} = softmax_m(γ log π_m − κ U_{i,m})``
+   and the prior combine into (**[choice]**) ``w_{i,m} = softmax_m(γ log π_m − κ U_{i,m})``
    (a Gibbs/product form: ``w ∝ π^γ exp(−κU)``). The fused prediction is the
    log-linear pool ``Σ_m w_{i,m} log_softmax(z_m / T_m)``. ``κ`` is chosen on
    validation data from a grid. During training the weights are computed from
    detached logits (a head cannot buy a larger weight by being uncertain).
 
-Training objective of :class:`IIBalanceModel` (our choice): cross entropy of
+Training objective of :class:`IIBalanceModel` (**[choice]**, the abstract gives none): cross entropy of
 the gated fusion + ``λ_uni`` × the mean unimodal cross entropy of the heads
 (the gate needs meaningful per-modality predictions) + ``λ_align`` ×
 ``L_align``.
@@ -226,6 +229,9 @@ class PrototypeAlignment(nn.Module):
         for m, s in enumerate(sizes):
             self.register_buffer(f"proto_{m}", torch.zeros(num_classes, s))
         self.register_buffer("seen", torch.zeros(len(sizes), num_classes, dtype=torch.bool))
+        # diagnostics, not state: on how many training steps each modality's alignment term was active
+        self.steps = 0
+        self.triggered = torch.zeros(len(sizes))
 
     @property
     def anchor(self) -> int:
@@ -249,6 +255,10 @@ class PrototypeAlignment(nn.Module):
             new = torch.where(first[:, None], mean, torch.where(present[:, None], blended, proto))
             proto.copy_(new)
             self.seen[m] |= present
+
+    def trigger_rate(self) -> torch.Tensor:
+        """Fraction of training steps (``update=True`` calls) on which each modality's term was active → ``[M]``."""
+        return self.triggered / max(1, self.steps)
 
     def proto_logits(self, m: int, h: torch.Tensor) -> torch.Tensor:
         """``cos(h, P_m[c]) / τ`` → ``[B, C]`` (gradient flows into ``h`` only)."""
@@ -283,6 +293,7 @@ class PrototypeAlignment(nn.Module):
             raise ValueError(f"hs has {len(hs)} modalities, expected {len(self.sizes)}")
         if update:
             self.update(hs, y)
+            self.steps += 1
         loss = hs[0].new_zeros(())
         ready = self.seen.all(dim=1)  # every class of the modality has a prototype
         if not bool(ready[self.anchor]):
@@ -290,6 +301,8 @@ class PrototypeAlignment(nn.Module):
             return loss, {"performance": zero, "deficit": zero}
         perf = self.performance(hs, y)
         w = self.deficits(perf) * ready.cpu().float()
+        if update:
+            self.triggered += (w > 0).float()
         for m, h in enumerate(hs):
             if w[m] > 0:
                 loss = loss + float(w[m]) * F.cross_entropy(self.proto_logits(m, h), y)

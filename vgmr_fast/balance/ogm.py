@@ -22,6 +22,18 @@ After ``loss.backward()`` and before ``optimizer.step()``:
    parameters (fusion head) are never touched. The original modulates only
    4-D conv weights; here every parameter of the modality's encoder is.
 5. **Window.** Modulation is active for ``start_epoch <= epoch <= end_epoch``.
+6. **Optimizer (our addition, ``modulation="step"``).** The paper trains with
+   SGD, where scaling a gradient by ``k`` scales the step by ``k``. Under Adam
+   (this package's default, AdamW) the step is ``g / sqrt(E[g²])``, invariant
+   to a constant scale of ``g``: the coefficient is cancelled and only the GE
+   noise is left, so OGM-GE under Adam is OGM-GE without its modulation
+   (tests/balance/test_ogm_ge.py shows it on one step; docs/balance.md on the
+   imbalanced benchmark). ``modulation="step"`` applies ``k_m`` to the *step
+   size* instead: each modality's parameters get their own optimizer parameter
+   group whose learning rate is ``k_m × base lr`` on every step, and the GE
+   noise is added to the gradient as before. Under SGD without momentum the two
+   modes are the same update (``lr·k·(g + n)`` vs. ``lr·(k·g + n)`` differ only
+   in the noise scale); under Adam only ``"step"`` modulates.
 
 ``alpha`` is a tuned hyper-parameter in the original work (dataset dependent);
 the default 0.5 is a middle value, not the paper's.
@@ -107,11 +119,18 @@ class OGMGE:
         start_epoch, end_epoch: active window (inclusive; ``end_epoch=None`` = always).
         shifted, only_max: variants of :func:`ogm_coefficients`.
         generator: ``torch.Generator`` for the GE noise (determinism).
+        modulation: ``"grad"`` (the paper: multiply the gradient) or ``"step"``
+            (multiply the modality's learning rate; needs ``optimizer``; module
+            docstring item 6).
+        optimizer: the model's optimizer (``"step"`` only). Its parameter groups
+            are split once, before any step: each modality's parameters move to a
+            new group with the same settings.
     """
 
     def __init__(self, param_groups: Sequence[Sequence[nn.Parameter]], alpha: float = 0.5, ge: bool = True,
                  start_epoch: int = 0, end_epoch: Optional[int] = None, shifted: bool = False,
-                 only_max: bool = False, generator: Optional[torch.Generator] = None):
+                 only_max: bool = False, generator: Optional[torch.Generator] = None, modulation: str = "grad",
+                 optimizer: Optional[torch.optim.Optimizer] = None):
         groups = [list(g) for g in param_groups]
         if len(groups) < 2:
             raise ValueError(f"param_groups needs at least 2 modalities, got {len(groups)}")
@@ -123,6 +142,15 @@ class OGMGE:
         self.shifted, self.only_max = shifted, only_max
         self.generator = generator
         self.history: List[Dict[str, List[float]]] = []
+        if modulation not in ("grad", "step"):
+            raise ValueError(f"modulation must be 'grad' or 'step', got {modulation!r}")
+        self.modulation = modulation
+        self.lr_groups: List[Dict] = []
+        if modulation == "step":
+            if optimizer is None:
+                raise ValueError("modulation='step' needs the optimizer")
+            self.lr_groups = _split_param_groups(optimizer, groups)
+            self.base_lr = [g["lr"] for g in self.lr_groups]
 
     def active(self, epoch: int) -> bool:
         return epoch >= self.start_epoch and (self.end_epoch is None or epoch <= self.end_epoch)
@@ -136,16 +164,50 @@ class OGMGE:
         coeff = ogm_coefficients(scores, self.alpha, self.shifted, self.only_max)
         if not self.active(epoch):
             coeff = torch.ones_like(coeff)
+            for lr_group, base in zip(self.lr_groups, getattr(self, "base_lr", [])):
+                lr_group["lr"] = base
         else:
-            for k, group in zip(coeff.tolist(), self.groups):
+            for m, (k, group) in enumerate(zip(coeff.tolist(), self.groups)):
+                if self.modulation == "step":
+                    self.lr_groups[m]["lr"] = self.base_lr[m] * k
                 for p in group:
                     if p.grad is None:
                         continue
                     g = p.grad
                     std = g.float().std().item() if g.numel() > 1 else 0.0
-                    g.mul_(k)
+                    if self.modulation == "grad":
+                        g.mul_(k)
                     if self.ge:
                         noise = torch.randn(g.shape, generator=self.generator, dtype=torch.float32)
                         g.add_(noise.to(g.device, g.dtype) * (std + 1e-8))
         self.history.append({"scores": scores.tolist(), "coeff": coeff.tolist()})
         return coeff
+
+
+def _split_param_groups(optimizer: torch.optim.Optimizer, groups: Sequence[Sequence[nn.Parameter]]) -> List[Dict]:
+    """Move each modality's parameters into a new parameter group of ``optimizer`` (same settings) → the groups."""
+    if any(optimizer.state.get(p) for g in groups for p in g):
+        raise ValueError("optimizer: split the parameter groups before the first step (it already has state)")
+    owner: Dict[int, int] = {}
+    for m, g in enumerate(groups):
+        for p in g:
+            if id(p) in owner and owner[id(p)] != m:
+                raise ValueError("param_groups: a parameter belongs to two modalities")
+            owner[id(p)] = m
+    template = None
+    found = set()
+    for pg in optimizer.param_groups:
+        keep = [p for p in pg["params"] if id(p) not in owner]
+        found |= {id(p) for p in pg["params"] if id(p) in owner}
+        if template is None and len(keep) != len(pg["params"]):
+            template = {k: v for k, v in pg.items() if k != "params"}
+        pg["params"] = keep
+    missing = [id(p) for g in groups for p in g if id(p) not in found]
+    if missing:
+        raise ValueError(f"optimizer: {len(missing)} modality parameters are not in the optimizer")
+    new = []
+    for g in groups:
+        optimizer.add_param_group({**template, "params": list(dict.fromkeys(g))})
+        new.append(optimizer.param_groups[-1])
+    optimizer.param_groups[:] = [pg for pg in optimizer.param_groups if pg["params"]]
+    return new

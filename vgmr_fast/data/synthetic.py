@@ -80,6 +80,14 @@ class BenchmarkConfig:
         noise_sample_frac: fraction of samples that get corrupted, in [0, 1].
         min_length_frac: minimum fraction of valid steps per sample, in (0, 1];
             1.0 = fixed lengths and no masks.
+        weak_nuisance: std of a per-sample, time-constant nuisance added to the
+            weak modality inside a random ``weak_nuisance_rank``-dimensional
+            subspace (fixed by the seed); the weak class directions are made
+            orthogonal to it. Mean pooling does not average it away, so an
+            encoder must *learn* to project it out: a random (untrained) encoder
+            mixes it into every feature. 0 = off (no extra draws: the other
+            presets' tensors are unchanged).
+        weak_nuisance_rank: dimension of that subspace, in ``[0, widths[1])``.
     """
 
     num_classes: int = 4
@@ -101,6 +109,8 @@ class BenchmarkConfig:
     noise_modalities: Tuple[Union[str, int], ...] = ("noisy",)
     noise_sample_frac: float = 1.0
     min_length_frac: float = 1.0
+    weak_nuisance: float = 0.0
+    weak_nuisance_rank: int = 0
 
     def __post_init__(self):
         self.names = tuple(self.names)
@@ -135,6 +145,11 @@ class BenchmarkConfig:
             raise ValueError(f"event_frac must be in (0, 1], got {self.event_frac}")
         if not 0.0 < self.min_length_frac <= 1.0:
             raise ValueError(f"min_length_frac must be in (0, 1], got {self.min_length_frac}")
+        if float(self.weak_nuisance) < 0:
+            raise ValueError(f"weak_nuisance must be >= 0, got {self.weak_nuisance}")
+        if not isinstance(self.weak_nuisance_rank, int) or not 0 <= self.weak_nuisance_rank < self.widths[1]:
+            raise ValueError(f"weak_nuisance_rank must be an int in [0, widths[1]={self.widths[1]}), "
+                             f"got {self.weak_nuisance_rank!r}")
         self.noise_indices()  # validates noise_modalities
 
     @property
@@ -169,11 +184,21 @@ class BenchmarkConfig:
 #: samples 40 % of the steps of the dominant and the third modality are replaced
 #: by noise with 3x the background std (instance-wise unreliability, the case the
 #: paper's noise analysis probes). ``bimodal``: dominant + weak only.
+#: ``imbalanced``: dominant + weak, where joint training under-trains the weak
+#: modality's encoder (the modality-imbalance setting of OGM-GE and IIBalance).
+#: The dominant modality is easy (strong, 32-dim) but silent on 15 % of the
+#: samples; the weak one carries the class on every sample, with less
+#: information (a lower IIBalance budget), and its 128 dims hold a 96-dim
+#: per-sample nuisance (std 2) that its encoder must learn to project out. In
+#: joint training the dominant modality fits the data first and the weak
+#: encoder stays behind (linear-probe gap >= 10 points, docs/balance.md).
 PRESETS: Dict[str, Dict] = {
     "clean": {},
     "noisy": dict(conflict=0.3, noise_ratio=0.4, noise_weight=3.0,
                   noise_modalities=("dominant", "noisy"), noise_sample_frac=0.5),
     "bimodal": dict(include_noisy=False),
+    "imbalanced": dict(include_noisy=False, widths=(32, 128), dominance=3.5, complementarity=0.15, weak_snr=0.17,
+                       weak_nuisance=2.0, weak_nuisance_rank=96),
 }
 
 
@@ -182,6 +207,15 @@ def _class_directions(gen: torch.Generator, c: int, d: int) -> torch.Tensor:
     u = torch.randn(c, d, generator=gen, dtype=torch.float64)
     u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-12) * math.sqrt(d)
     return u
+
+
+def _nuisance_subspace(gen: torch.Generator, directions: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A random orthonormal ``[D, rank]`` basis ``Q`` and ``directions`` projected off it (unit RMS again)."""
+    d = directions.shape[1]
+    q, _ = torch.linalg.qr(torch.randn(d, rank, generator=gen, dtype=torch.float64))
+    u = directions - (directions @ q) @ q.t()
+    u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-12) * math.sqrt(d)
+    return q, u
 
 
 def _pick_k(gen: torch.Generator, valid: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -197,8 +231,12 @@ def _pick_k(gen: torch.Generator, valid: torch.Tensor, k: torch.Tensor) -> torch
 
 
 def generate(config: BenchmarkConfig, n: int, gen: torch.Generator,
-             directions: Sequence[torch.Tensor]) -> MultimodalDataset:
-    """Draw ``n`` samples of ``config`` from ``gen`` with fixed class ``directions``."""
+             directions: Sequence[torch.Tensor], nuisance: Optional[torch.Tensor] = None) -> MultimodalDataset:
+    """Draw ``n`` samples of ``config`` from ``gen`` with fixed class ``directions``.
+
+    ``nuisance``: orthonormal ``[D_weak, r]`` basis of the weak modality's
+    nuisance subspace (:func:`make_benchmark` draws it when ``weak_nuisance > 0``).
+    """
     cfg = config
     c = cfg.num_classes
     m_count = cfg.num_modalities
@@ -234,6 +272,9 @@ def generate(config: BenchmarkConfig, n: int, gen: torch.Generator,
         signal = directions[m][label]  # [N, D]: one gather
         x = torch.randn(n, t, d, generator=gen, dtype=torch.float64)
         x = x + (amp[:, None, None] * events[..., None].double()) * signal[:, None, :]
+        if m == 1 and nuisance is not None:
+            coords = cfg.weak_nuisance * torch.randn(n, nuisance.shape[1], generator=gen, dtype=torch.float64)
+            x = x + (coords @ nuisance.t())[:, None, :]
         if m in noise_idx and cfg.noise_ratio > 0:
             k_noise = (cfg.noise_ratio * length.double()).round().long()
             k_noise = torch.where(corrupt_sample, k_noise, torch.zeros_like(k_noise))
@@ -278,9 +319,12 @@ def make_benchmark(config: Optional[Union[BenchmarkConfig, str]] = None, seed: i
     gen = torch.Generator().manual_seed(seed)
     directions = [_class_directions(gen, config.num_classes, config.widths[m])
                   for m in range(config.num_modalities)]
+    nuisance = None
+    if config.weak_nuisance > 0 and config.weak_nuisance_rank > 0:
+        nuisance, directions[1] = _nuisance_subspace(gen, directions[1], config.weak_nuisance_rank)
     out = {}
     for split, n in (("train", config.n_train), ("val", config.n_val), ("test", config.n_test)):
-        ds = generate(config, n, gen, directions)
+        ds = generate(config, n, gen, directions, nuisance)
         ds.meta.update(split=split, seed=seed)
         out[split] = ds
     return out
