@@ -76,6 +76,23 @@ def set_debug_nan_fill(on: bool) -> bool:
     return bool(_C.set_debug_nan_fill(bool(on)))
 
 
+# ---- what the fused autograd does not support: a clear error naming the op --------------
+def unsupported_message(op: str, what: str) -> str:
+    """The one wording of "this fused op cannot do <what>" (the C++ autograd of csrc/ops.cpp says the same)."""
+    name = op.split("::")[-1]
+    return (f"{op}: {what} is not supported by the fused kernels; use the plain-torch reference "
+            f"(vgmr_fast.reference.{name}, or VGMR(backend=\"reference\") for the module)")
+
+
+def no_double_backward(op: str, *tensors) -> None:
+    """Raise when the backward of ``op`` runs with ``create_graph=True`` and would build a graph
+    (any input of the backward requires grad): the fused backward is not differentiable, and a
+    silent graph through it would return wrong second derivatives."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise RuntimeError(unsupported_message(
+            op, "double backward (torch.autograd.grad(..., create_graph=True), gradgradcheck, gradient penalties)"))
+
+
 # ---- per-op registration (fake + autograd), one function per op for both namespaces -----
 _REGISTRARS: dict[str, Callable[[str, bool], None]] = {}
 _REGISTERED: set[tuple[str, str]] = set()

@@ -44,6 +44,7 @@ def _register(ns: str, needs_fake: bool) -> None:
 
     def backward(ctx, du):
         (s,) = ctx.saved_tensors
+        _backend.no_double_backward(f"{ns}::interaction", du, s)
         return ops.interaction_backward(du.contiguous(), s)
 
     if _backend.autograd_in_cpp(ns):

@@ -57,6 +57,7 @@ def _register(ns: str, needs_fake: bool) -> None:
 
     def backward(ctx, dmean, dmax, _dargmax):
         saved, argmax = ctx.saved_tensors
+        _backend.no_double_backward(f"{ns}::summary_pool", dmean, dmax)
         mask = saved if ctx.has_mask else None
         if dmean is None:
             dmean = argmax.new_zeros(argmax.shape, dtype=ctx.h_dtype)
