@@ -57,7 +57,10 @@ def gate_norm(
     beta = C.finite_real(beta, "beta")
     p = C.probability(p, "p")
     seed = C.seed_tensor(seed, x, p, "seed")
-    ns = _backend.namespace(_backend.resolve(backend, x, "gate_norm"))
+    be = _backend.resolve(backend, x, "gate_norm")
+    if be == "triton":
+        _backend.check_transforms("vgmr_triton::gate_norm", zpre, bias_row, x, ln_weight, ln_bias)
+    ns = _backend.namespace(be)
     pdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     if bias_row.dtype != pdt:
         bias_row = bias_row.to(pdt)

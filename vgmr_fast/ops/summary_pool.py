@@ -25,7 +25,10 @@ def summary_pool(h: torch.Tensor, mask: torch.Tensor | None = None, *, backend: 
         C.shape(mask, h.shape[:2], "mask", "[B, T]")
         C.same_device(h, "h", mask=mask)
         mask = mask.contiguous()
-    ns = _backend.namespace(_backend.resolve(backend, h, "summary_pool"))
+    be = _backend.resolve(backend, h, "summary_pool")
+    if be == "triton":
+        _backend.check_transforms("vgmr_triton::summary_pool", h)
+    ns = _backend.namespace(be)
     mean, mx, _ = ns.summary_pool(h.contiguous(), mask)
     return mean, mx
 
