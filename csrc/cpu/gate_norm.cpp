@@ -15,6 +15,10 @@
 //   - float64 (gradcheck): plain scalar loops with libm exp.
 #include "cpu_common.h"
 #include "op_checks.h"
+
+#include <string>
+#include <utility>
+#include <vector>
 #include "vgmr_math.h"
 
 // The 16-lane vector helpers below are always inlined into their callers, so no vector
@@ -735,15 +739,14 @@ void check_param(const at::Tensor& t, at::ScalarType want, at::IntArrayRef shape
   TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
-// The seed is read from memory only when p > 0 (docs/ops.md: p == 0 never reads it).
-Params make_params(double alpha, double beta, double p, const at::Tensor& seed, const at::Tensor& x, const char* op) {
+// `seed`: the int64 Philox key in memory, read only when p > 0 (docs/ops.md: p == 0 never reads it).
+Params make_params(double alpha, double beta, double p, const int64_t* seed, const char* op) {
   checks::dropout_p(p, op);
-  checks::seed_tensor(seed, x, op, "x");
   Params P;
   P.alpha = alpha;
   P.beta = beta;
   P.p = p;
-  P.seed = p > 0.0 ? checks::seed_value(*seed.const_data_ptr<int64_t>(), op) : 0u;
+  P.seed = p > 0.0 ? checks::seed_value(*seed, op) : 0u;
   P.thr = vgmr::dropout_threshold(p);
   P.scale = vgmr::dropout_scale(p);
   return P;
@@ -763,14 +766,14 @@ void check_main(const at::Tensor& zpre, const at::Tensor& bias_row, const at::Te
   check_param(ln_weight, pt, {x.size(2)}, op, "ln_weight", "[D]");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_norm_cpu(const at::Tensor& zpre, const at::Tensor& bias_row,
+// One gate_norm over one modality; `seed` points at its int64 key (checked by the caller).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_norm_one(const at::Tensor& zpre, const at::Tensor& bias_row,
                                                              const at::Tensor& x, const at::Tensor& ln_weight,
                                                              const at::Tensor& ln_bias, double alpha, double beta,
-                                                             double p, const at::Tensor& seed) {
-  const char* op = "vgmr::gate_norm";
+                                                             double p, const int64_t* seed, const char* op) {
   check_main(zpre, bias_row, x, ln_weight, op);
   check_param(ln_bias, param_dtype(x.scalar_type()), {x.size(2)}, op, "ln_bias", "[D]");
-  const Params P = make_params(alpha, beta, p, seed, x, op);
+  const Params P = make_params(alpha, beta, p, seed, op);
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
   const at::ScalarType pt = param_dtype(x.scalar_type());
   // Allocation order: small outputs, then temporaries, then the big outputs (see WorkF).
@@ -806,11 +809,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_norm_cpu(const at::Tensor& z
   return {y, mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm_backward_one(
     const at::Tensor& dy, const at::Tensor& zpre, const at::Tensor& bias_row, const at::Tensor& x,
     const at::Tensor& ln_weight, const at::Tensor& mean, const at::Tensor& rstd, double alpha, double beta, double p,
-    const at::Tensor& seed) {
-  const char* op = "vgmr::gate_norm_backward";
+    const int64_t* seed, const char* op) {
   check_main(zpre, bias_row, x, ln_weight, op);
   check_cpu_float(dy, op, "dy");
   check_same_dtype(x, dy, op, "x", "dy");
@@ -819,7 +821,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm
   const at::ScalarType pt = param_dtype(x.scalar_type());
   check_param(mean, pt, {B, T}, op, "mean", "[B, T]");
   check_param(rstd, pt, {B, T}, op, "rstd", "[B, T]");
-  const Params P = make_params(alpha, beta, p, seed, x, op);
+  const Params P = make_params(alpha, beta, p, seed, op);
 
   // Fixed chunks of rows within one batch row: tc steps of T each (about 64K elements).
   const int64_t tc = std::max<int64_t>(1, std::min<int64_t>(T, ceil_div(65536, D)));
@@ -896,6 +898,94 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm
   return {dzpre, dbias, dx, dw, db};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_norm_cpu(const at::Tensor& zpre, const at::Tensor& bias_row,
+                                                             const at::Tensor& x, const at::Tensor& ln_weight,
+                                                             const at::Tensor& ln_bias, double alpha, double beta,
+                                                             double p, const at::Tensor& seed) {
+  const char* op = "vgmr::gate_norm";
+  checks::seed_tensor(seed, x, op, "x");
+  return gate_norm_one(zpre, bias_row, x, ln_weight, ln_bias, alpha, beta, p, seed.const_data_ptr<int64_t>(), op);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm_backward_cpu(
+    const at::Tensor& dy, const at::Tensor& zpre, const at::Tensor& bias_row, const at::Tensor& x,
+    const at::Tensor& ln_weight, const at::Tensor& mean, const at::Tensor& rstd, double alpha, double beta, double p,
+    const at::Tensor& seed) {
+  const char* op = "vgmr::gate_norm_backward";
+  checks::seed_tensor(seed, x, op, "x");
+  return gate_norm_backward_one(dy, zpre, bias_row, x, ln_weight, mean, rstd, alpha, beta, p,
+                                seed.const_data_ptr<int64_t>(), op);
+}
+
+// ---- grouped over modalities (docs/ops.md): one dispatch, the modalities in order inside ----
+// Modality m runs exactly gate_norm(..., seed = seeds[m]): the same kernels, so the results are
+// bit-identical to M separate calls, for one operator call and one autograd node.
+using Tensors = std::vector<at::Tensor>;
+
+Tensors::size_type grouped_count(std::initializer_list<std::pair<at::TensorList, const char*>> lists,
+                                 const at::Tensor& seeds, const char* op) {
+  const auto M = lists.begin()->first.size();
+  TORCH_CHECK_VALUE(M >= 1, op, ": needs at least one modality, got empty lists");
+  for (const auto& [list, name] : lists) {
+    TORCH_CHECK_VALUE(list.size() == M, op, ": ", name, " has ", list.size(), " tensors but ",
+                      lists.begin()->second, " has ", M, " (one per modality)");
+  }
+  const at::Tensor& x0 = lists.begin()->first[0];
+  checks::defined(seeds, op, "seeds");
+  TORCH_CHECK_TYPE(seeds.scalar_type() == at::kLong, op, ": seeds must be an int64 tensor, got ",
+                   seeds.scalar_type());
+  TORCH_CHECK_VALUE(seeds.dim() == 1 && seeds.size(0) == (int64_t)M, op, ": seeds must have shape [M] = [", M,
+                    "], got ", seeds.sizes());
+  TORCH_CHECK_VALUE(seeds.is_contiguous(), op, ": seeds must be contiguous");
+  checks::same_device(seeds, x0, op, "seeds", "the inputs");
+  return M;
+}
+
+std::string modality_op(const char* op, size_t m) { return std::string(op) + " (modality " + std::to_string(m) + ")"; }
+
+void check_same_batch(const at::Tensor& x, const at::Tensor& x0, const std::string& opm) {
+  if (x.dim() != 3 || x0.dim() != 3) return;  // the per-modality checks name the rank error
+  TORCH_CHECK_VALUE(x.size(0) == x0.size(0), opm, ": every modality needs the batch size B of modality 0 (",
+                    x0.sizes(), "), got x ", x.sizes());
+}
+
+std::tuple<Tensors, Tensors, Tensors> gate_norm_grouped_cpu(at::TensorList zpre, at::TensorList bias_row,
+                                                            at::TensorList x, at::TensorList ln_weight,
+                                                            at::TensorList ln_bias, double alpha, double beta,
+                                                            double p, const at::Tensor& seeds) {
+  const char* op = "vgmr::gate_norm_grouped";
+  const auto M = grouped_count({{x, "x"}, {zpre, "zpre"}, {bias_row, "bias_row"}, {ln_weight, "ln_weight"},
+                                {ln_bias, "ln_bias"}},
+                               seeds, op);
+  const int64_t* sp = seeds.const_data_ptr<int64_t>();
+  Tensors y(M), mean(M), rstd(M);
+  for (size_t m = 0; m < M; ++m) {
+    const std::string opm = modality_op(op, m);
+    check_same_batch(x[m], x[0], opm);
+    std::tie(y[m], mean[m], rstd[m]) =
+        gate_norm_one(zpre[m], bias_row[m], x[m], ln_weight[m], ln_bias[m], alpha, beta, p, sp + m, opm.c_str());
+  }
+  return {y, mean, rstd};
+}
+
+std::tuple<Tensors, Tensors, Tensors, Tensors, Tensors> gate_norm_grouped_backward_cpu(
+    at::TensorList dy, at::TensorList zpre, at::TensorList bias_row, at::TensorList x, at::TensorList ln_weight,
+    at::TensorList mean, at::TensorList rstd, double alpha, double beta, double p, const at::Tensor& seeds) {
+  const char* op = "vgmr::gate_norm_grouped_backward";
+  const auto M = grouped_count({{x, "x"}, {dy, "dy"}, {zpre, "zpre"}, {bias_row, "bias_row"},
+                                {ln_weight, "ln_weight"}, {mean, "mean"}, {rstd, "rstd"}},
+                               seeds, op);
+  const int64_t* sp = seeds.const_data_ptr<int64_t>();
+  Tensors dz(M), dbias(M), dx(M), dw(M), db(M);
+  for (size_t m = 0; m < M; ++m) {
+    const std::string opm = modality_op(op, m);
+    check_same_batch(x[m], x[0], opm);
+    std::tie(dz[m], dbias[m], dx[m], dw[m], db[m]) = gate_norm_backward_one(
+        dy[m], zpre[m], bias_row[m], x[m], ln_weight[m], mean[m], rstd[m], alpha, beta, p, sp + m, opm.c_str());
+  }
+  return {dz, dbias, dx, dw, db};
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace vgmr
@@ -903,4 +993,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm
 TORCH_LIBRARY_IMPL(vgmr, CPU, m) {
   m.impl("gate_norm", &vgmr::cpu::gate_norm_cpu);
   m.impl("gate_norm_backward", &vgmr::cpu::gate_norm_backward_cpu);
+  m.impl("gate_norm_grouped", &vgmr::cpu::gate_norm_grouped_cpu);
+  m.impl("gate_norm_grouped_backward", &vgmr::cpu::gate_norm_grouped_backward_cpu);
 }
