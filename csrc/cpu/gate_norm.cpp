@@ -13,12 +13,11 @@
 //     and fold with a fixed tree, so the arithmetic (and its rounding) is the same in every
 //     ISA clone (AVX-512, AVX2, SSE2). Half inputs are converted per block to fp32 scratch.
 //   - float64 (gradcheck): plain scalar loops with libm exp.
-#include "cpu_common.h"
-#include "op_checks.h"
-
 #include <string>
 #include <utility>
 #include <vector>
+
+#include "cpu_common.h"
 #include "vgmr_math.h"
 
 // The 16-lane vector helpers below are always inlined into their callers, so no vector
@@ -57,44 +56,13 @@ VGMR_ALWAYS_INLINE void prefetch_run(const T* p, int64_t n) {
 
 // ---- dropout: Philox words for a run of consecutive counters ---------------------------
 // Rows r .. r+k-1 of a [R, D] tensor use the consecutive counters r*q .. (r+k)*q - 1
-// (q = ceil(D/4)), so a block of rows is one run. The Philox4x32-10 of vgmr_math.h on 16
-// counters at a time (structure of arrays); out[4*i + w] is word w of counter n0 + i, i.e.
-// out[j*4q + c] decides column c of row r + j.
-VGMR_ALWAYS_INLINE void philox_run(uint64_t seed, uint64_t n0, int64_t count, uint32_t* __restrict__ out) {
-  constexpr int NB = 16;
-  const uint32_t key0 = (uint32_t)seed, key1 = (uint32_t)(seed >> 32);
-  for (int64_t k0 = 0; k0 < count; k0 += NB) {
-    uint32_t c0[NB], c1[NB], c2[NB], c3[NB];
-    for (int i = 0; i < NB; ++i) {
-      const uint64_t n = n0 + (uint64_t)(k0 + i);
-      c0[i] = (uint32_t)n;
-      c1[i] = (uint32_t)(n >> 32);
-      c2[i] = 0u;
-      c3[i] = 0u;
-    }
-    uint32_t k_0 = key0, k_1 = key1;
-    for (int round = 0; round < 10; ++round) {
-      for (int i = 0; i < NB; ++i) {
-        const uint64_t p0 = (uint64_t)0xD2511F53u * (uint64_t)c0[i];
-        const uint64_t p1 = (uint64_t)0xCD9E8D57u * (uint64_t)c2[i];
-        const uint32_t n0w = (uint32_t)(p1 >> 32) ^ c1[i] ^ k_0;
-        const uint32_t n2w = (uint32_t)(p0 >> 32) ^ c3[i] ^ k_1;
-        c1[i] = (uint32_t)p1;
-        c3[i] = (uint32_t)p0;
-        c0[i] = n0w;
-        c2[i] = n2w;
-      }
-      k_0 += 0x9E3779B9u;
-      k_1 += 0xBB67AE85u;
-    }
-    const int64_t m = std::min<int64_t>(NB, count - k0);
-    uint32_t* __restrict__ o = out + 4 * k0;
-    for (int64_t i = 0; i < m; ++i) {
-      o[4 * i + 0] = c0[i];
-      o[4 * i + 1] = c1[i];
-      o[4 * i + 2] = c2[i];
-      o[4 * i + 3] = c3[i];
-    }
+// (q = ceil(D/4)), so a block of rows is one run; out[4*i + w] is word w of counter n0 + i,
+// i.e. out[j*4q + c] decides column c of row r + j. Scalar (the float64 path); the float
+// path's vector version is simd::philox_run_v. Both are vgmr::philox10 of vgmr_math.h.
+inline void philox_run(uint64_t seed, uint64_t n0, int64_t count, uint32_t* __restrict__ out) {
+  for (int64_t i = 0; i < count; ++i) {
+    const vgmr::U32x4 w = vgmr::philox4x32_10(seed, n0 + (uint64_t)i);
+    for (int j = 0; j < 4; ++j) out[4 * i + j] = w.w[j];
   }
 }
 
@@ -220,33 +188,32 @@ struct Gate {
   explicit Gate(const Params& P) : c0(vgmr::gate_lin_c0(P.alpha, P.beta)), c1(vgmr::gate_lin_c1(P.alpha, P.beta)) {}
 };
 
-// Philox4x32-10 (vgmr_math.h) on W counters at a time: words of the counters n0 .. n0+count-1,
-// out[4*i + w] = word w of counter n0 + i (the layout of the scalar philox_run above).
+// vgmr::mulhilo32 on W lanes: 32x32 -> 64-bit products of a constant and each lane.
+template <int W>
+struct VecMulHiLo {
+  using vu = typename V<W>::vu;
+  using vu64 = typename V<W>::vu64;
+  VGMR_ALWAYS_INLINE void operator()(uint32_t a, vu b, vu& hi, vu& lo) const {
+    const vu64 p = __builtin_convertvector(b, vu64) * (uint64_t)a;
+    hi = __builtin_convertvector(p >> 32, vu);
+    lo = __builtin_convertvector(p, vu);
+  }
+};
+
+// Philox4x32-10 (vgmr::philox10 of vgmr_math.h) on W counters at a time: words of the
+// counters n0 .. n0+count-1, out[4*i + w] = word w of counter n0 + i (as philox_run).
 template <int W>
 VGMR_ALWAYS_INLINE void philox_run_v(uint64_t seed, uint64_t n0, int64_t count, uint32_t* __restrict__ out) {
   using vu = typename V<W>::vu;
   using vu64 = typename V<W>::vu64;
   vu64 iota;
   for (int l = 0; l < W; ++l) iota[l] = (uint64_t)l;
-  const uint32_t key0 = (uint32_t)seed, key1 = (uint32_t)(seed >> 32);
   for (int64_t k0 = 0; k0 < count; k0 += W) {
     const vu64 n = iota + (n0 + (uint64_t)k0);
     vu c0 = __builtin_convertvector(n, vu);
     vu c1 = __builtin_convertvector(n >> 32, vu);
     vu c2 = vu{}, c3 = vu{};
-    uint32_t k_0 = key0, k_1 = key1;
-    for (int round = 0; round < 10; ++round) {
-      const vu64 p0 = __builtin_convertvector(c0, vu64) * (uint64_t)0xD2511F53u;
-      const vu64 p1 = __builtin_convertvector(c2, vu64) * (uint64_t)0xCD9E8D57u;
-      const vu n0w = __builtin_convertvector(p1 >> 32, vu) ^ c1 ^ k_0;
-      const vu n2w = __builtin_convertvector(p0 >> 32, vu) ^ c3 ^ k_1;
-      c1 = __builtin_convertvector(p1, vu);
-      c3 = __builtin_convertvector(p0, vu);
-      c0 = n0w;
-      c2 = n2w;
-      k_0 += 0x9E3779B9u;
-      k_1 += 0xBB67AE85u;
-    }
+    vgmr::philox10(c0, c1, c2, c3, seed, VecMulHiLo<W>{});
     const int64_t m = std::min<int64_t>(W, count - k0);
     uint32_t* __restrict__ o = out + 4 * k0;
     for (int64_t i = 0; i < m; ++i) {
@@ -755,9 +722,9 @@ Params make_params(double alpha, double beta, double p, const int64_t* seed, con
 void check_main(const at::Tensor& zpre, const at::Tensor& bias_row, const at::Tensor& x, const at::Tensor& ln_weight,
                 const char* op) {
   check_cpu_float(x, op, "x");
-  check_dim(x, 3, op, "x", "[B, T, D]");
+  checks::dim(x, 3, op, "x", "[B, T, D]");
   check_cpu_float(zpre, op, "zpre");
-  check_same_dtype(x, zpre, op, "x", "zpre");
+  checks::same_dtype(zpre, x, op, "zpre", "x");
   TORCH_CHECK_VALUE(zpre.sizes() == x.sizes(), op, ": zpre must have the shape of x ", x.sizes(), ", got ",
                     zpre.sizes());
   TORCH_CHECK_VALUE(x.size(2) >= 1, op, ": x must have D >= 1 features, got ", x.sizes());
@@ -815,7 +782,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm
     const int64_t* seed, const char* op) {
   check_main(zpre, bias_row, x, ln_weight, op);
   check_cpu_float(dy, op, "dy");
-  check_same_dtype(x, dy, op, "x", "dy");
+  checks::same_dtype(dy, x, op, "dy", "x");
   TORCH_CHECK_VALUE(dy.sizes() == x.sizes(), op, ": dy must have the shape of x ", x.sizes(), ", got ", dy.sizes());
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
   const at::ScalarType pt = param_dtype(x.scalar_type());

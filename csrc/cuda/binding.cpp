@@ -57,17 +57,13 @@ at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
   return t;
 }
 
+// Argument checks: csrc/op_checks.h (shared with the CPU kernels); the CUDA-only one here.
 void check_cuda(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK_VALUE(t.defined(), op, ": ", name, " is undefined");
+  vgmr::checks::defined(t, op, name);
   TORCH_CHECK_VALUE(t.is_cuda(), op, ": ", name, " must be a CUDA tensor for the CUDA kernel, got ", t.device());
-  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous (the op layer makes it so)");
+  vgmr::checks::contiguous(t, op, name);
 }
 
-void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name,
-                       const char* ref_name) {
-  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",
-                    ref.device());
-}
 
 DType element_dtype(const at::Tensor& t, const char* op, const char* name) {
   switch (t.scalar_type()) {
@@ -84,20 +80,8 @@ DType element_dtype(const at::Tensor& t, const char* op, const char* name) {
   return DType::kFloat32;  // unreachable
 }
 
-void check_dtype(const at::Tensor& t, at::ScalarType want, const char* op, const char* name, const char* why) {
-  TORCH_CHECK_TYPE(t.scalar_type() == want, op, ": ", name, " must be ", want, why, ", got ", t.scalar_type());
-}
 
-void check_shape(const at::Tensor& t, at::IntArrayRef want, const char* op, const char* name,
-                 const char* shape_name) {
-  TORCH_CHECK_VALUE(t.sizes() == want, op, ": ", name, " must have shape ", shape_name, " = ", want, ", got ",
-                    t.sizes());
-}
 
-void check_dim(const at::Tensor& t, int64_t dim, const char* op, const char* name, const char* shape_name) {
-  TORCH_CHECK_VALUE(t.dim() == dim, op, ": ", name, " must have shape ", shape_name, " (", dim, " dims), got ",
-                    t.sizes());
-}
 
 // Optional [B, T] bool mask on h's device; returns its data (nullptr when absent).
 const uint8_t* mask_ptr(const std::optional<at::Tensor>& mask, const at::Tensor& ref, int64_t B, int64_t T,
@@ -105,9 +89,9 @@ const uint8_t* mask_ptr(const std::optional<at::Tensor>& mask, const at::Tensor&
   if (!mask.has_value() || !mask->defined()) return nullptr;
   const at::Tensor& m = *mask;
   check_cuda(m, op, "mask");
-  check_same_device(m, ref, op, "mask", "the features");
-  check_dtype(m, at::kBool, op, "mask", " (True = valid step)");
-  check_shape(m, {B, T}, op, "mask", "[B, T]");
+  vgmr::checks::same_device(m, ref, op, "mask", "the features");
+  vgmr::checks::dtype(m, at::kBool, op, "mask", " (True = valid step)");
+  vgmr::checks::shape(m, {B, T}, op, "mask", "[B, T]");
   return reinterpret_cast<const uint8_t*>(m.const_data_ptr<bool>());
 }
 
@@ -135,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> summary_pool_cuda(const at::Tenso
                                                                  const std::optional<at::Tensor>& mask) {
   const char* op = "vgmr::summary_pool";
   check_cuda(h, op, "h");
-  check_dim(h, 3, op, "h", "[B, T, D]");
+  vgmr::checks::dim(h, 3, op, "h", "[B, T, D]");
   const DType dt = element_dtype(h, op, "h");
   const int64_t B = h.size(0), T = h.size(1), D = h.size(2);
   TORCH_CHECK_VALUE(T <= std::numeric_limits<int32_t>::max(), op, ": T = ", T,
@@ -156,19 +140,19 @@ at::Tensor summary_pool_backward_cuda(const at::Tensor& dmean, const at::Tensor&
                                       const std::optional<at::Tensor>& mask, const at::Tensor& argmax, int64_t T) {
   const char* op = "vgmr::summary_pool_backward";
   check_cuda(dmean, op, "dmean");
-  check_dim(dmean, 2, op, "dmean", "[B, D]");
+  vgmr::checks::dim(dmean, 2, op, "dmean", "[B, D]");
   const DType dt = element_dtype(dmean, op, "dmean");
   const int64_t B = dmean.size(0), D = dmean.size(1);
   TORCH_CHECK_VALUE(T >= 0 && T <= std::numeric_limits<int32_t>::max(), op, ": T must be in [0, 2^31), got ", T);
   check_cuda(dmax, op, "dmax");
-  check_same_device(dmax, dmean, op, "dmax", "dmean");
+  vgmr::checks::same_device(dmax, dmean, op, "dmax", "dmean");
   TORCH_CHECK_TYPE(dmax.scalar_type() == dmean.scalar_type(), op, ": dmax must have the dtype of dmean (",
                    dmean.scalar_type(), "), got ", dmax.scalar_type());
-  check_shape(dmax, {B, D}, op, "dmax", "[B, D]");
+  vgmr::checks::shape(dmax, {B, D}, op, "dmax", "[B, D]");
   check_cuda(argmax, op, "argmax");
-  check_same_device(argmax, dmean, op, "argmax", "dmean");
-  check_dtype(argmax, at::kInt, op, "argmax", " (int32, from the forward)");
-  check_shape(argmax, {B, D}, op, "argmax", "[B, D]");
+  vgmr::checks::same_device(argmax, dmean, op, "argmax", "dmean");
+  vgmr::checks::dtype(argmax, at::kInt, op, "argmax", " (int32, from the forward)");
+  vgmr::checks::shape(argmax, {B, D}, op, "argmax", "[B, D]");
   const c10::cuda::CUDAGuard guard(dmean.device());
   const uint8_t* mp = mask_ptr(mask, dmean, B, T, op);
   at::Tensor dh = new_output({B, T, D}, dmean.options());
@@ -187,7 +171,7 @@ at::Tensor summary_pool_backward_cuda(const at::Tensor& dmean, const at::Tensor&
 at::Tensor interaction_cuda(const at::Tensor& s) {
   const char* op = "vgmr::interaction";
   check_cuda(s, op, "s");
-  check_dim(s, 3, op, "s", "[B, M, D]");
+  vgmr::checks::dim(s, 3, op, "s", "[B, M, D]");
   const DType dt = element_dtype(s, op, "s");
   const int64_t B = s.size(0), M = s.size(1), D = s.size(2);
   TORCH_CHECK_VALUE(M >= 2, op, ": s needs M >= 2 modalities, got M = ", M);
@@ -201,15 +185,15 @@ at::Tensor interaction_cuda(const at::Tensor& s) {
 at::Tensor interaction_backward_cuda(const at::Tensor& du, const at::Tensor& s) {
   const char* op = "vgmr::interaction_backward";
   check_cuda(s, op, "s");
-  check_dim(s, 3, op, "s", "[B, M, D]");
+  vgmr::checks::dim(s, 3, op, "s", "[B, M, D]");
   const int64_t B = s.size(0), M = s.size(1), D = s.size(2);
   TORCH_CHECK_VALUE(M >= 2, op, ": s needs M >= 2 modalities, got M = ", M);
   check_cuda(du, op, "du");
-  check_same_device(du, s, op, "du", "s");
+  vgmr::checks::same_device(du, s, op, "du", "s");
   const DType dt = element_dtype(du, op, "du");
   TORCH_CHECK_TYPE(du.scalar_type() == s.scalar_type(), op, ": du must have the dtype of s (", s.scalar_type(),
                    "), got ", du.scalar_type());
-  check_shape(du, {B, M, (3 * M - 1) * D}, op, "du", "[B, M, (3M-1) D]");
+  vgmr::checks::shape(du, {B, M, (3 * M - 1) * D}, op, "du", "[B, M, (3M-1) D]");
   const c10::cuda::CUDAGuard guard(s.device());
   at::Tensor ds = new_output({B, M, D}, du.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -223,24 +207,24 @@ at::Tensor interaction_backward_cuda(const at::Tensor& du, const at::Tensor& s) 
 DType check_gate_inputs(const at::Tensor& zpre, const at::Tensor& bias_row, const at::Tensor& x,
                         const at::Tensor& ln_weight, const char* op) {
   check_cuda(x, op, "x");
-  check_dim(x, 3, op, "x", "[B, T, D]");
+  vgmr::checks::dim(x, 3, op, "x", "[B, T, D]");
   const DType dt = element_dtype(x, op, "x");
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
   TORCH_CHECK_VALUE(D >= 1, op, ": x must have D >= 1 features, got D = ", D);
   check_cuda(zpre, op, "zpre");
-  check_same_device(zpre, x, op, "zpre", "x");
+  vgmr::checks::same_device(zpre, x, op, "zpre", "x");
   TORCH_CHECK_TYPE(zpre.scalar_type() == x.scalar_type(), op, ": zpre must have the dtype of x (", x.scalar_type(),
                    "), got ", zpre.scalar_type());
-  check_shape(zpre, {B, T, D}, op, "zpre", "[B, T, D]");
+  vgmr::checks::shape(zpre, {B, T, D}, op, "zpre", "[B, T, D]");
   const char* f32 = " (float32 for float32/half inputs; the op layer casts it)";
   check_cuda(bias_row, op, "bias_row");
-  check_same_device(bias_row, x, op, "bias_row", "x");
-  check_dtype(bias_row, at::kFloat, op, "bias_row", f32);
-  check_shape(bias_row, {B, D}, op, "bias_row", "[B, D]");
+  vgmr::checks::same_device(bias_row, x, op, "bias_row", "x");
+  vgmr::checks::dtype(bias_row, at::kFloat, op, "bias_row", f32);
+  vgmr::checks::shape(bias_row, {B, D}, op, "bias_row", "[B, D]");
   check_cuda(ln_weight, op, "ln_weight");
-  check_same_device(ln_weight, x, op, "ln_weight", "x");
-  check_dtype(ln_weight, at::kFloat, op, "ln_weight", f32);
-  check_shape(ln_weight, {D}, op, "ln_weight", "[D]");
+  vgmr::checks::same_device(ln_weight, x, op, "ln_weight", "x");
+  vgmr::checks::dtype(ln_weight, at::kFloat, op, "ln_weight", f32);
+  vgmr::checks::shape(ln_weight, {D}, op, "ln_weight", "[D]");
   return dt;
 }
 
@@ -252,9 +236,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_norm_one(const at::Tensor& z
   const DType dt = check_gate_inputs(zpre, bias_row, x, ln_weight, op);
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
   check_cuda(ln_bias, op, "ln_bias");
-  check_same_device(ln_bias, x, op, "ln_bias", "x");
-  check_dtype(ln_bias, at::kFloat, op, "ln_bias", " (float32 for float32/half inputs; the op layer casts it)");
-  check_shape(ln_bias, {D}, op, "ln_bias", "[D]");
+  vgmr::checks::same_device(ln_bias, x, op, "ln_bias", "x");
+  vgmr::checks::dtype(ln_bias, at::kFloat, op, "ln_bias", " (float32 for float32/half inputs; the op layer casts it)");
+  vgmr::checks::shape(ln_bias, {D}, op, "ln_bias", "[D]");
   const DropoutArgs drop = dropout_args(p, seed, op);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = new_output({B, T, D}, x.options());
@@ -276,19 +260,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm
   const DType dt = check_gate_inputs(zpre, bias_row, x, ln_weight, op);
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
   check_cuda(dy, op, "dy");
-  check_same_device(dy, x, op, "dy", "x");
+  vgmr::checks::same_device(dy, x, op, "dy", "x");
   TORCH_CHECK_TYPE(dy.scalar_type() == x.scalar_type(), op, ": dy must have the dtype of x (", x.scalar_type(),
                    "), got ", dy.scalar_type());
-  check_shape(dy, {B, T, D}, op, "dy", "[B, T, D]");
+  vgmr::checks::shape(dy, {B, T, D}, op, "dy", "[B, T, D]");
   const char* saved = " (saved by the forward)";
   check_cuda(mean, op, "mean");
-  check_same_device(mean, x, op, "mean", "x");
-  check_dtype(mean, at::kFloat, op, "mean", saved);
-  check_shape(mean, {B, T}, op, "mean", "[B, T]");
+  vgmr::checks::same_device(mean, x, op, "mean", "x");
+  vgmr::checks::dtype(mean, at::kFloat, op, "mean", saved);
+  vgmr::checks::shape(mean, {B, T}, op, "mean", "[B, T]");
   check_cuda(rstd, op, "rstd");
-  check_same_device(rstd, x, op, "rstd", "x");
-  check_dtype(rstd, at::kFloat, op, "rstd", saved);
-  check_shape(rstd, {B, T}, op, "rstd", "[B, T]");
+  vgmr::checks::same_device(rstd, x, op, "rstd", "x");
+  vgmr::checks::dtype(rstd, at::kFloat, op, "rstd", saved);
+  vgmr::checks::shape(rstd, {B, T}, op, "rstd", "[B, T]");
   const DropoutArgs drop = dropout_args(p, seed, op);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::TensorOptions f32 = x.options().dtype(at::kFloat);
@@ -347,9 +331,9 @@ size_t grouped_count(std::initializer_list<std::pair<at::TensorList, const char*
   const at::Tensor& x0 = lists.begin()->first[0];
   check_cuda(x0, op, "x[0]");
   check_cuda(seeds, op, "seeds");
-  check_same_device(seeds, x0, op, "seeds", "x[0]");
-  check_dtype(seeds, at::kLong, op, "seeds", " (one int64 Philox seed per modality)");
-  check_shape(seeds, {(int64_t)M}, op, "seeds", "[M]");
+  vgmr::checks::same_device(seeds, x0, op, "seeds", "x[0]");
+  vgmr::checks::dtype(seeds, at::kLong, op, "seeds", " (one int64 Philox seed per modality)");
+  vgmr::checks::shape(seeds, {(int64_t)M}, op, "seeds", "[M]");
   return M;
 }
 
@@ -368,7 +352,7 @@ std::tuple<Tensors, Tensors, Tensors> gate_norm_grouped_cuda(at::TensorList zpre
   for (size_t m = 0; m < M; ++m) {
     const std::string opm = modality_op(op, m);
     check_cuda(x[m], opm.c_str(), "x");
-    check_same_device(x[m], x[0], opm.c_str(), "x", "x[0]");
+    vgmr::checks::same_device(x[m], x[0], opm.c_str(), "x", "x[0]");
     std::tie(y[m], mean[m], rstd[m]) =
         gate_norm_one(zpre[m], bias_row[m], x[m], ln_weight[m], ln_bias[m], alpha, beta, p, sp + m, opm.c_str());
   }
@@ -387,7 +371,7 @@ std::tuple<Tensors, Tensors, Tensors, Tensors, Tensors> gate_norm_grouped_backwa
   for (size_t m = 0; m < M; ++m) {
     const std::string opm = modality_op(op, m);
     check_cuda(x[m], opm.c_str(), "x");
-    check_same_device(x[m], x[0], opm.c_str(), "x", "x[0]");
+    vgmr::checks::same_device(x[m], x[0], opm.c_str(), "x", "x[0]");
     std::tie(dz[m], dbias[m], dx[m], dw[m], db[m]) = gate_norm_backward_one(
         dy[m], zpre[m], bias_row[m], x[m], ln_weight[m], mean[m], rstd[m], alpha, beta, p, sp + m, opm.c_str());
   }
