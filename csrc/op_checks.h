@@ -8,6 +8,9 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <initializer_list>
+#include <string>
+#include <utility>
 
 namespace vgmr {
 namespace checks {
@@ -65,6 +68,37 @@ inline void seed_tensor(const at::Tensor& seed, const at::Tensor& ref, const cha
 inline uint64_t seed_value(int64_t s, const char* op) {
   TORCH_CHECK_VALUE(s >= 0, op, ": seed must be a non-negative int64, got ", s);
   return (uint64_t)s;
+}
+
+// gate_norm_grouped: the per-modality lists (first one named in the errors) all have M >= 1
+// tensors, and `seeds` is a contiguous int64 [M] tensor on the first list's device. Returns M.
+inline size_t grouped_count(std::initializer_list<std::pair<at::TensorList, const char*>> lists,
+                            const at::Tensor& seeds, const char* op) {
+  const auto M = lists.begin()->first.size();
+  TORCH_CHECK_VALUE(M >= 1, op, ": needs at least one modality, got empty lists");
+  for (const auto& [list, name] : lists) {
+    TORCH_CHECK_VALUE(list.size() == M, op, ": ", name, " has ", list.size(), " tensors but ",
+                      lists.begin()->second, " has ", M, " (one per modality)");
+  }
+  defined(seeds, op, "seeds");
+  dtype(seeds, at::kLong, op, "seeds", " (one int64 Philox seed per modality)");
+  TORCH_CHECK_VALUE(seeds.dim() == 1 && seeds.size(0) == (int64_t)M, op, ": seeds must have shape [M] = [", M,
+                    "], got ", seeds.sizes());
+  contiguous(seeds, op, "seeds");
+  same_device(seeds, lists.begin()->first[0], op, "seeds", "the inputs");
+  return M;
+}
+
+// The operator name of modality m in a grouped op's errors: "vgmr::gate_norm_grouped (modality 1)".
+inline std::string modality_op(const char* op, size_t m) {
+  return std::string(op) + " (modality " + std::to_string(m) + ")";
+}
+
+// Modality m's x has the batch size of modality 0 (ranks are checked per modality).
+inline void same_batch(const at::Tensor& x, const at::Tensor& x0, const std::string& opm) {
+  if (x.dim() != 3 || x0.dim() != 3) return;
+  TORCH_CHECK_VALUE(x.size(0) == x0.size(0), opm, ": every modality needs the batch size B of modality 0 (",
+                    x0.sizes(), "), got x ", x.sizes());
 }
 
 }  // namespace checks

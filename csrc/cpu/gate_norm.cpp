@@ -302,8 +302,9 @@ template <int W>
 VGMR_ALWAYS_INLINE void bwd_block(const float* __restrict__ zr, const float* __restrict__ xr,
                                   const float* __restrict__ dyr, const float* __restrict__ bp,
                                   const float* __restrict__ wpad, const float* __restrict__ rstd_in,
-                                  float* __restrict__ dzr, float* __restrict__ dxr, float* __restrict__ part_w, float* __restrict__ part_b,
-                                  float* __restrict__ part_bias, int64_t r, int64_t k, int64_t D, const Params& P,
+                                  float* __restrict__ dzr, float* __restrict__ dxr, float* __restrict__ part_w,
+                                  float* __restrict__ part_b, float* __restrict__ part_bias, int64_t r, int64_t k,
+                                  int64_t D, const Params& P,
                                   float* __restrict__ vbuf, float* __restrict__ gebuf, float* __restrict__ xgbuf,
                                   float* __restrict__ gybuf, float* __restrict__ kbuf, uint32_t* __restrict__ words) {
   VGMR_VEC_TYPES
@@ -668,9 +669,9 @@ void fwd_range(const scalar_t* zp, const scalar_t* xp, const at::opmath_type<sca
 // Chunks [c0, c1) of the backward (cpb chunks of tc rows per batch row).
 template <typename scalar_t>
 void bwd_chunks(const scalar_t* dyp, const scalar_t* zp, const scalar_t* xp, const at::opmath_type<scalar_t>* bias,
-                const at::opmath_type<scalar_t>* w, const at::opmath_type<scalar_t>* rstd_in, scalar_t* dzp, scalar_t* dxp, at::opmath_type<scalar_t>* pp,
-                int64_t Dp, int64_t c0, int64_t c1, int64_t cpb, int64_t tc, int64_t T, int64_t D, const Params& P,
-                float* ws) {
+                const at::opmath_type<scalar_t>* w, const at::opmath_type<scalar_t>* rstd_in, scalar_t* dzp,
+                scalar_t* dxp, at::opmath_type<scalar_t>* pp, int64_t Dp, int64_t c0, int64_t c1, int64_t cpb,
+                int64_t tc, int64_t T, int64_t D, const Params& P, float* ws) {
   if constexpr (std::is_same_v<scalar_t, double>) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t b = c / cpb, t0 = (c % cpb) * tc, nt = std::min<int64_t>(tc, T - t0);
@@ -889,46 +890,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm
 // bit-identical to M separate calls, for one operator call and one autograd node.
 using Tensors = std::vector<at::Tensor>;
 
-Tensors::size_type grouped_count(std::initializer_list<std::pair<at::TensorList, const char*>> lists,
-                                 const at::Tensor& seeds, const char* op) {
-  const auto M = lists.begin()->first.size();
-  TORCH_CHECK_VALUE(M >= 1, op, ": needs at least one modality, got empty lists");
-  for (const auto& [list, name] : lists) {
-    TORCH_CHECK_VALUE(list.size() == M, op, ": ", name, " has ", list.size(), " tensors but ",
-                      lists.begin()->second, " has ", M, " (one per modality)");
-  }
-  const at::Tensor& x0 = lists.begin()->first[0];
-  checks::defined(seeds, op, "seeds");
-  TORCH_CHECK_TYPE(seeds.scalar_type() == at::kLong, op, ": seeds must be an int64 tensor, got ",
-                   seeds.scalar_type());
-  TORCH_CHECK_VALUE(seeds.dim() == 1 && seeds.size(0) == (int64_t)M, op, ": seeds must have shape [M] = [", M,
-                    "], got ", seeds.sizes());
-  TORCH_CHECK_VALUE(seeds.is_contiguous(), op, ": seeds must be contiguous");
-  checks::same_device(seeds, x0, op, "seeds", "the inputs");
-  return M;
-}
-
-std::string modality_op(const char* op, size_t m) { return std::string(op) + " (modality " + std::to_string(m) + ")"; }
-
-void check_same_batch(const at::Tensor& x, const at::Tensor& x0, const std::string& opm) {
-  if (x.dim() != 3 || x0.dim() != 3) return;  // the per-modality checks name the rank error
-  TORCH_CHECK_VALUE(x.size(0) == x0.size(0), opm, ": every modality needs the batch size B of modality 0 (",
-                    x0.sizes(), "), got x ", x.sizes());
-}
-
 std::tuple<Tensors, Tensors, Tensors> gate_norm_grouped_cpu(at::TensorList zpre, at::TensorList bias_row,
                                                             at::TensorList x, at::TensorList ln_weight,
                                                             at::TensorList ln_bias, double alpha, double beta,
                                                             double p, const at::Tensor& seeds) {
   const char* op = "vgmr::gate_norm_grouped";
-  const auto M = grouped_count({{x, "x"}, {zpre, "zpre"}, {bias_row, "bias_row"}, {ln_weight, "ln_weight"},
-                                {ln_bias, "ln_bias"}},
-                               seeds, op);
+  const size_t M = checks::grouped_count(
+      {{x, "x"}, {zpre, "zpre"}, {bias_row, "bias_row"}, {ln_weight, "ln_weight"}, {ln_bias, "ln_bias"}}, seeds, op);
   const int64_t* sp = seeds.const_data_ptr<int64_t>();
   Tensors y(M), mean(M), rstd(M);
   for (size_t m = 0; m < M; ++m) {
-    const std::string opm = modality_op(op, m);
-    check_same_batch(x[m], x[0], opm);
+    const std::string opm = checks::modality_op(op, m);
+    checks::same_batch(x[m], x[0], opm);
     std::tie(y[m], mean[m], rstd[m]) =
         gate_norm_one(zpre[m], bias_row[m], x[m], ln_weight[m], ln_bias[m], alpha, beta, p, sp + m, opm.c_str());
   }
@@ -939,14 +912,14 @@ std::tuple<Tensors, Tensors, Tensors, Tensors, Tensors> gate_norm_grouped_backwa
     at::TensorList dy, at::TensorList zpre, at::TensorList bias_row, at::TensorList x, at::TensorList ln_weight,
     at::TensorList mean, at::TensorList rstd, double alpha, double beta, double p, const at::Tensor& seeds) {
   const char* op = "vgmr::gate_norm_grouped_backward";
-  const auto M = grouped_count({{x, "x"}, {dy, "dy"}, {zpre, "zpre"}, {bias_row, "bias_row"},
-                                {ln_weight, "ln_weight"}, {mean, "mean"}, {rstd, "rstd"}},
-                               seeds, op);
+  const size_t M = checks::grouped_count({{x, "x"}, {dy, "dy"}, {zpre, "zpre"}, {bias_row, "bias_row"},
+                                                {ln_weight, "ln_weight"}, {mean, "mean"}, {rstd, "rstd"}},
+                                               seeds, op);
   const int64_t* sp = seeds.const_data_ptr<int64_t>();
   Tensors dz(M), dbias(M), dx(M), dw(M), db(M);
   for (size_t m = 0; m < M; ++m) {
-    const std::string opm = modality_op(op, m);
-    check_same_batch(x[m], x[0], opm);
+    const std::string opm = checks::modality_op(op, m);
+    checks::same_batch(x[m], x[0], opm);
     std::tie(dz[m], dbias[m], dx[m], dw[m], db[m]) = gate_norm_backward_one(
         dy[m], zpre[m], bias_row[m], x[m], ln_weight[m], mean[m], rstd[m], alpha, beta, p, sp + m, opm.c_str());
   }

@@ -320,39 +320,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm
 // results are bit-identical to M separate calls.
 using Tensors = std::vector<at::Tensor>;
 
-size_t grouped_count(std::initializer_list<std::pair<at::TensorList, const char*>> lists, const at::Tensor& seeds,
-                     const char* op) {
-  const auto M = lists.begin()->first.size();
-  TORCH_CHECK_VALUE(M >= 1, op, ": needs at least one modality, got empty lists");
-  for (const auto& [list, name] : lists) {
-    TORCH_CHECK_VALUE(list.size() == M, op, ": ", name, " has ", list.size(), " tensors but ",
-                      lists.begin()->second, " has ", M, " (one per modality)");
-  }
-  const at::Tensor& x0 = lists.begin()->first[0];
-  check_cuda(x0, op, "x[0]");
-  check_cuda(seeds, op, "seeds");
-  vgmr::checks::same_device(seeds, x0, op, "seeds", "x[0]");
-  vgmr::checks::dtype(seeds, at::kLong, op, "seeds", " (one int64 Philox seed per modality)");
-  vgmr::checks::shape(seeds, {(int64_t)M}, op, "seeds", "[M]");
-  return M;
-}
-
-std::string modality_op(const char* op, size_t m) { return std::string(op) + " (modality " + std::to_string(m) + ")"; }
-
 std::tuple<Tensors, Tensors, Tensors> gate_norm_grouped_cuda(at::TensorList zpre, at::TensorList bias_row,
                                                              at::TensorList x, at::TensorList ln_weight,
                                                              at::TensorList ln_bias, double alpha, double beta,
                                                              double p, const at::Tensor& seeds) {
   const char* op = "vgmr::gate_norm_grouped";
-  const size_t M = grouped_count({{x, "x"}, {zpre, "zpre"}, {bias_row, "bias_row"}, {ln_weight, "ln_weight"},
-                                  {ln_bias, "ln_bias"}},
-                                 seeds, op);
+  const size_t M = vgmr::checks::grouped_count(
+      {{x, "x"}, {zpre, "zpre"}, {bias_row, "bias_row"}, {ln_weight, "ln_weight"}, {ln_bias, "ln_bias"}}, seeds, op);
+  check_cuda(seeds, op, "seeds");
   const int64_t* sp = seeds.const_data_ptr<int64_t>();
   Tensors y(M), mean(M), rstd(M);
   for (size_t m = 0; m < M; ++m) {
-    const std::string opm = modality_op(op, m);
+    const std::string opm = vgmr::checks::modality_op(op, m);
     check_cuda(x[m], opm.c_str(), "x");
     vgmr::checks::same_device(x[m], x[0], opm.c_str(), "x", "x[0]");
+    vgmr::checks::same_batch(x[m], x[0], opm);
     std::tie(y[m], mean[m], rstd[m]) =
         gate_norm_one(zpre[m], bias_row[m], x[m], ln_weight[m], ln_bias[m], alpha, beta, p, sp + m, opm.c_str());
   }
@@ -363,15 +345,17 @@ std::tuple<Tensors, Tensors, Tensors, Tensors, Tensors> gate_norm_grouped_backwa
     at::TensorList dy, at::TensorList zpre, at::TensorList bias_row, at::TensorList x, at::TensorList ln_weight,
     at::TensorList mean, at::TensorList rstd, double alpha, double beta, double p, const at::Tensor& seeds) {
   const char* op = "vgmr::gate_norm_grouped_backward";
-  const size_t M = grouped_count({{x, "x"}, {dy, "dy"}, {zpre, "zpre"}, {bias_row, "bias_row"},
-                                  {ln_weight, "ln_weight"}, {mean, "mean"}, {rstd, "rstd"}},
-                                 seeds, op);
+  const size_t M = vgmr::checks::grouped_count({{x, "x"}, {dy, "dy"}, {zpre, "zpre"}, {bias_row, "bias_row"},
+                                                {ln_weight, "ln_weight"}, {mean, "mean"}, {rstd, "rstd"}},
+                                               seeds, op);
+  check_cuda(seeds, op, "seeds");
   const int64_t* sp = seeds.const_data_ptr<int64_t>();
   Tensors dz(M), dbias(M), dx(M), dw(M), db(M);
   for (size_t m = 0; m < M; ++m) {
-    const std::string opm = modality_op(op, m);
+    const std::string opm = vgmr::checks::modality_op(op, m);
     check_cuda(x[m], opm.c_str(), "x");
     vgmr::checks::same_device(x[m], x[0], opm.c_str(), "x", "x[0]");
+    vgmr::checks::same_batch(x[m], x[0], opm);
     std::tie(dz[m], dbias[m], dx[m], dw[m], db[m]) = gate_norm_backward_one(
         dy[m], zpre[m], bias_row[m], x[m], ln_weight[m], mean[m], rstd[m], alpha, beta, p, sp + m, opm.c_str());
   }
