@@ -96,6 +96,10 @@ def seed(s, name: str = "seed") -> int:
 _UNUSED_SEED: dict = {}
 
 
+def _capturing(dev: torch.device) -> bool:
+    return dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def seed_tensor(s, ref: torch.Tensor, p, name: str = "seed") -> torch.Tensor:
     """The dropout seed as the raw ops take it (docs/ops.md): a one-element int64 tensor on
     ``ref``'s device. ``s``: a Python int in ``[0, 2**63)`` (ValueError / TypeError naming
@@ -115,6 +119,8 @@ def seed_tensor(s, ref: torch.Tensor, p, name: str = "seed") -> torch.Tensor:
         t = _UNUSED_SEED.get(dev)
         if t is None:
             with torch.inference_mode(False):  # a normal tensor: autograd may save it
-                t = _UNUSED_SEED[dev] = torch.zeros((), dtype=torch.int64, device=dev)
+                t = torch.zeros((), dtype=torch.int64, device=dev)
+            if not _capturing(dev):  # not from a CUDA graph's private memory pool
+                _UNUSED_SEED[dev] = t
         return t
     return torch.full((), s, dtype=torch.int64, device=dev)

@@ -92,7 +92,7 @@ def _grouped_seeds(seeds, M: int, p, ref: torch.Tensor) -> torch.Tensor:
         if t is None or type(ref) is not torch.Tensor or torch.compiler.is_compiling():
             with torch.inference_mode(False):
                 t = torch.zeros(M, dtype=torch.int64, device=ref.device)
-            if type(ref) is torch.Tensor and not torch.compiler.is_compiling():
+            if type(ref) is torch.Tensor and not torch.compiler.is_compiling() and not C._capturing(ref.device):
                 C._UNUSED_SEED[key] = t
         return t
     if isinstance(seeds, torch.Tensor):
