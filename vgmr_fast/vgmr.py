@@ -1,29 +1,37 @@
-"""The fused drop-in VGMR: same constructor, parameter names and state_dict as the reference.
+"""The fused drop-in VGMR: the reference's constructor and ``state_dict``, its own parameter layout.
 
-``vgmr_fast.VGMR`` subclasses ``vgmr_fast.reference.VGMR`` (so parameters, ``state_dict`` and
-input checks are literally shared) and replaces the forward's bandwidth-bound parts with the
-fused ops of ``vgmr_fast.ops``:
+Data flow, grouped across modalities wherever the shapes agree (one launch serves all M):
 
-    X -> P (GEMMs) -> summary_pool -> E -> interaction -> V -> g, v -> bias_row
-    [X; H] -> gate GEMM -> Zpre;   gate_norm(Zpre, bias_row, X) -> X~
+    X_m -> [P1_m; W_r] GEMM (one per m: P's first layer and the gate's X W_r^T + b_r share X)
+        -> GELU of all modalities at once -> P2_m GEMM -> H_m -> summary_pool
+    [mean; max] of all m -> E (batched GEMMs over stacked [M, ...] weights) -> interaction
+        -> V (batched GEMMs) -> the global and channel heads (one batched GEMM)
+        -> per-sample gate terms: one GEMM per modality into the bias row (A_g, A_c, every bias)
+    Zpre_m = (X W_r^T + b_r) + H_m W_h^T;   gate_norm(Zpre, bias_row, X) -> X~ (grouped when
+    the backend has a grouped kernel)
 
-The module keeps the GEMMs and small MLPs (torch does them best). Per SPEC §4 the two per-step
-gate products ``X W_r^T + H W_h^T`` are two GEMMs accumulating into one output
-(``gate_gemm="two"``, ``torch.addmm`` with beta = 1, no concatenated copy of ``[X; H]``) or one
-GEMM over the concatenation with the stacked weight (``gate_gemm="stacked"``); with
-``projection="linear"`` the weights fold into one ``D x D`` GEMM. All per-sample terms (A_g, A_c
-and every bias) form one ``[B, D]`` bias row that ``gate_norm`` broadcasts over time.
+Parameters live in that layout (stacked ``[M, ...]`` where all modalities share a shape,
+concatenated along the feature axis ``sum D_m`` where they do not). ``state_dict()`` gives the
+reference's keys and values, and ``load_state_dict`` takes either the reference's state or
+this layout's own, through state-dict hooks. ``reference_grads()`` maps gradients the same way.
+
+The heads' sigmoid enters the gate only as ``sigma(z) - 1/2``; the module computes it as
+``tanh(z/2) / 2`` (the same function, one launch fewer: the 1/2 folds into the GEMMs' alpha).
 """
 from __future__ import annotations
 
 import warnings
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
+from . import inputs
 from . import reference as ref
-from .ops.dropout import draw_seed
+from .dropout_stream import draw_seeds
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+EPS = ref.EPS
 _warned: set = set()
 
 
@@ -33,44 +41,217 @@ def _warn_once(key: str, msg: str) -> None:
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
+def _linear_init(out_features: int, in_features: int):
+    """``(weight, bias)`` initialised as ``nn.Linear`` does (same draws from torch's generator)."""
+    lin = nn.Linear(in_features, out_features)
+    return lin.weight.detach(), lin.bias.detach()
+
+
+class _ReferenceOps:
+    """The plain-torch functions of the reference, with the fused ops' call signature."""
+
+    @staticmethod
+    def summary_pool(h, mask, backend=None):
+        return ref.summary_pool(h, mask)
+
+    @staticmethod
+    def interaction(s, backend=None):
+        return ref.interaction(s)
+
+    @staticmethod
+    def gate_norm(zpre, bias_row, x, ln_weight, ln_bias, *, alpha, beta, p=0.0, seed=0, backend=None):
+        return ref.gate_norm(zpre, bias_row, x, ln_weight, ln_bias, alpha, beta, p, seed)
+
+
+def _seed_is_tensor() -> bool:
+    """Whether the op layer takes the dropout seed as a device tensor (CONTRACT.md)."""
+    try:
+        schema = torch.ops.vgmr.gate_norm.default._schema
+    except (AttributeError, RuntimeError):
+        return False
+    return str(schema.arguments[-1].type) == "Tensor"
+
+
 @torch.compiler.disable
-def _gate_norm_dropout(zpre, bias_row, x, ln_weight, ln_bias, alpha, beta, p, backend):
-    """gate_norm with dropout, its seed drawn here (in modality order, as the reference does).
-
-    The seed is a fresh Python int each step: inside a compiled graph it would be a guarded
-    constant and recompile every step, so the draw and this launch stay outside the graph.
-    """
-    from . import ops
-
+def _gate_norm_int_seed(ops, zpre, bias_row, x, ln_weight, ln_bias, alpha, beta, p, seed, backend):
+    """gate_norm for an op layer that still takes the seed as a Python int: reading it is a host
+    sync and a guarded constant, so it stays outside compiled graphs."""
     return ops.gate_norm(zpre, bias_row, x, ln_weight, ln_bias, alpha=alpha, beta=beta, p=p,
-                         seed=draw_seed(), backend=backend)
+                         seed=int(seed.item()), backend=backend)
 
 
-class VGMR(ref.VGMR):
+class VGMR(nn.Module):
     """Fused VGMR. Arguments as ``vgmr_fast.reference.VGMR``, plus:
 
     Args:
         backend: ``"auto"`` (best available for the inputs' device; falls back to the reference
             with a one-time warning when no fused backend is available), ``"reference"``,
             ``"cpu"`` (C++), ``"cuda"`` (CUDA C++) or ``"triton"``.
-        gate_gemm: ``"two"`` (two GEMMs into one output) or ``"stacked"`` (one GEMM over ``[X; H]``).
+        gate_gemm: ``"two"`` (X W_r^T comes out of P's first GEMM, H W_h^T accumulates into it)
+            or ``"stacked"`` (one GEMM over the concatenation ``[X; H]``).
+
+    Dropout (training, ``dropout > 0``) draws one int64 tensor of M seeds per forward on the
+    inputs' device (``torch.randint`` on that device's generator); on the CPU the reference
+    draws the same and drops the same elements under the same ``torch.manual_seed``.
 
     With ``return_aux=True`` the auxiliaries match the reference's; the gate statistics
     (``gate``, ``gate_mean``) cost one extra elementwise pass, done only on request.
     """
 
+    has_aux = True  # backbones ask for the auxiliaries with return_aux=True
+
     def __init__(self, widths, d: int = 128, alpha: float = 0.5, beta: float = 0.2, dropout: float = 0.1,
-                 *, backend: str = "auto", gate_gemm: str = "two", **kwargs):
-        super().__init__(widths, d, alpha, beta, dropout, **kwargs)
+                 *, use_global_value: bool = True, use_channel_value: bool = True, use_agreement: bool = True,
+                 use_discrepancy: bool = True, projection: str = "mlp", backend: str = "auto",
+                 gate_gemm: str = "two"):
+        super().__init__()
+        cfg = inputs.parse_config(widths, d, alpha, beta, dropout, use_global_value, use_channel_value,
+                                  use_agreement, use_discrepancy, projection)
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         if gate_gemm not in ("two", "stacked"):
             raise ValueError(f"gate_gemm: expected 'two' or 'stacked', got {gate_gemm!r}")
-        self.backend = backend
-        self.gate_gemm = gate_gemm
+        self.names, self.widths, self.d = cfg.names, cfg.widths, cfg.d
+        self.alpha, self.beta, self.p = cfg.alpha, cfg.beta, cfg.p
+        self.use_global_value, self.use_channel_value = cfg.use_global_value, cfg.use_channel_value
+        self.use_agreement, self.use_discrepancy = cfg.use_agreement, cfg.use_discrepancy
+        self.projection = cfg.projection
+        self.backend, self.gate_gemm = backend, gate_gemm
+        M = len(self.widths)
+        self.u_blocks = ref.interaction_blocks(M, self.use_agreement, self.use_discrepancy)
+        self._build(self._initial_state())
+        self.register_state_dict_post_hook(_state_dict_to_reference)
+        self.register_load_state_dict_pre_hook(_load_reference_state)
+
+    # -- layout -------------------------------------------------------------------------
+    @property
+    def num_modalities(self) -> int:
+        return len(self.widths)
+
+    def _initial_state(self) -> dict:
+        """The reference's state for a fresh module, drawn in the reference's order (so the same
+        ``torch.manual_seed`` gives both modules the same initial weights)."""
+        d, u_width = self.d, len(self.u_blocks) * self.d
+        state = {}
+        for m, D in enumerate(self.widths):
+            pre = f"blocks.{m}."
+            pieces = []
+            if self.projection == "mlp":
+                pieces += [("proj.0", _linear_init(d, D)), ("proj.2", _linear_init(d, d))]
+            else:
+                pieces += [("proj", _linear_init(d, D))]
+            pieces += [("summary.0", _linear_init(d, 2 * d)), ("summary.2", _linear_init(d, d)),
+                       ("value.0", _linear_init(d, u_width)), ("value.2", _linear_init(d, d))]
+            if self.use_global_value:
+                pieces.append(("global_head", _linear_init(1, d)))
+            if self.use_channel_value:
+                pieces.append(("channel_head", _linear_init(d, d)))
+            pieces += [("gate_raw", _linear_init(D, D)), ("gate_latent", _linear_init(D, d))]
+            if self.use_global_value:
+                pieces.append(("gate_global", _linear_init(D, 1)))
+            if self.use_channel_value:
+                pieces.append(("gate_channel", _linear_init(D, d)))
+            pieces.append(("norm", (torch.ones(D), torch.zeros(D))))
+            for name, (w, b) in pieces:
+                state[pre + name + ".weight"] = w
+                state[pre + name + ".bias"] = b
+        return state
+
+    def _build(self, state: dict) -> None:
+        """Allocate the stacked parameters and the map ``reference key -> (parameter, index)``."""
+        M, d, dims = self.num_modalities, self.d, self.widths
+        u_width = len(self.u_blocks) * d
+        g = 1 if self.use_global_value else 0
+        k = g + (d if self.use_channel_value else 0)
+        offsets = [sum(dims[:m]) for m in range(M)]
+        total = sum(dims)
+        self._offsets, self._k, self._g = offsets, k, g
+        slots: list[tuple[str, str, tuple]] = []  # (reference key, parameter name, index)
+
+        def param(*shape):
+            return nn.Parameter(torch.empty(*shape))
+
+        # per modality: [P1; W_r] share X; P2 stacked (d x d for every m); W_h
+        self.x_weight = nn.ParameterList(param(d + D, D) for D in dims)
+        self.x_bias = nn.ParameterList(param(d + D) for D in dims)
+        if self.projection == "mlp":
+            self.proj2_weight, self.proj2_bias = param(M, d, d), param(M, d)
+        self.gate_latent_weight = nn.ParameterList(param(D, d) for D in dims)
+        # shared networks on d, stacked over modalities
+        self.summary_w1, self.summary_b1 = param(M, d, 2 * d), param(M, d)
+        self.summary_w2, self.summary_b2 = param(M, d, d), param(M, d)
+        self.value_w1, self.value_b1 = param(M, d, u_width), param(M, d)
+        self.value_w2, self.value_b2 = param(M, d, d), param(M, d)
+        if k:
+            self.head_weight, self.head_bias = param(M, k, d), param(M, k)
+        # the per-sample gate terms of every modality, stacked along D: columns
+        # [A_g | A_c | b_h | b_g | b_c] (the biases multiply constant inputs, one GEMM per modality)
+        nb = 1 + g + (1 if self.use_channel_value else 0)
+        self._nb = nb
+        self.row_weight = param(total, k + nb)
+        self.norm_weight, self.norm_bias = param(total), param(total)
+
+        for m, D in enumerate(dims):
+            pre, rows = f"blocks.{m}.", slice(offsets[m], offsets[m] + D)
+            lead, tail = slice(0, d), slice(d, d + D)
+            if self.projection == "mlp":
+                slots += [(pre + "proj.0.weight", f"x_weight.{m}", (lead,)),
+                          (pre + "proj.0.bias", f"x_bias.{m}", (lead,)),
+                          (pre + "proj.2.weight", "proj2_weight", (m,)),
+                          (pre + "proj.2.bias", "proj2_bias", (m,))]
+            else:
+                slots += [(pre + "proj.weight", f"x_weight.{m}", (lead,)),
+                          (pre + "proj.bias", f"x_bias.{m}", (lead,))]
+            for name, w, b in (("summary.0", "summary_w1", "summary_b1"), ("summary.2", "summary_w2", "summary_b2"),
+                               ("value.0", "value_w1", "value_b1"), ("value.2", "value_w2", "value_b2")):
+                slots += [(pre + name + ".weight", w, (m,)), (pre + name + ".bias", b, (m,))]
+            if g:
+                slots += [(pre + "global_head.weight", "head_weight", (m, slice(0, 1))),
+                          (pre + "global_head.bias", "head_bias", (m, slice(0, 1)))]
+            if self.use_channel_value:
+                slots += [(pre + "channel_head.weight", "head_weight", (m, slice(g, k))),
+                          (pre + "channel_head.bias", "head_bias", (m, slice(g, k)))]
+            slots += [(pre + "gate_raw.weight", f"x_weight.{m}", (tail,)),
+                      (pre + "gate_raw.bias", f"x_bias.{m}", (tail,)),
+                      (pre + "gate_latent.weight", f"gate_latent_weight.{m}", ()),
+                      (pre + "gate_latent.bias", "row_weight", (rows, k))]
+            if g:
+                slots += [(pre + "gate_global.weight", "row_weight", (rows, slice(0, 1))),
+                          (pre + "gate_global.bias", "row_weight", (rows, k + 1))]
+            if self.use_channel_value:
+                slots += [(pre + "gate_channel.weight", "row_weight", (rows, slice(g, k))),
+                          (pre + "gate_channel.bias", "row_weight", (rows, k + 1 + g))]
+            slots += [(pre + "norm.weight", "norm_weight", (rows,)), (pre + "norm.bias", "norm_bias", (rows,))]
+        self._slots = slots
+        # the ignored input of the bias-row GEMMs (beta = 0): a buffer, so no launch per step
+        self.register_buffer("_zero", torch.zeros(()), persistent=False)
+        with torch.no_grad():
+            for key, pname, index in slots:
+                self.get_parameter(pname)[index].copy_(state[key])
+
+    def reference_view(self, tensors: dict) -> dict:
+        """``{reference key: tensors[parameter name][index]}`` for a dict keyed by this module's
+        parameter names (e.g. their gradients): the reference's view of per-parameter tensors."""
+        return {key: tensors[pname][index] for key, pname, index in self._slots if tensors.get(pname) is not None}
+
+    def reference_grads(self) -> dict:
+        """The parameters' gradients keyed and shaped as the reference's parameters (views)."""
+        return self.reference_view({n: p.grad for n, p in self.named_parameters()})
+
+    @property
+    def blocks(self):
+        """Per-modality read-only views for code written against the reference's ``blocks[m]``:
+        ``blocks[m].norm`` (``weight``, ``bias``, ``eps``). Parameters are stacked across
+        modalities here, so there is no per-modality ``nn.Module``."""
+        return [_BlockView(self, m) for m in range(self.num_modalities)]
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", backend={self.backend!r}, gate_gemm={self.gate_gemm!r}"
+        return (
+            f"widths={self.widths}, d={self.d}, alpha={self.alpha}, beta={self.beta}, dropout={self.p}, "
+            f"global={self.use_global_value}, channel={self.use_channel_value}, "
+            f"agreement={self.use_agreement}, discrepancy={self.use_discrepancy}, projection={self.projection!r}, "
+            f"backend={self.backend!r}, gate_gemm={self.gate_gemm!r}"
+        )
 
     def resolved_backend(self, device: torch.device) -> str:
         """The backend this module runs on ``device`` (``"reference"`` when nothing fused is available)."""
@@ -88,60 +269,153 @@ class VGMR(ref.VGMR):
                        "using the reference implementation")
             return "reference"
 
-    # -- gate GEMM ------------------------------------------------------------------
-    def _gate_logits(self, blk: ref.ModalityBlock, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """Per-step gate logits without biases: ``X W_r^T + H W_h^T`` ([B, T, D])."""
-        B, T, D = x.shape
-        x2, h2 = x.reshape(B * T, D), h.reshape(B * T, -1)
-        w_r, w_h = blk.gate_raw.weight, blk.gate_latent.weight
-        if self.projection == "linear":
-            # P is one Linear (h = x W_p^T + b_p): fold W_h into W_r (SPEC §4); W_h b_p joins the bias row.
-            z = x2 @ (w_r + w_h @ blk.proj.weight).t()
-        elif self.gate_gemm == "stacked":
-            z = torch.cat([x2, h2], dim=1) @ torch.cat([w_r, w_h], dim=1).t()
-        else:
-            z = torch.addmm(x2 @ w_r.t(), h2, w_h.t())
-        return z.view(B, T, D)
-
-    def _bias_row(self, blk: ref.ModalityBlock, g, v, x: torch.Tensor) -> torch.Tensor:
-        """All per-sample gate terms in one ``[B, D]`` row: A_g, A_c and every bias."""
-        row = blk.value_bias(g, v, x) + blk.gate_raw.bias + blk.gate_latent.bias
-        if self.projection == "linear":
-            row = row + blk.gate_latent.weight @ blk.proj.bias
-        return row
-
     # -- forward ----------------------------------------------------------------------
     def forward(self, xs, masks=None, return_aux: bool = False):
-        xs_list, masks_list = self._prepare(xs, masks)
+        xs_list, masks_list = inputs.prepare(xs, masks, self.names, self.widths, self.norm_weight.dtype)
+        B = xs_list[0].shape[0]
         backend = self.resolved_backend(xs_list[0].device)
-        if backend == "reference":
-            return super().forward(xs, masks, return_aux)
-        from . import ops
+        if backend == "reference" or B == 0:
+            ops = _ReferenceOps  # plain torch handles every case, an empty batch included
+        else:
+            from . import ops
+        M, d, k = self.num_modalities, self.d, self._k
+        dims = self.widths
+        Ts = [x.shape[1] for x in xs_list]
+        x2s = [x.reshape(B * T, D) for x, T, D in zip(xs_list, Ts, dims)]
+        stacked = self.gate_gemm == "stacked"
 
-        blocks = list(self.blocks)
-        hs = [blk.proj(x) for blk, x in zip(blocks, xs_list)]
-        summaries = []
-        for blk, h, mk in zip(blocks, hs, masks_list):
-            mean, mx = ops.summary_pool(h, mk, backend=backend)
-            summaries.append(blk.summary(torch.cat([mean, mx], dim=-1)))
-        u = self._select_u(ops.interaction(torch.stack(summaries, dim=1), backend=backend))
+        # Per-modality pieces of stacked tensors are taken with split / unbind (one launch in the
+        # backward: a cat / stack), never with indexing (a scatter and an add per piece).
+        # P's first layer, and X W_r^T + b_r from the same GEMM (unless the gate GEMM is stacked)
+        pres, zrs = [], []
+        for m in range(M):
+            if stacked:
+                w1, wr = self.x_weight[m].split([d, dims[m]])
+                b1, br = self.x_bias[m].split([d, dims[m]])
+                pres.append(torch.addmm(b1, x2s[m], w1.t()))
+            else:
+                pre, zr = torch.addmm(self.x_bias[m], x2s[m], self.x_weight[m].t()).split([d, dims[m]], dim=1)
+                pres.append(pre)
+                zrs.append(zr)
+        if self.projection == "mlp":
+            acts = F.gelu(torch.cat(pres)).split([B * T for T in Ts])  # one GELU for every modality
+            hs = [torch.addmm(b2, a, w2.t()) for a, w2, b2 in
+                  zip(acts, self.proj2_weight.unbind(0), self.proj2_bias.unbind(0))]
+        else:
+            hs = pres
+
+        # §1 summary: pooled [mean; max] of every modality -> E as batched GEMMs
+        pooled = []
+        for h, T, mk in zip(hs, Ts, masks_list):
+            pooled.extend(ops.summary_pool(h.reshape(B, T, d), mk, backend=backend))
+        summary_in = torch.stack(pooled, dim=1).view(B, M, 2 * d).transpose(0, 1)  # [M, B, 2d]
+        e = F.gelu(torch.baddbmm(self.summary_b1.unsqueeze(1), summary_in, self.summary_w1.transpose(1, 2)))
+        s = torch.baddbmm(self.summary_b2.unsqueeze(1), e, self.summary_w2.transpose(1, 2))  # [M, B, d]
+        # §2 interaction, §3 values
+        u = ops.interaction(s.transpose(0, 1), backend=backend)  # [B, M, (3M-1)d]
+        if len(self.u_blocks) != 3 * M - 1:
+            u = u.view(B, M, 3 * M - 1, d)[:, :, self.u_blocks].reshape(B, M, len(self.u_blocks) * d)
+        r = F.gelu(torch.baddbmm(self.value_b1.unsqueeze(1), u.transpose(0, 1), self.value_w1.transpose(1, 2)))
+        r = torch.baddbmm(self.value_b2.unsqueeze(1), r, self.value_w2.transpose(1, 2))
+        # heads: t = tanh(z/2) = 2 sigmoid(z) - 1, so A (sigmoid(z) - 1/2) = (A t) / 2; the bias
+        # columns of row_weight meet constant 2s (times the GEMM's 1/2: every bias once)
+        t = None
+        if k:
+            t = torch.tanh(torch.baddbmm(self.head_bias.unsqueeze(1), r, self.head_weight.transpose(1, 2),
+                                         beta=0.5, alpha=0.5))  # [M, B, k]
+            t_ext = F.pad(t, (0, self._nb), value=2.0)
+        else:
+            t_ext = r.new_full((M, B, self._nb), 2.0)
+
+        # §4 gate logits and the per-sample bias row, §5 gate_norm
+        zpres, rows = [], []
+        row_ws = self.row_weight.split(dims)
+        for m, (x2, h, T, D, tm) in enumerate(zip(x2s, hs, Ts, dims, t_ext.unbind(0))):
+            if stacked:
+                wr, br = self.x_weight[m][d:], self.x_bias[m][d:]
+                w = torch.cat([wr, self.gate_latent_weight[m]], dim=1)
+                z = torch.addmm(br, torch.cat([x2, h], dim=1), w.t())
+            else:
+                z = torch.addmm(zrs[m], h, self.gate_latent_weight[m].t())
+            zpres.append(z.view(B, T, D).to(x2.dtype))  # autocast may hand back a lower precision
+            rows.append(torch.addmm(self._zero, tm, row_ws[m].t(), beta=0.0, alpha=0.5))
         p = self.p if self.training else 0.0
-        outs, gs, vs, gates = [], [], [], []
-        for m, (blk, x, h) in enumerate(zip(blocks, xs_list, hs)):
-            g, v = blk.values(u[:, m])
-            zpre = self._gate_logits(blk, x, h).to(x.dtype)  # autocast may hand back a lower precision
-            bias_row = self._bias_row(blk, g, v, x)
-            args = (zpre, bias_row, x, blk.norm.weight, blk.norm.bias, self.alpha, self.beta)
-            outs.append(_gate_norm_dropout(*args, p, backend) if p > 0 else
-                        ops.gate_norm(*args[:5], alpha=self.alpha, beta=self.beta, backend=backend))
-            if return_aux:
-                gs.append(g)
-                vs.append(v)
-                gates.append(torch.sigmoid(zpre + bias_row.unsqueeze(1).to(zpre.dtype)))
-        refined = self._pack(xs, outs)
+        outs = self._gate_norm(ops, backend, zpres, rows, xs_list, p)
+        refined = inputs.pack(xs, self.names, outs)
         if not return_aux:
             return refined
-        return refined, self._aux(gs, vs, gates)
+        return refined, self._aux(t, zpres, rows)
+
+    def _gate_norm(self, ops, backend, zpres, rows, xs_list, p):
+        lnw, lnb = self.norm_weight.split(self.widths), self.norm_bias.split(self.widths)
+        if p == 0:
+            return [ops.gate_norm(z, r, x, w, b, alpha=self.alpha, beta=self.beta, backend=backend)
+                    for z, r, x, w, b in zip(zpres, rows, xs_list, lnw, lnb)]
+        seeds = draw_seeds(self.num_modalities, device=xs_list[0].device)
+        if ops is _ReferenceOps or _seed_is_tensor():
+            return [ops.gate_norm(z, r, x, w, b, alpha=self.alpha, beta=self.beta, p=p,
+                                  seed=seeds[m:m + 1], backend=backend)
+                    for m, (z, r, x, w, b) in enumerate(zip(zpres, rows, xs_list, lnw, lnb))]
+        return [_gate_norm_int_seed(ops, z, r, x, w, b, self.alpha, self.beta, p, seeds[m], backend)
+                for m, (z, r, x, w, b) in enumerate(zip(zpres, rows, xs_list, lnw, lnb))]
+
+    def _aux(self, t, zpres, rows):
+        g, M = self._g, self.num_modalities
+        values = None if t is None else 0.5 * t + 0.5  # sigmoid(z), [M, B, k]
+        return {
+            "global_value": values[:, :, 0].t().contiguous() if g else None,
+            "channel_value": values[:, :, g:].transpose(0, 1).contiguous() if self.use_channel_value else None,
+            "gate_mean": torch.stack([torch.sigmoid(z + r.unsqueeze(1).to(z.dtype)).float().mean(dim=(1, 2))
+                                      for z, r in zip(zpres, rows)], dim=1) if M else None,
+            "gate": [torch.sigmoid(z + r.unsqueeze(1).to(z.dtype)) for z, r in zip(zpres, rows)],
+        }
+
+
+class _NormView:
+    def __init__(self, weight, bias):
+        self.weight, self.bias, self.eps = weight, bias, EPS
+        self.normalized_shape = tuple(weight.shape)
+
+
+class _BlockView:
+    """``blocks[m]`` of a fused VGMR: the modality's LayerNorm as views of the stacked parameters."""
+
+    def __init__(self, module: VGMR, m: int):
+        o, D = module._offsets[m], module.widths[m]
+        self.norm = _NormView(module.norm_weight[o:o + D], module.norm_bias[o:o + D])
+
+
+def _state_dict_to_reference(module: VGMR, state_dict, prefix: str, local_metadata) -> None:
+    """State-dict post-hook: replace this layout's entries by the reference's keys and values."""
+    own = {}
+    for name, _ in module.named_parameters():
+        own[name] = state_dict.pop(prefix + name)
+    for key, pname, index in module._slots:
+        state_dict[prefix + key] = own[pname][index]
+
+
+def _load_reference_state(module: VGMR, state_dict, prefix, local_metadata, strict, missing_keys,
+                          unexpected_keys, error_msgs) -> None:
+    """Load pre-hook: a state in the reference's keys becomes this layout's (strict loading then
+    checks this layout's keys); a state already in this layout passes through."""
+    if not any(prefix + key in state_dict for key, _, _ in module._slots):
+        return
+    own = {name: p.detach().clone() for name, p in module.named_parameters()}
+    for key, pname, index in module._slots:
+        full = prefix + key
+        if full not in state_dict:
+            missing_keys.append(full)
+            continue
+        value = state_dict.pop(full)
+        target = own[pname][index]
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(target.shape):
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            error_msgs.append(f"size mismatch for {full}: copying a param with shape {shape} from checkpoint, "
+                              f"the shape in current model is {tuple(target.shape)}.")
+            continue
+        target.copy_(value)
+    for name, tensor in own.items():
+        state_dict[prefix + name] = tensor
 
 
 def from_reference(module: ref.VGMR, **kwargs) -> VGMR:
@@ -153,9 +427,10 @@ def from_reference(module: ref.VGMR, **kwargs) -> VGMR:
         use_agreement=module.use_agreement, use_discrepancy=module.use_discrepancy,
         projection=module.projection, **kwargs,
     )
-    fused.load_state_dict(module.state_dict())
     param = next(module.parameters())
-    return fused.to(device=param.device, dtype=param.dtype).train(module.training)
+    fused = fused.to(device=param.device, dtype=param.dtype)
+    fused.load_state_dict(module.state_dict())
+    return fused.train(module.training)
 
 
 __all__ = ["VGMR", "from_reference", "BACKENDS"]
