@@ -20,6 +20,7 @@ The heads' sigmoid enters the gate only as ``sigma(z) - 1/2``; the module comput
 """
 from __future__ import annotations
 
+import collections
 import warnings
 
 import torch
@@ -64,10 +65,13 @@ class _ReferenceOps:
 
 
 def _seed_is_tensor() -> bool:
-    """Whether the op layer takes the dropout seed as a device tensor (CONTRACT.md)."""
+    """Whether the op layer takes the dropout seed as a device tensor (CONTRACT.md). Asked
+    once per module, at construction (a schema query does not trace)."""
     try:
+        from . import ops  # noqa: F401  (loads the extension's schemas when it is built)
+
         schema = torch.ops.vgmr.gate_norm.default._schema
-    except (AttributeError, RuntimeError):
+    except (ImportError, AttributeError, RuntimeError, OSError):
         return False
     return str(schema.arguments[-1].type) == "Tensor"
 
@@ -80,6 +84,272 @@ def _gate_norm_int_seed(ops, zpre, bias_row, x, ln_weight, ln_bias, alpha, beta,
                          seed=int(seed.item()), backend=backend)
 
 
+# Static configuration of one fused call (a named tuple: compilers treat it as a constant).
+_Spec = collections.namedtuple("_Spec", ("M", "d", "alpha", "beta", "p", "backend", "mlp", "k", "nb", "u_blocks",
+                                         "seed_tensor", "recompute"))
+
+
+def _pdt(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _bmm_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a^T b`` over a batch: ``[M, n, i]^T [M, n, j] -> [M, i, j]`` (a weight's gradient)."""
+    return torch.bmm(a.transpose(1, 2), b)
+
+
+class _FusedVGMR(torch.autograd.Function):
+    """The whole layer as one autograd node: the raw fused ops, the GEMMs, and a backward written
+    out by hand, so that it launches what the math needs (no per-piece scatters, no zero-filled
+    gradients of unused outputs) and saves only what it cannot cheaply recompute: the P
+    pre-activation, H, Zpre (or, with ``recompute_gate_gemm``, not even Zpre), and small per-row
+    or per-sample tensors. Inputs: ``spec, seeds, *xs, *masks, *params, zero``; outputs:
+    ``*ys, t (when the value heads exist), *zpres, *rows`` (the last three feed the auxiliaries).
+    """
+
+    @staticmethod
+    def forward(ctx, spec, seeds, *flat):
+        M, d, k = spec.M, spec.d, spec.k
+        ns = torch.ops.vgmr_triton if spec.backend == "triton" else torch.ops.vgmr
+        xs, masks = flat[:M], flat[M:2 * M]
+        P = _unflatten_params(spec, flat[2 * M:])
+        B = xs[0].shape[0]
+        Ts, dims = [x.shape[1] for x in xs], [x.shape[2] for x in xs]
+        x2s = [x.reshape(B * T, D) for x, T, D in zip(xs, Ts, dims)]
+        xo = [torch.addmm(b, x2, w.t()) for x2, w, b in zip(x2s, P["xw"], P["xb"])]
+        if spec.mlp:
+            pre_all = torch.cat([o[:, :d] for o in xo])
+            acts = F.gelu(pre_all).split([B * T for T in Ts])
+            hs = [torch.addmm(b2, a, w2.t()) for a, w2, b2 in zip(acts, P["w2"].unbind(0), P["b2"].unbind(0))]
+        else:
+            pre_all = None
+            hs = [o[:, :d].contiguous() for o in xo]
+        saved_small = []
+        if k:
+            pooled, argmaxes = [], []
+            for h, T, mk in zip(hs, Ts, masks):
+                mean, mx, am = ns.summary_pool(h.view(B, T, d), mk)
+                pooled += [mean, mx]
+                argmaxes.append(am)
+            summary_in = torch.stack(pooled, dim=1).view(B, M, 2 * d).transpose(0, 1)  # [M, B, 2d]
+            e_pre = torch.baddbmm(P["eb1"].unsqueeze(1), summary_in, P["ew1"].transpose(1, 2))
+            e = F.gelu(e_pre)
+            s = torch.baddbmm(P["eb2"].unsqueeze(1), e, P["ew2"].transpose(1, 2))
+            s_bm = s.transpose(0, 1).contiguous()  # the interaction op reads [B, M, d]
+            u = ns.interaction(s_bm)
+            if len(spec.u_blocks) != 3 * M - 1:
+                u = u.view(B, M, 3 * M - 1, d)[:, :, list(spec.u_blocks)].reshape(B, M, len(spec.u_blocks) * d)
+            u_t = u.transpose(0, 1)
+            r_pre = torch.baddbmm(P["vb1"].unsqueeze(1), u_t, P["vw1"].transpose(1, 2))
+            r1 = F.gelu(r_pre)
+            r = torch.baddbmm(P["vb2"].unsqueeze(1), r1, P["vw2"].transpose(1, 2))
+            t = torch.tanh(torch.baddbmm(P["hb"].unsqueeze(1), r, P["hw"].transpose(1, 2), beta=0.5, alpha=0.5))
+            t_ext = F.pad(t, (0, spec.nb), value=2.0)
+            saved_small = [summary_in, e_pre, e, s_bm, u, r_pre, r1, r, t, *argmaxes]
+        else:
+            t = None
+            t_ext = xs[0].new_full((M, B, spec.nb), 2.0, dtype=P["rw"].dtype)
+        row_ws = P["rw"].split(dims)
+        rows = [torch.addmm(P["zero"], tm, rw.t(), beta=0.0, alpha=0.5) for tm, rw in zip(t_ext.unbind(0), row_ws)]
+        zpres = [torch.addmm(o[:, d:], h, wh.t()).view(B, T, D)
+                 for o, h, wh, T, D in zip(xo, hs, P["wh"], Ts, dims)]
+        del xo
+        pdt = _pdt(xs[0])
+        lnws = [w.to(pdt) for w in P["lnw"].split(dims)]
+        lnbs = [b.to(pdt) for b in P["lnb"].split(dims)]
+        rows_p = [r_.to(pdt) for r_ in rows]
+        ys, stats = [], []
+        for m in range(M):
+            seed = _seed_arg(spec, seeds, m)
+            y, mean, rstd = ns.gate_norm(zpres[m], rows_p[m], xs[m], lnws[m], lnbs[m],
+                                         spec.alpha, spec.beta, spec.p, seed)
+            ys.append(y)
+            stats += [mean, rstd]
+        ctx.set_materialize_grads(False)
+        ctx.spec, ctx.shape = spec, (B, tuple(Ts), tuple(dims))
+        ctx.has_mask = [mk is not None for mk in masks]
+        kept_z = [] if spec.recompute else zpres
+        kept_h = [] if spec.mlp else hs  # H is recomputed from the saved pre-activation
+        ctx.save_for_backward(seeds, *xs, *[mk for mk in masks if mk is not None], *flat[2 * M:],
+                              pre_all, *kept_h, *kept_z, t_ext, *rows_p, *stats, *saved_small)
+        return tuple(ys + ([t] if k else []) + zpres + rows)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        spec = ctx.spec
+        M, d, k = spec.M, spec.d, spec.k
+        ns = torch.ops.vgmr_triton if spec.backend == "triton" else torch.ops.vgmr
+        B, Ts, dims = ctx.shape
+        saved = list(ctx.saved_tensors)
+        seeds = saved.pop(0)
+        xs = [saved.pop(0) for _ in range(M)]
+        masks = [saved.pop(0) if has else None for has in ctx.has_mask]
+        n_params = _param_count(spec)
+        flat_params = [saved.pop(0) for _ in range(n_params)]
+        P = _unflatten_params(spec, flat_params)
+        pre_all = saved.pop(0)
+        if spec.mlp:  # GELU and P's second GEMM again, instead of saving H and the GELU output
+            acts = F.gelu(pre_all).split([B * T for T in Ts])
+            hs = [torch.addmm(b2, a, w2.t()) for a, w2, b2 in zip(acts, P["w2"].unbind(0), P["b2"].unbind(0))]
+        else:
+            hs = [saved.pop(0) for _ in range(M)]
+        x2s = [x.reshape(B * T, D) for x, T, D in zip(xs, Ts, dims)]
+        if spec.recompute:
+            zpres = [torch.addmm(torch.addmm(b[d:], x2, w[d:].t()), h, wh.t()).view(B, T, D)
+                     for x2, w, b, h, wh, T, D in zip(x2s, P["xw"], P["xb"], hs, P["wh"], Ts, dims)]
+        else:
+            zpres = [saved.pop(0) for _ in range(M)]
+        t_ext = saved.pop(0)
+        rows_p = [saved.pop(0) for _ in range(M)]
+        stats = [saved.pop(0) for _ in range(2 * M)]
+        if k:
+            summary_in, e_pre, e, s_bm, u, r_pre, r1, r, t = saved[:9]
+            argmaxes = saved[9:9 + M]
+        dys = grads[:M]
+        dt_extra = grads[M] if k else None
+        dz_extra = grads[M + (1 if k else 0):][:M]
+        drow_extra = grads[M + (1 if k else 0) + M:][:M]
+        pdt = _pdt(xs[0])
+        lnws = [w.to(pdt) for w in P["lnw"].split(dims)]
+
+        # §5 gate_norm
+        dzs, drows, dxs, dlnw, dlnb = [], [], [], [], []
+        for m in range(M):
+            dy = dys[m]
+            if dy is None:
+                dy = torch.zeros_like(xs[m])
+            out = ns.gate_norm_backward(dy.to(xs[m].dtype).contiguous(), zpres[m], rows_p[m], xs[m], lnws[m],
+                                        stats[2 * m], stats[2 * m + 1], spec.alpha, spec.beta, spec.p,
+                                        _seed_arg(spec, seeds, m))
+            dz, drow, dx, dw, db = out
+            if dz_extra[m] is not None:
+                dz = dz + dz_extra[m]
+            if drow_extra[m] is not None:
+                drow = drow + drow_extra[m]
+            dzs.append(dz.view(B * Ts[m], dims[m]))
+            drows.append(drow.to(P["rw"].dtype))
+            dxs.append(dx)
+            dlnw.append(dw)
+            dlnb.append(db)
+        g = {}
+        g["lnw"] = torch.cat(dlnw).to(P["lnw"].dtype)
+        g["lnb"] = torch.cat(dlnb).to(P["lnb"].dtype)
+        # §4 bias rows: rows_m = (t_ext_m RW_m^T) / 2
+        t_parts = t_ext.unbind(0)
+        g["rw"] = torch.cat([torch.addmm(P["zero"], dr.t(), tm, beta=0.0, alpha=0.5)
+                             for dr, tm in zip(drows, t_parts)])
+        g["wh"] = [torch.mm(dz.t(), h) for dz, h in zip(dzs, hs)]
+        dhs = [None] * M
+        if k:
+            dt = torch.stack([torch.addmm(P["zero"], dr, rw[:, :k], beta=0.0, alpha=0.5)
+                              for dr, rw in zip(drows, P["rw"].split(dims))])
+            if dt_extra is not None:
+                dt = dt + dt_extra
+            # heads: t = tanh((hb + r hw^T) / 2)
+            dzh = torch.ops.aten.tanh_backward(dt, t).mul_(0.5)
+            g["hw"] = _bmm_t(dzh, r)
+            g["hb"] = dzh.sum(1)
+            dr_ = torch.bmm(dzh, P["hw"])
+            # §3 values
+            g["vw2"] = _bmm_t(dr_, r1)
+            g["vb2"] = dr_.sum(1)
+            dr_pre = torch.ops.aten.gelu_backward(torch.bmm(dr_, P["vw2"]), r_pre)
+            g["vw1"] = _bmm_t(dr_pre, u.transpose(0, 1))
+            g["vb1"] = dr_pre.sum(1)
+            du = torch.bmm(dr_pre, P["vw1"]).transpose(0, 1)  # [B, M, width]
+            if len(spec.u_blocks) != 3 * M - 1:
+                full = du.new_zeros(B, M, 3 * M - 1, d)
+                full[:, :, list(spec.u_blocks)] = du.reshape(B, M, len(spec.u_blocks), d)
+                du = full.view(B, M, (3 * M - 1) * d)
+            # §2 interaction, §1 summary
+            ds = ns.interaction_backward(du.contiguous(), s_bm).transpose(0, 1)  # [M, B, d]
+            g["ew2"] = _bmm_t(ds, e)
+            g["eb2"] = ds.sum(1)
+            de_pre = torch.ops.aten.gelu_backward(torch.bmm(ds, P["ew2"]), e_pre)
+            g["ew1"] = _bmm_t(de_pre, summary_in)
+            g["eb1"] = de_pre.sum(1)
+            dmean = torch.bmm(de_pre, P["ew1"][:, :, :d])  # [M, B, d], contiguous per modality
+            dmax = torch.bmm(de_pre, P["ew1"][:, :, d:])
+            dhs = [ns.summary_pool_backward(dmean[m], dmax[m], masks[m], argmaxes[m], Ts[m]).view(B * Ts[m], d)
+                   for m in range(M)]
+        # gate GEMM: zpre = (x W_r^T + b_r) + h W_h^T
+        dhs = [dz @ wh if dh is None else dh.addmm_(dz, wh) for dh, dz, wh in zip(dhs, dzs, P["wh"])]
+        if spec.mlp:
+            g["w2"] = torch.stack([torch.mm(dh.t(), a) for dh, a in zip(dhs, acts)])
+            lengths = torch.tensor([B * T for T in Ts], device=pre_all.device)
+            g["b2"] = torch.segment_reduce(torch.cat(dhs), "sum", lengths=lengths)  # [M, d], one launch
+            dact = torch.cat([torch.mm(dh, w2) for dh, w2 in zip(dhs, P["w2"].unbind(0))])
+            dpres = torch.ops.aten.gelu_backward(dact, pre_all).split([B * T for T in Ts])
+        else:
+            dpres = dhs
+        g["xw"], g["xb"], dx_out = [], [], []
+        for m in range(M):
+            dxo = torch.cat([dpres[m], dzs[m]], dim=1)  # [BT, d + D]
+            g["xw"].append(torch.mm(dxo.t(), x2s[m]))
+            g["xb"].append(dxo.sum(0))
+            dx_out.append(torch.addmm(dxs[m].view(B * Ts[m], dims[m]), dxo, P["xw"][m]).view(B, Ts[m], dims[m]))
+        if not k:
+            for name in ("ew1", "eb1", "ew2", "eb2", "vw1", "vb1", "vw2", "vb2"):
+                g[name] = None  # the value path does not reach the output (both heads ablated)
+        return (None, None, *dx_out, *[None] * M, *_flatten_grads(spec, g, flat_params))
+
+
+_PARAM_ORDER = ("xw", "xb", "w2", "b2", "wh", "ew1", "eb1", "ew2", "eb2", "vw1", "vb1", "vw2", "vb2",
+                "hw", "hb", "rw", "lnw", "lnb", "zero")
+_PER_MODALITY = ("xw", "xb", "wh")
+
+
+def _param_names(spec) -> list:
+    names = []
+    for n in _PARAM_ORDER:
+        if n in ("w2", "b2") and not spec.mlp:
+            continue
+        if n in ("hw", "hb") and not spec.k:
+            continue
+        names.append(n)
+    return names
+
+
+def _param_count(spec) -> int:
+    return sum(spec.M if n in _PER_MODALITY else 1 for n in _param_names(spec))
+
+
+def _unflatten_params(spec, flat) -> dict:
+    P, i = {}, 0
+    for n in _param_names(spec):
+        if n in _PER_MODALITY:
+            P[n] = list(flat[i:i + spec.M])
+            i += spec.M
+        else:
+            P[n] = flat[i]
+            i += 1
+    return P
+
+
+def _flatten_grads(spec, g: dict, flat_params) -> list:
+    out, i = [], 0
+    for n in _param_names(spec):
+        if n in _PER_MODALITY:
+            items = g.get(n) or [None] * spec.M
+            for gi in items:
+                out.append(None if gi is None else gi.to(flat_params[i].dtype))
+                i += 1
+        else:
+            gi = g.get(n)
+            out.append(None if gi is None else gi.to(flat_params[i].dtype))
+            i += 1
+    return out
+
+
+def _seed_arg(spec, seeds, m: int):
+    """Modality m's dropout seed as the raw ops take it: a one-element int64 tensor on the
+    inputs' device (no host sync), or, for an op layer that still takes a Python int, its value."""
+    if spec.seed_tensor:
+        return seeds[m:m + 1]
+    return int(seeds[m].item()) if spec.p > 0 else 0
+
+
 class VGMR(nn.Module):
     """Fused VGMR. Arguments as ``vgmr_fast.reference.VGMR``, plus:
 
@@ -89,6 +359,13 @@ class VGMR(nn.Module):
             ``"cpu"`` (C++), ``"cuda"`` (CUDA C++) or ``"triton"``.
         gate_gemm: ``"two"`` (X W_r^T comes out of P's first GEMM, H W_h^T accumulates into it)
             or ``"stacked"`` (one GEMM over the concatenation ``[X; H]``).
+        recompute_gate_gemm: recompute the gate GEMM (Zpre) in the backward instead of saving it:
+            activations saved for backward drop by ``B * sum T_m D_m`` elements, for two more
+            GEMMs per modality in the backward.
+
+    On a fused backend (``gate_gemm="two"``, no autocast) the layer runs as one autograd node
+    with a hand-written backward (:class:`_FusedVGMR`); otherwise (reference backend, autocast,
+    ``gate_gemm="stacked"``, an empty batch) as torch autograd over the same grouped steps.
 
     Dropout (training, ``dropout > 0``) draws one int64 tensor of M seeds per forward on the
     inputs' device (``torch.randint`` on that device's generator); on the CPU the reference
@@ -103,7 +380,7 @@ class VGMR(nn.Module):
     def __init__(self, widths, d: int = 128, alpha: float = 0.5, beta: float = 0.2, dropout: float = 0.1,
                  *, use_global_value: bool = True, use_channel_value: bool = True, use_agreement: bool = True,
                  use_discrepancy: bool = True, projection: str = "mlp", backend: str = "auto",
-                 gate_gemm: str = "two"):
+                 gate_gemm: str = "two", recompute_gate_gemm: bool = False):
         super().__init__()
         cfg = inputs.parse_config(widths, d, alpha, beta, dropout, use_global_value, use_channel_value,
                                   use_agreement, use_discrepancy, projection)
@@ -117,6 +394,8 @@ class VGMR(nn.Module):
         self.use_agreement, self.use_discrepancy = cfg.use_agreement, cfg.use_discrepancy
         self.projection = cfg.projection
         self.backend, self.gate_gemm = backend, gate_gemm
+        self.recompute_gate_gemm = bool(recompute_gate_gemm)
+        self._seed_tensor = _seed_is_tensor()
         M = len(self.widths)
         self.u_blocks = ref.interaction_blocks(M, self.use_agreement, self.use_discrepancy)
         self._build(self._initial_state())
@@ -225,6 +504,8 @@ class VGMR(nn.Module):
         self._slots = slots
         # the ignored input of the bias-row GEMMs (beta = 0): a buffer, so no launch per step
         self.register_buffer("_zero", torch.zeros(()), persistent=False)
+        # the seeds the raw ops are given when there is no dropout (they never read them)
+        self.register_buffer("_no_seeds", torch.zeros(M, dtype=torch.int64), persistent=False)
         with torch.no_grad():
             for key, pname, index in slots:
                 self.get_parameter(pname)[index].copy_(state[key])
@@ -250,7 +531,7 @@ class VGMR(nn.Module):
             f"widths={self.widths}, d={self.d}, alpha={self.alpha}, beta={self.beta}, dropout={self.p}, "
             f"global={self.use_global_value}, channel={self.use_channel_value}, "
             f"agreement={self.use_agreement}, discrepancy={self.use_discrepancy}, projection={self.projection!r}, "
-            f"backend={self.backend!r}, gate_gemm={self.gate_gemm!r}"
+            f"backend={self.backend!r}, gate_gemm={self.gate_gemm!r}, recompute_gate_gemm={self.recompute_gate_gemm}"
         )
 
     def resolved_backend(self, device: torch.device) -> str:
@@ -278,6 +559,9 @@ class VGMR(nn.Module):
             ops = _ReferenceOps  # plain torch handles every case, an empty batch included
         else:
             from . import ops
+
+            if self.gate_gemm == "two" and not torch.is_autocast_enabled(xs_list[0].device.type):
+                return self._forward_fused(xs, xs_list, masks_list, backend, return_aux)
         M, d, k = self.num_modalities, self.d, self._k
         dims = self.widths
         Ts = [x.shape[1] for x in xs_list]
@@ -346,13 +630,37 @@ class VGMR(nn.Module):
             return refined
         return refined, self._aux(t, zpres, rows)
 
+    def _forward_fused(self, xs, xs_list, masks_list, backend, return_aux):
+        M = self.num_modalities
+        p = self.p if self.training else 0.0
+        seed_tensor = self._seed_tensor
+        seeds = draw_seeds(M, device=xs_list[0].device) if p > 0 else self._no_seeds
+        spec = _Spec(*(M, self.d, self.alpha, self.beta, p, backend, self.projection == "mlp", self._k, self._nb,
+                      tuple(self.u_blocks), seed_tensor, self.recompute_gate_gemm))
+        params = [*self.x_weight, *self.x_bias]
+        if spec.mlp:
+            params += [self.proj2_weight, self.proj2_bias]
+        params += [*self.gate_latent_weight, self.summary_w1, self.summary_b1, self.summary_w2, self.summary_b2,
+                   self.value_w1, self.value_b1, self.value_w2, self.value_b2]
+        if self._k:
+            params += [self.head_weight, self.head_bias]
+        params += [self.row_weight, self.norm_weight, self.norm_bias, self._zero]
+        outs = _FusedVGMR.apply(spec, seeds, *xs_list, *masks_list, *params)
+        ys = list(outs[:M])
+        refined = inputs.pack(xs, self.names, ys)
+        if not return_aux:
+            return refined
+        t = outs[M] if self._k else None
+        rest = outs[M + (1 if self._k else 0):]
+        return refined, self._aux(t, list(rest[:M]), list(rest[M:2 * M]))
+
     def _gate_norm(self, ops, backend, zpres, rows, xs_list, p):
         lnw, lnb = self.norm_weight.split(self.widths), self.norm_bias.split(self.widths)
         if p == 0:
             return [ops.gate_norm(z, r, x, w, b, alpha=self.alpha, beta=self.beta, backend=backend)
                     for z, r, x, w, b in zip(zpres, rows, xs_list, lnw, lnb)]
         seeds = draw_seeds(self.num_modalities, device=xs_list[0].device)
-        if ops is _ReferenceOps or _seed_is_tensor():
+        if ops is _ReferenceOps or self._seed_tensor:
             return [ops.gate_norm(z, r, x, w, b, alpha=self.alpha, beta=self.beta, p=p,
                                   seed=seeds[m:m + 1], backend=backend)
                     for m, (z, r, x, w, b) in enumerate(zip(zpres, rows, xs_list, lnw, lnb))]
