@@ -4,8 +4,12 @@
 //
 // Kernels: CPU in csrc/cpu/<op>.cpp (TORCH_LIBRARY_IMPL(vgmr, CPU) there), CUDA in
 // csrc/cuda/ (TORCH_LIBRARY_IMPL(vgmr, CUDA), built only with VGMR_WITH_CUDA).
+#include <ATen/FuncTorchTLS.h>
 #include <Python.h>
 #include <torch/autograd.h>
+
+#include <initializer_list>
+#include <string>
 
 #include "cpu/cpu_common.h"
 #include "vgmr_math.h"
@@ -25,11 +29,11 @@ TORCH_LIBRARY(vgmr, m) {
   m.def("interaction_backward(Tensor du, Tensor s) -> Tensor", tags);
   m.def(
       "gate_norm(Tensor zpre, Tensor bias_row, Tensor x, Tensor ln_weight, Tensor ln_bias, "
-      "float alpha, float beta, float p, int seed) -> (Tensor y, Tensor mean, Tensor rstd)",
+      "float alpha, float beta, float p, Tensor seed) -> (Tensor y, Tensor mean, Tensor rstd)",
       tags);
   m.def(
       "gate_norm_backward(Tensor dy, Tensor zpre, Tensor bias_row, Tensor x, Tensor ln_weight, "
-      "Tensor mean, Tensor rstd, float alpha, float beta, float p, int seed) "
+      "Tensor mean, Tensor rstd, float alpha, float beta, float p, Tensor seed) "
       "-> (Tensor dzpre, Tensor dbias_row, Tensor dx, Tensor dln_weight, Tensor dln_bias)",
       tags);
   // Debug/test op: the Philox4x32-10 words of csrc/vgmr_math.h for int64 counters
@@ -79,6 +83,45 @@ c10::TypedOperatorHandle<Sig> vgmr_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
+// What the fused autograd does not support, said once, in the wording of the Python op layer
+// (vgmr_fast.ops.backend.unsupported_message): name the op and point to the reference.
+std::string unsupported(const char* op, const char* what) {
+  const std::string name = std::string(op).substr(std::string(op).rfind(':') + 1);
+  return std::string(op) + ": " + what + " is not supported by the fused kernels; use the plain-torch reference " +
+         "(vgmr_fast.reference." + name + ", or VGMR(backend=\"reference\") for the module)";
+}
+
+// torch.func transforms and forward-mode AD: torch::autograd::Function supports neither, and
+// its own error names no op. Checked before the forward runs (a TLS read when unused).
+void check_transforms(const char* op, std::initializer_list<at::Tensor> inputs) {
+  const auto& functorch_tls = at::functorch::functorchTLSAccessor();
+  if (functorch_tls) {
+    bool ok = true;
+    try {
+      functorch_tls->checkSupportsCppAutogradFunction();
+    } catch (const c10::Error&) {
+      ok = false;
+    }
+    TORCH_CHECK(ok, unsupported(op, "torch.func (grad, vmap, jvp, jacrev, functional_call under a transform, ...)"));
+  }
+  for (const at::Tensor& t : inputs) {
+    TORCH_CHECK(!t.defined() || !t._fw_grad(/*level=*/0).defined(),
+                unsupported(op, "forward-mode AD (torch.autograd.forward_ad dual tensors)"));
+  }
+}
+
+// The fused backward is not differentiable: when it runs with create_graph=True and would
+// build a graph (an input of the backward requires grad), raise instead of returning wrong
+// second derivatives.
+void no_double_backward(const char* op, std::initializer_list<at::Tensor> tensors) {
+  if (!at::GradMode::is_enabled()) return;
+  for (const at::Tensor& t : tensors) {
+    TORCH_CHECK(!t.defined() || !t.requires_grad(),
+                unsupported(op, "double backward (torch.autograd.grad(..., create_graph=True), gradgradcheck, "
+                                "gradient penalties)"));
+  }
+}
+
 using Tuple3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using Tuple5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
@@ -101,6 +144,7 @@ struct SummaryPoolFn : public torch::autograd::Function<SummaryPoolFn> {
     c10::optional<at::Tensor> mask;
     if (ctx->saved_data["has_mask"].toBool()) mask = saved[1];
     at::Tensor dmean = grads[0], dmax = grads[1];
+    no_double_backward("vgmr::summary_pool", {dmean, dmax});
     if (!dmean.defined() && !dmax.defined()) return {at::Tensor(), at::Tensor()};
     if (!dmean.defined()) dmean = at::zeros_like(dmax);
     if (!dmax.defined()) dmax = at::zeros_like(dmean);
@@ -121,6 +165,7 @@ struct InteractionFn : public torch::autograd::Function<InteractionFn> {
     static auto op = vgmr_op<at::Tensor(const at::Tensor&, const at::Tensor&)>("vgmr::interaction_backward");
     if (!grads[0].defined()) return {at::Tensor()};
     auto saved = ctx->get_saved_variables();
+    no_double_backward("vgmr::interaction", {grads[0], saved[0]});
     return {op.call(grads[0].contiguous(), saved[0])};
   }
 };
@@ -128,45 +173,52 @@ struct InteractionFn : public torch::autograd::Function<InteractionFn> {
 struct GateNormFn : public torch::autograd::Function<GateNormFn> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& zpre, const at::Tensor& bias_row,
                                const at::Tensor& x, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
-                               double alpha, double beta, double p, int64_t seed) {
+                               double alpha, double beta, double p, const at::Tensor& seed) {
     static auto op = vgmr_op<Tuple3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                    const at::Tensor&, double, double, double, int64_t)>("vgmr::gate_norm");
+                                    const at::Tensor&, double, double, double, const at::Tensor&)>("vgmr::gate_norm");
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, mean, rstd] = op.call(zpre, bias_row, x, ln_weight, ln_bias, alpha, beta, p, seed);
-    ctx->save_for_backward({zpre, bias_row, x, ln_weight, mean, rstd});
+    // The seed tensor itself is saved (not its value): the backward kernel reads it from
+    // memory like the forward, so nothing here synchronises with the device.
+    ctx->save_for_backward({zpre, bias_row, x, ln_weight, mean, rstd, seed});
     ctx->saved_data["alpha"] = alpha;
     ctx->saved_data["beta"] = beta;
     ctx->saved_data["p"] = p;
-    ctx->saved_data["seed"] = seed;
     ctx->mark_non_differentiable({mean, rstd});
     return {y, mean, rstd};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static auto op = vgmr_op<Tuple5(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                     const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double, double,
-                                    int64_t)>("vgmr::gate_norm_backward");
+                                    const at::Tensor&)>("vgmr::gate_norm_backward");
     const at::Tensor none;
     if (!grads[0].defined()) return {none, none, none, none, none, none, none, none, none};
     auto s = ctx->get_saved_variables();
     at::Tensor dy = grads[0];
+    no_double_backward("vgmr::gate_norm", {dy, s[0], s[1], s[2], s[3]});
     if (dy.scalar_type() != s[2].scalar_type()) dy = dy.to(s[2].scalar_type());
     auto [dzpre, dbias, dx, dw, db] =
         op.call(dy.contiguous(), s[0], s[1], s[2], s[3], s[4], s[5], ctx->saved_data["alpha"].toDouble(),
-                ctx->saved_data["beta"].toDouble(), ctx->saved_data["p"].toDouble(), ctx->saved_data["seed"].toInt());
+                ctx->saved_data["beta"].toDouble(), ctx->saved_data["p"].toDouble(), s[6]);
     return {dzpre, dbias, dx, dw, db, none, none, none, none};
   }
 };
 
 Tuple3 summary_pool_autograd(const at::Tensor& h, const c10::optional<at::Tensor>& mask) {
+  check_transforms("vgmr::summary_pool", {h});
   auto out = SummaryPoolFn::apply(h, mask);
   return {out[0], out[1], out[2]};
 }
 
-at::Tensor interaction_autograd(const at::Tensor& s) { return InteractionFn::apply(s); }
+at::Tensor interaction_autograd(const at::Tensor& s) {
+  check_transforms("vgmr::interaction", {s});
+  return InteractionFn::apply(s);
+}
 
 Tuple3 gate_norm_autograd(const at::Tensor& zpre, const at::Tensor& bias_row, const at::Tensor& x,
                           const at::Tensor& ln_weight, const at::Tensor& ln_bias, double alpha, double beta, double p,
-                          int64_t seed) {
+                          const at::Tensor& seed) {
+  check_transforms("vgmr::gate_norm", {zpre, bias_row, x, ln_weight, ln_bias});
   auto out = GateNormFn::apply(zpre, bias_row, x, ln_weight, ln_bias, alpha, beta, p, seed);
   return {out[0], out[1], out[2]};
 }

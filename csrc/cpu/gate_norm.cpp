@@ -14,6 +14,7 @@
 //     ISA clone (AVX-512, AVX2, SSE2). Half inputs are converted per block to fp32 scratch.
 //   - float64 (gradcheck): plain scalar loops with libm exp.
 #include "cpu_common.h"
+#include "op_checks.h"
 #include "vgmr_math.h"
 
 // The 16-lane vector helpers below are always inlined into their callers, so no vector
@@ -770,14 +771,15 @@ void check_param(const at::Tensor& t, at::ScalarType want, at::IntArrayRef shape
   TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
-Params make_params(double alpha, double beta, double p, int64_t seed, const char* op) {
-  TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, op, ": dropout probability p must be in [0, 1), got ", p);
-  TORCH_CHECK_VALUE(seed >= 0, op, ": seed must be a non-negative int64, got ", seed);
+// The seed is read from memory only when p > 0 (docs/ops.md: p == 0 never reads it).
+Params make_params(double alpha, double beta, double p, const at::Tensor& seed, const at::Tensor& x, const char* op) {
+  checks::dropout_p(p, op);
+  checks::seed_tensor(seed, x, op, "x");
   Params P;
   P.alpha = alpha;
   P.beta = beta;
   P.p = p;
-  P.seed = (uint64_t)seed;
+  P.seed = p > 0.0 ? checks::seed_value(*seed.const_data_ptr<int64_t>(), op) : 0u;
   P.thr = vgmr::dropout_threshold(p);
   P.scale = vgmr::dropout_scale(p);
   return P;
@@ -800,11 +802,11 @@ void check_main(const at::Tensor& zpre, const at::Tensor& bias_row, const at::Te
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_norm_cpu(const at::Tensor& zpre, const at::Tensor& bias_row,
                                                              const at::Tensor& x, const at::Tensor& ln_weight,
                                                              const at::Tensor& ln_bias, double alpha, double beta,
-                                                             double p, int64_t seed) {
+                                                             double p, const at::Tensor& seed) {
   const char* op = "vgmr::gate_norm";
   check_main(zpre, bias_row, x, ln_weight, op);
   check_param(ln_bias, param_dtype(x.scalar_type()), {x.size(2)}, op, "ln_bias", "[D]");
-  const Params P = make_params(alpha, beta, p, seed, op);
+  const Params P = make_params(alpha, beta, p, seed, x, op);
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
   const at::ScalarType pt = param_dtype(x.scalar_type());
   // Allocation order: small outputs, then temporaries, then the big outputs (see WorkF).
@@ -843,7 +845,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_norm_cpu(const at::Tensor& z
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm_backward_cpu(
     const at::Tensor& dy, const at::Tensor& zpre, const at::Tensor& bias_row, const at::Tensor& x,
     const at::Tensor& ln_weight, const at::Tensor& mean, const at::Tensor& rstd, double alpha, double beta, double p,
-    int64_t seed) {
+    const at::Tensor& seed) {
   const char* op = "vgmr::gate_norm_backward";
   check_main(zpre, bias_row, x, ln_weight, op);
   check_cpu_float(dy, op, "dy");
@@ -853,7 +855,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm
   const at::ScalarType pt = param_dtype(x.scalar_type());
   check_param(mean, pt, {B, T}, op, "mean", "[B, T]");
   check_param(rstd, pt, {B, T}, op, "rstd", "[B, T]");
-  const Params P = make_params(alpha, beta, p, seed, op);
+  const Params P = make_params(alpha, beta, p, seed, x, op);
 
   // Fixed chunks of rows within one batch row: tc steps of T each (about 64K elements).
   const int64_t tc = std::max<int64_t>(1, std::min<int64_t>(T, ceil_div(65536, D)));

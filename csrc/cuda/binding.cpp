@@ -18,6 +18,7 @@
 #include <tuple>
 
 #include "cuda/kernels.h"
+#include "op_checks.h"
 #include "vgmr_math.h"
 
 namespace vgmr {
@@ -109,18 +110,20 @@ const uint8_t* mask_ptr(const std::optional<at::Tensor>& mask, const at::Tensor&
 struct DropoutArgs {
   uint32_t threshold;
   float scale;
-  uint64_t seed;
+  const int64_t* seed;  // device pointer: the kernels read the value (no host sync)
   bool on;
 };
 
-DropoutArgs dropout_args(double p, int64_t seed, const char* op) {
-  TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, op, ": dropout probability p must be in [0, 1), got ", p);
-  TORCH_CHECK_VALUE(seed >= 0, op, ": seed must be a non-negative int64, got ", seed);
+// The seed's value cannot be range-checked here without a device sync; the kernels use its
+// 64 bits as the Philox key (the op layer checks a Python int against [0, 2^63)).
+DropoutArgs dropout_args(double p, const at::Tensor& seed, const at::Tensor& x, const char* op) {
+  vgmr::checks::dropout_p(p, op);
+  vgmr::checks::seed_tensor(seed, x, op, "x");
   DropoutArgs d;
   d.on = p > 0.0;
   d.threshold = vgmr::dropout_threshold(p);
   d.scale = (float)vgmr::dropout_scale(p);
-  d.seed = (uint64_t)seed;
+  d.seed = seed.const_data_ptr<int64_t>();
   return d;
 }
 
@@ -241,7 +244,7 @@ DType check_gate_inputs(const at::Tensor& zpre, const at::Tensor& bias_row, cons
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_norm_cuda(const at::Tensor& zpre, const at::Tensor& bias_row,
                                                               const at::Tensor& x, const at::Tensor& ln_weight,
                                                               const at::Tensor& ln_bias, double alpha, double beta,
-                                                              double p, int64_t seed) {
+                                                              double p, const at::Tensor& seed) {
   const char* op = "vgmr::gate_norm";
   const DType dt = check_gate_inputs(zpre, bias_row, x, ln_weight, op);
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
@@ -249,7 +252,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_norm_cuda(const at::Tensor& 
   check_same_device(ln_bias, x, op, "ln_bias", "x");
   check_dtype(ln_bias, at::kFloat, op, "ln_bias", " (float32 for float32/half inputs; the op layer casts it)");
   check_shape(ln_bias, {D}, op, "ln_bias", "[D]");
-  const DropoutArgs drop = dropout_args(p, seed, op);
+  const DropoutArgs drop = dropout_args(p, seed, x, op);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = new_output({B, T, D}, x.options());
   at::Tensor mean = new_output({B, T}, x.options().dtype(at::kFloat));
@@ -266,7 +269,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_norm_cuda(const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm_backward_cuda(
     const at::Tensor& dy, const at::Tensor& zpre, const at::Tensor& bias_row, const at::Tensor& x,
     const at::Tensor& ln_weight, const at::Tensor& mean, const at::Tensor& rstd, double alpha, double beta, double p,
-    int64_t seed) {
+    const at::Tensor& seed) {
   const char* op = "vgmr::gate_norm_backward";
   const DType dt = check_gate_inputs(zpre, bias_row, x, ln_weight, op);
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
@@ -284,7 +287,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm
   check_same_device(rstd, x, op, "rstd", "x");
   check_dtype(rstd, at::kFloat, op, "rstd", saved);
   check_shape(rstd, {B, T}, op, "rstd", "[B, T]");
-  const DropoutArgs drop = dropout_args(p, seed, op);
+  const DropoutArgs drop = dropout_args(p, seed, x, op);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::TensorOptions f32 = x.options().dtype(at::kFloat);
   at::Tensor dzpre = new_output({B, T, D}, zpre.options());

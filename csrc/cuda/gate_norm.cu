@@ -54,7 +54,7 @@ struct FwdArgs {
   float alpha, beta;
   uint32_t thr;
   float scale;
-  uint64_t seed;
+  const int64_t* __restrict__ seed;  // device pointer, read when dropout
   bool dropout;
 };
 
@@ -76,7 +76,7 @@ struct BwdArgs {
   float alpha, beta;
   uint32_t thr;
   float scale;
-  uint64_t seed;
+  const int64_t* __restrict__ seed;  // device pointer, read when dropout
   bool dropout;
 };
 
@@ -103,10 +103,13 @@ __device__ __forceinline__ float2 row_sum2(float2 v, float2* red) {
 // vhat by an ulp of v, which rstd amplifies; e.g. D = 1, where v - mean is exactly 0).
 __device__ __forceinline__ float gated(float geff, float x) { return __fmul_rn(geff, x); }
 
-// Keep factors (scale or 0) of the 4 columns c0 .. c0+3 (c0 % 4 == 0) of row r.
-__device__ __forceinline__ void keep4(uint64_t seed, int64_t r, int64_t c0, int64_t D, uint32_t thr, float scale,
-                                      float (&kf)[4]) {
-  const U32x4 wd = philox4x32_10(seed, philox_counter(r, c0, D));
+// Keep factors (scale or 0) of the 4 columns c0 .. c0+3 (c0 % 4 == 0) of row r. The Philox
+// key is the int64 at `seed`, read from device memory (never by the host, so a replayed CUDA
+// graph sees the seed tensor's current value) at each use: an L1 hit, and no two registers
+// held across the row loop (the bf16 warp backward would spill them).
+__device__ __forceinline__ void keep4(const int64_t* __restrict__ seed, int64_t r, int64_t c0, int64_t D,
+                                      uint32_t thr, float scale, float (&kf)[4]) {
+  const U32x4 wd = philox4x32_10((uint64_t)__ldg(seed), philox_counter(r, c0, D));
 #pragma unroll
   for (int j = 0; j < 4; ++j) kf[j] = dropout_keep(wd.w[j], thr) ? scale : 0.f;
 }
@@ -727,7 +730,7 @@ cudaError_t launch_reduce(const float* part, float* out, int64_t nbatch, int64_t
 cudaError_t gate_norm_fwd_launch(DType dtype, const void* zpre, const float* bias_row, const void* x,
                                  const float* w, const float* b, void* y, float* mean, float* rstd, int64_t B,
                                  int64_t T, int64_t D, float alpha, float beta, uint32_t keep_threshold,
-                                 float keep_scale, uint64_t seed, bool dropout, cudaStream_t stream) {
+                                 float keep_scale, const int64_t* seed, bool dropout, cudaStream_t stream) {
   if (B < 0 || T < 0 || D < 1) return cudaErrorInvalidValue;
   const int64_t R = B * T;
   if (R == 0) return cudaSuccess;
@@ -763,7 +766,7 @@ cudaError_t gate_norm_bwd_launch(DType dtype, const void* dy, const void* zpre, 
                                  const void* x, const float* w, const float* mean, const float* rstd, void* dzpre,
                                  float* dbias_row, void* dx, float* dw, float* db, float* workspace,
                                  int64_t workspace_floats, int64_t B, int64_t T, int64_t D, float alpha, float beta,
-                                 uint32_t keep_threshold, float keep_scale, uint64_t seed, bool dropout,
+                                 uint32_t keep_threshold, float keep_scale, const int64_t* seed, bool dropout,
                                  cudaStream_t stream) {
   if (B < 0 || T < 0 || D < 1) return cudaErrorInvalidValue;
   cudaError_t e;

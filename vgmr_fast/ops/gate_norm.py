@@ -1,7 +1,9 @@
 """``gate_norm``: gate, amplification, retention, product with x, LayerNorm, dropout (SPEC §5).
 
-One pass per row; the op saves only per-row fp32 mean/rstd (and the seed); the backward
-recomputes the gate and the dropout keep mask (shared Philox stream, ``ops.dropout``).
+One pass per row; the op saves only per-row fp32 mean/rstd (and the seed tensor); the backward
+recomputes the gate and the dropout keep mask (shared Philox stream, ``ops.dropout``). The seed
+reaches the kernels as a one-element int64 tensor they read from memory (docs/ops.md), so a
+seed drawn on the device needs no host synchronisation and a compiled graph no recompile.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ def gate_norm(
     alpha: float = 0.5,
     beta: float = 0.2,
     p: float = 0.0,
-    seed: int = 0,
+    seed: int | torch.Tensor = 0,
     backend: str = "auto",
 ) -> torch.Tensor:
     """``Dropout_p(LayerNorm(G_eff(zpre + bias_row) * x))`` (eps 1e-5), dropout from the shared
@@ -31,7 +33,9 @@ def gate_norm(
 
     ``zpre``, ``x``: ``[B, T, D]``, same floating dtype; ``bias_row``: ``[B, D]``; ``ln_weight``,
     ``ln_bias``: ``[D]`` (cast to float32, or float64 for float64 ``x``; gradients come back in
-    their own dtype). Returns ``y`` ``[B, T, D]`` in ``x``'s dtype.
+    their own dtype). ``alpha``, ``beta``: finite reals. ``seed``: an int in ``[0, 2**63)`` or a
+    one-element int64 tensor on ``x``'s device (read by the kernel; unused when ``p == 0``).
+    Returns ``y`` ``[B, T, D]`` in ``x``'s dtype.
     """
     C.float_tensor(x, "x")
     C.rank(x, 3, "x", "[B, T, D]")
@@ -49,11 +53,14 @@ def gate_norm(
     C.float_tensor(ln_bias, "ln_bias")
     C.shape(ln_bias, (D,), "ln_bias", "[D]")
     C.check_same_device(x, "x", (zpre, bias_row, ln_weight, ln_bias), ("zpre", "bias_row", "ln_weight", "ln_bias"))
-    alpha = C.real(alpha, "alpha")
-    beta = C.real(beta, "beta")
+    alpha = C.finite_real(alpha, "alpha")
+    beta = C.finite_real(beta, "beta")
     p = C.probability(p, "p")
-    seed = C.seed(seed, "seed")
-    ns = _backend.namespace(_backend.resolve(backend, x, "gate_norm"))
+    seed = C.seed_tensor(seed, x, p, "seed")
+    be = _backend.resolve(backend, x, "gate_norm")
+    if be == "triton":
+        _backend.check_transforms("vgmr_triton::gate_norm", zpre, bias_row, x, ln_weight, ln_bias)
+    ns = _backend.namespace(be)
     pdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     if bias_row.dtype != pdt:
         bias_row = bias_row.to(pdt)
@@ -75,18 +82,28 @@ def gate_norm(
     return y
 
 
+def _fake_seed_check(op: str, seed) -> None:
+    """The kernels' seed checks, for the fake kernels (compile and meta see the same errors)."""
+    if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64:
+        raise TypeError(f"{op}: seed must be an int64 tensor, got {getattr(seed, 'dtype', type(seed).__name__)}")
+    if seed.numel() != 1:
+        raise ValueError(f"{op}: seed must have exactly one element, got shape {tuple(seed.shape)}")
+
+
 def _register(ns: str, needs_fake: bool) -> None:
     """Fake kernels and autograd for ``<ns>::gate_norm`` (ns = vgmr or vgmr_triton)."""
     if needs_fake:
 
         @torch.library.register_fake(f"{ns}::gate_norm")
         def _fake(zpre, bias_row, x, ln_weight, ln_bias, alpha, beta, p, seed):
+            _fake_seed_check(f"{ns}::gate_norm", seed)
             B, T, _ = x.shape
             stat = torch.float64 if x.dtype == torch.float64 else torch.float32
             return x.new_empty(x.shape), x.new_empty(B, T, dtype=stat), x.new_empty(B, T, dtype=stat)
 
         @torch.library.register_fake(f"{ns}::gate_norm_backward")
         def _fake_backward(dy, zpre, bias_row, x, ln_weight, mean, rstd, alpha, beta, p, seed):
+            _fake_seed_check(f"{ns}::gate_norm_backward", seed)
             return (
                 zpre.new_empty(zpre.shape),
                 bias_row.new_empty(bias_row.shape),
@@ -101,12 +118,13 @@ def _register(ns: str, needs_fake: bool) -> None:
         zpre, bias_row, x, ln_weight, _ln_bias, alpha, beta, p, seed = inputs
         _, mean, rstd = output
         ctx.mark_non_differentiable(mean, rstd)
-        ctx.save_for_backward(zpre, bias_row, x, ln_weight, mean, rstd)
-        ctx.args = (alpha, beta, p, seed)
+        ctx.save_for_backward(zpre, bias_row, x, ln_weight, mean, rstd, seed)
+        ctx.args = (alpha, beta, p)
 
     def backward(ctx, dy, _dmean, _drstd):
-        zpre, bias_row, x, ln_weight, mean, rstd = ctx.saved_tensors
-        alpha, beta, p, seed = ctx.args
+        zpre, bias_row, x, ln_weight, mean, rstd, seed = ctx.saved_tensors
+        _backend.no_double_backward(f"{ns}::gate_norm", dy, zpre, bias_row, x, ln_weight)
+        alpha, beta, p = ctx.args
         dzpre, dbias_row, dx, dw, db = ops.gate_norm_backward(
             dy.to(x.dtype).contiguous(), zpre, bias_row, x, ln_weight, mean, rstd, alpha, beta, p, seed
         )
