@@ -184,9 +184,12 @@ class VGMR(nn.Module):
     ``global_value`` [B, M], ``channel_value`` [B, M, d] (None where ablated), ``gate_mean`` [B, M]
     (mean initial gate G per sample) and ``gate`` (the list of G tensors).
 
-    Dropout draws from the shared Philox stream (``vgmr_fast.ops.dropout``) with one seed per
-    modality taken from torch's CPU generator, so the fused module with the same
-    ``torch.manual_seed`` drops the same elements. Set ``dropout_rng = "torch"`` to use
+    Dropout draws from the shared Philox stream (``vgmr_fast.dropout_stream``): each training
+    forward draws one int64 tensor of M seeds, ``torch.randint(0, 2**62, (M,))`` on the CPU
+    generator, and modality m uses the m-th; the fused module makes the same call on its inputs'
+    device, so on the CPU both drop the same elements under the same ``torch.manual_seed``.
+    Inputs must have the parameters' dtype (or run under ``torch.autocast``); an empty batch
+    gives empty outputs. Set ``dropout_rng = "torch"`` to use
     ``torch.nn.functional.dropout`` instead (what a plain-PyTorch user would write; benchmarks use it).
     """
 

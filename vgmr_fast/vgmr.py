@@ -196,7 +196,8 @@ class _FusedVGMR(torch.autograd.Function):
             hs = [saved.pop(0) for _ in range(M)]
         x2s = [x.reshape(B * T, D) for x, T, D in zip(xs, Ts, dims)]
         if spec.recompute:
-            zpres = [torch.addmm(torch.addmm(b[d:], x2, w[d:].t()), h, wh.t()).view(B, T, D)
+            # the forward's GEMMs again, same shapes and strides: bit for bit the Zpre gate_norm saw
+            zpres = [torch.addmm(torch.addmm(b, x2, w.t())[:, d:], h, wh.t()).view(B, T, D)
                      for x2, w, b, h, wh, T, D in zip(x2s, P["xw"], P["xb"], hs, P["wh"], Ts, dims)]
         else:
             zpres = [saved.pop(0) for _ in range(M)]
@@ -242,12 +243,12 @@ class _FusedVGMR(torch.autograd.Function):
         g["wh"] = [torch.mm(dz.t(), h) for dz, h in zip(dzs, hs)]
         dhs = [None] * M
         if k:
-            dt = torch.stack([torch.addmm(P["zero"], dr, rw[:, :k], beta=0.0, alpha=0.5)
-                              for dr, rw in zip(drows, P["rw"].split(dims))])
+            # heads: t = tanh((hb + r hw^T) / 2), so dz = tanh'(.) dt / 2; the 1/2 rides on the GEMMs
+            dt_half = torch.stack([torch.addmm(P["zero"], dr, rw[:, :k], beta=0.0, alpha=0.25)
+                                   for dr, rw in zip(drows, P["rw"].split(dims))])
             if dt_extra is not None:
-                dt = dt + dt_extra
-            # heads: t = tanh((hb + r hw^T) / 2)
-            dzh = torch.ops.aten.tanh_backward(dt, t).mul_(0.5)
+                dt_half = dt_half + 0.5 * dt_extra
+            dzh = torch.ops.aten.tanh_backward(dt_half, t)
             g["hw"] = _bmm_t(dzh, r)
             g["hb"] = dzh.sum(1)
             dr_ = torch.bmm(dzh, P["hw"])
