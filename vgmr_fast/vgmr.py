@@ -233,19 +233,34 @@ class _FusedVGMR(torch.autograd.Function):
             dxs.append(dx)
             dlnw.append(dw)
             dlnb.append(db)
+        # One workspace holds every gradient that gathers per-modality pieces: each GEMM writes its
+        # piece in place (out=), so gathering costs one allocation instead of a cat / stack each.
+        ws = _Workspace(xs[0])
+        width = len(spec.u_blocks) * d
+        ws_rw = ws.take(sum(dims), P["rw"].shape[1])
+        if k:
+            ws_dt = ws.take(M, B, k)
+            ws_du = ws.take(B, M, width) if width == (3 * M - 1) * d else None
+        if spec.mlp:
+            ws_w2 = ws.take(M, d, d)
+            ws_dact = ws.take(sum(B * T for T in Ts), d)
+        ws.allocate()
         g = {}
         g["lnw"] = torch.cat(dlnw).to(P["lnw"].dtype)
         g["lnb"] = torch.cat(dlnb).to(P["lnb"].dtype)
         # §4 bias rows: rows_m = (t_ext_m RW_m^T) / 2
         t_parts = t_ext.unbind(0)
-        g["rw"] = torch.cat([torch.addmm(P["zero"], dr.t(), tm, beta=0.0, alpha=0.5)
-                             for dr, tm in zip(drows, t_parts)])
+        rw_pieces = ws_rw().split(dims)
+        for dr, tm, out in zip(drows, t_parts, rw_pieces):
+            torch.addmm(P["zero"], dr.t(), tm, beta=0.0, alpha=0.5, out=out)
+        g["rw"] = ws_rw()
         g["wh"] = [torch.mm(dz.t(), h) for dz, h in zip(dzs, hs)]
         dhs = [None] * M
         if k:
             # heads: t = tanh((hb + r hw^T) / 2), so dz = tanh'(.) dt / 2; the 1/2 rides on the GEMMs
-            dt_half = torch.stack([torch.addmm(P["zero"], dr, rw[:, :k], beta=0.0, alpha=0.25)
-                                   for dr, rw in zip(drows, P["rw"].split(dims))])
+            dt_half = ws_dt()
+            for dr, rw, out in zip(drows, P["rw"].split(dims), dt_half.unbind(0)):
+                torch.addmm(P["zero"], dr, rw[:, :k], beta=0.0, alpha=0.25, out=out)
             if dt_extra is not None:
                 dt_half = dt_half + 0.5 * dt_extra
             dzh = torch.ops.aten.tanh_backward(dt_half, t)
@@ -258,7 +273,13 @@ class _FusedVGMR(torch.autograd.Function):
             dr_pre = torch.ops.aten.gelu_backward(torch.bmm(dr_, P["vw2"]), r_pre)
             g["vw1"] = _bmm_t(dr_pre, u.transpose(0, 1))
             g["vb1"] = dr_pre.sum(1)
-            du = torch.bmm(dr_pre, P["vw1"]).transpose(0, 1)  # [B, M, width]
+            if ws_du is not None and not torch.compiler.is_compiling():
+                # written as [B, M, width], the layout the interaction reads (a compiler fuses the
+                # transpose itself, and Dynamo takes no strided out=)
+                du = ws_du()
+                torch.bmm(dr_pre, P["vw1"], out=du.transpose(0, 1))
+            else:
+                du = torch.bmm(dr_pre, P["vw1"]).transpose(0, 1)  # [B, M, width]
             if len(spec.u_blocks) != 3 * M - 1:
                 full = du.new_zeros(B, M, 3 * M - 1, d)
                 full[:, :, list(spec.u_blocks)] = du.reshape(B, M, len(spec.u_blocks), d)
@@ -277,10 +298,14 @@ class _FusedVGMR(torch.autograd.Function):
         # gate GEMM: zpre = (x W_r^T + b_r) + h W_h^T
         dhs = [dz @ wh if dh is None else dh.addmm_(dz, wh) for dh, dz, wh in zip(dhs, dzs, P["wh"])]
         if spec.mlp:
-            g["w2"] = torch.stack([torch.mm(dh.t(), a) for dh, a in zip(dhs, acts)])
+            g["w2"] = ws_w2()
+            for dh, a, out in zip(dhs, acts, g["w2"].unbind(0)):
+                torch.mm(dh.t(), a, out=out)
             lengths = torch.tensor([B * T for T in Ts], device=pre_all.device)
             g["b2"] = torch.segment_reduce(torch.cat(dhs), "sum", lengths=lengths)  # [M, d], one launch
-            dact = torch.cat([torch.mm(dh, w2) for dh, w2 in zip(dhs, P["w2"].unbind(0))])
+            dact = ws_dact()
+            for dh, w2, out in zip(dhs, P["w2"].unbind(0), dact.split([B * T for T in Ts])):
+                torch.mm(dh, w2, out=out)
             dpres = torch.ops.aten.gelu_backward(dact, pre_all).split([B * T for T in Ts])
         else:
             dpres = dhs
@@ -294,6 +319,24 @@ class _FusedVGMR(torch.autograd.Function):
             for name in ("ew1", "eb1", "ew2", "eb2", "vw1", "vb1", "vw2", "vb2"):
                 g[name] = None  # the value path does not reach the output (both heads ablated)
         return (None, None, *dx_out, *[None] * M, *_flatten_grads(spec, g, flat_params))
+
+
+class _Workspace:
+    """One allocation carved into several tensors: ``take(*shape)`` returns a getter for a view."""
+
+    def __init__(self, like: torch.Tensor):
+        self.like, self.sizes, self.buffer = like, [], None
+
+    def take(self, *shape):
+        start = sum(n for _, n in self.sizes)
+        numel = 1
+        for n in shape:
+            numel *= n
+        self.sizes.append((shape, numel))
+        return lambda: self.buffer[start:start + numel].view(shape)
+
+    def allocate(self) -> None:
+        self.buffer = self.like.new_empty(sum(n for _, n in self.sizes))
 
 
 _PARAM_ORDER = ("xw", "xb", "w2", "b2", "wh", "ew1", "eb1", "ew2", "eb2", "vw1", "vb1", "vw2", "vb2",
