@@ -10,6 +10,7 @@
 
 #include <initializer_list>
 #include <string>
+#include <vector>
 
 #include "cpu/cpu_common.h"
 #include "vgmr_math.h"
@@ -35,6 +36,16 @@ TORCH_LIBRARY(vgmr, m) {
       "gate_norm_backward(Tensor dy, Tensor zpre, Tensor bias_row, Tensor x, Tensor ln_weight, "
       "Tensor mean, Tensor rstd, float alpha, float beta, float p, Tensor seed) "
       "-> (Tensor dzpre, Tensor dbias_row, Tensor dx, Tensor dln_weight, Tensor dln_bias)",
+      tags);
+  // All modalities in one call (docs/ops.md): modality m is gate_norm(..., seed = seeds[m]).
+  m.def(
+      "gate_norm_grouped(Tensor[] zpre, Tensor[] bias_row, Tensor[] x, Tensor[] ln_weight, Tensor[] ln_bias, "
+      "float alpha, float beta, float p, Tensor seeds) -> (Tensor[] y, Tensor[] mean, Tensor[] rstd)",
+      tags);
+  m.def(
+      "gate_norm_grouped_backward(Tensor[] dy, Tensor[] zpre, Tensor[] bias_row, Tensor[] x, Tensor[] ln_weight, "
+      "Tensor[] mean, Tensor[] rstd, float alpha, float beta, float p, Tensor seeds) "
+      "-> (Tensor[] dzpre, Tensor[] dbias_row, Tensor[] dx, Tensor[] dln_weight, Tensor[] dln_bias)",
       tags);
   // Debug/test op: the Philox4x32-10 words of csrc/vgmr_math.h for int64 counters
   // ([...] -> [..., 4], int64 holding uint32 values). CPU only.
@@ -204,6 +215,83 @@ struct GateNormFn : public torch::autograd::Function<GateNormFn> {
   }
 };
 
+// Grouped gate_norm: one autograd node for all modalities. Inputs are flattened by
+// torch::autograd::Function (each list element is one input), so the backward returns
+// 5M gradients in list order, then none for alpha, beta, p and seeds.
+using Tensors = std::vector<at::Tensor>;
+using Lists3 = std::tuple<Tensors, Tensors, Tensors>;
+using Lists5 = std::tuple<Tensors, Tensors, Tensors, Tensors, Tensors>;
+
+struct GateNormGroupedFn : public torch::autograd::Function<GateNormGroupedFn> {
+  static variable_list forward(AutogradContext* ctx, at::TensorList zpre, at::TensorList bias_row, at::TensorList x,
+                               at::TensorList ln_weight, at::TensorList ln_bias, double alpha, double beta, double p,
+                               const at::Tensor& seeds) {
+    static auto op = vgmr_op<Lists3(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                                    double, double, double, const at::Tensor&)>("vgmr::gate_norm_grouped");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, mean, rstd] = op.call(zpre, bias_row, x, ln_weight, ln_bias, alpha, beta, p, seeds);
+    const size_t M = x.size();
+    variable_list saved;
+    saved.reserve(6 * M + 1);
+    for (at::TensorList l : {zpre, bias_row, x, ln_weight}) saved.insert(saved.end(), l.begin(), l.end());
+    saved.insert(saved.end(), mean.begin(), mean.end());
+    saved.insert(saved.end(), rstd.begin(), rstd.end());
+    saved.push_back(seeds);
+    ctx->save_for_backward(saved);
+    ctx->saved_data["M"] = (int64_t)M;
+    ctx->saved_data["alpha"] = alpha;
+    ctx->saved_data["beta"] = beta;
+    ctx->saved_data["p"] = p;
+    variable_list out;
+    out.reserve(3 * M);
+    out.insert(out.end(), y.begin(), y.end());
+    out.insert(out.end(), mean.begin(), mean.end());
+    out.insert(out.end(), rstd.begin(), rstd.end());
+    ctx->mark_non_differentiable(variable_list(out.begin() + M, out.end()));
+    return out;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto op = vgmr_op<Lists5(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                                    at::TensorList, at::TensorList, double, double, double, const at::Tensor&)>(
+        "vgmr::gate_norm_grouped_backward");
+    const size_t M = (size_t)ctx->saved_data["M"].toInt();
+    auto s = ctx->get_saved_variables();
+    auto part = [&](size_t k) { return Tensors(s.begin() + k * M, s.begin() + (k + 1) * M); };
+    const Tensors zpre = part(0), bias_row = part(1), x = part(2), ln_weight = part(3), mean = part(4),
+                  rstd = part(5);
+    Tensors dy(M);
+    for (size_t m = 0; m < M; ++m) {
+      const at::Tensor& g = grads[m];
+      // an unused output: zeros (its modality's input gradients are then zero, as in M separate ops)
+      dy[m] = g.defined() ? (g.scalar_type() == x[m].scalar_type() ? g : g.to(x[m].scalar_type())).contiguous()
+                          : at::zeros_like(x[m]);
+    }
+    std::vector<at::Tensor> check(dy.begin(), dy.end());
+    check.insert(check.end(), s.begin(), s.begin() + 4 * M);
+    for (const at::Tensor& t : check) no_double_backward("vgmr::gate_norm_grouped", {t});
+    auto [dz, dbias, dx, dw, db] =
+        op.call(dy, zpre, bias_row, x, ln_weight, mean, rstd, ctx->saved_data["alpha"].toDouble(),
+                ctx->saved_data["beta"].toDouble(), ctx->saved_data["p"].toDouble(), s[6 * M]);
+    variable_list out;
+    out.reserve(5 * M + 4);
+    for (const Tensors& l : {dz, dbias, dx, dw, db}) out.insert(out.end(), l.begin(), l.end());
+    for (int i = 0; i < 4; ++i) out.emplace_back();
+    return out;
+  }
+};
+
+Lists3 gate_norm_grouped_autograd(at::TensorList zpre, at::TensorList bias_row, at::TensorList x,
+                                  at::TensorList ln_weight, at::TensorList ln_bias, double alpha, double beta,
+                                  double p, const at::Tensor& seeds) {
+  std::vector<at::Tensor> inputs;
+  for (at::TensorList l : {zpre, bias_row, x, ln_weight, ln_bias}) inputs.insert(inputs.end(), l.begin(), l.end());
+  for (const at::Tensor& t : inputs) check_transforms("vgmr::gate_norm_grouped", {t});
+  auto out = GateNormGroupedFn::apply(zpre, bias_row, x, ln_weight, ln_bias, alpha, beta, p, seeds);
+  const size_t M = x.size();
+  return {Tensors(out.begin(), out.begin() + M), Tensors(out.begin() + M, out.begin() + 2 * M),
+          Tensors(out.begin() + 2 * M, out.end())};
+}
+
 Tuple3 summary_pool_autograd(const at::Tensor& h, const c10::optional<at::Tensor>& mask) {
   check_transforms("vgmr::summary_pool", {h});
   auto out = SummaryPoolFn::apply(h, mask);
@@ -229,6 +317,7 @@ TORCH_LIBRARY_IMPL(vgmr, Autograd, m) {
   m.impl("summary_pool", &summary_pool_autograd);
   m.impl("interaction", &interaction_autograd);
   m.impl("gate_norm", &gate_norm_autograd);
+  m.impl("gate_norm_grouped", &gate_norm_grouped_autograd);
 }
 
 // ---- the Python module --------------------------------------------------------------

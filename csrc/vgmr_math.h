@@ -90,11 +90,17 @@ VGMR_HD float gate_lin_c0(double alpha, double beta) { return (float)(beta + (1.
 VGMR_HD float gate_lin_c1(double alpha, double beta) { return (float)(2.0 * alpha * (1.0 - beta)); }
 
 // ---- LayerNorm row step (SPEC §5, docs/ops.md) --------------------------------
-// Forward, per row of D values v: mean = sum(v)/D, var = sum((v-mean)^2)/D (biased),
-// rstd = 1/sqrt(var + eps); y = (v - mean) * rstd * w + b.
+// Forward, per row of D values v (the row statistics of docs/ops.md, on every backend):
+// shift K = v[0]; mean_s = sum(v - K)/D; var = sum((v - K - mean_s)^2)/D (biased);
+// rstd = 1/sqrt(var + eps); vhat = ((v - K) - mean_s) * rstd; y = vhat * w + b; the saved
+// mean is K + mean_s. A row constant along D gives v - K = 0 exactly, so y = b exactly.
+// Overflow: var = +inf (a row whose (v - K)^2 overflows) would give rstd = 0 and a silent
+// y = b; rstd is NaN instead, so the row's outputs and gradients are NaN, as in eager.
 template <typename acc_t>
 VGMR_HD acc_t ln_rstd(acc_t var, acc_t eps) {
-  return (acc_t)1 / sqrt(var + eps);
+  const acc_t r = (acc_t)1 / sqrt(var + eps);
+  // r == 0 only for var = +inf (var + eps >= eps otherwise); NaN var stays NaN
+  return r > (acc_t)0 ? r : (acc_t)NAN;
 }
 
 // Backward, per element, with vhat = (v - mean) * rstd, dvhat = g * w and the row

@@ -15,6 +15,10 @@
 //   - float64 (gradcheck): plain scalar loops with libm exp.
 #include "cpu_common.h"
 #include "op_checks.h"
+
+#include <string>
+#include <utility>
+#include <vector>
 #include "vgmr_math.h"
 
 // The 16-lane vector helpers below are always inlined into their callers, so no vector
@@ -199,6 +203,16 @@ VGMR_ALWAYS_INLINE typename V<W>::vf sigmoid(typename V<W>::vf z) {
   return 1.0f / (1.0f + exp<W>(-z));
 }
 
+// Mean of v[0..D) - K over a row (masked full vectors, fixed tree): the shifted mean of the
+// row statistics (docs/ops.md). One function for the forward and the backward, so the
+// backward recomputes mean_s with the forward's bits.
+template <int W>
+VGMR_ALWAYS_INLINE float shifted_mean(const float* __restrict__ v, int64_t D, float K, float invD) {
+  typename V<W>::vf acc = splat<W>(0.0f);
+  for (int64_t d = 0; d < D; d += W) acc += keep_if<W>(lanes_below<W>(D - d), load<W>(v + d) - K);
+  return hsum<W>(acc) * invD;
+}
+
 // Gate in linear form: Geff = c0 + c1 G, dGeff/dz = c1 G (1 - G), with
 // c1 = 2 alpha (1 - beta), c0 = beta + (1 - beta)(1 - alpha) (SPEC §5, expanded).
 struct Gate {
@@ -274,47 +288,37 @@ VGMR_ALWAYS_INLINE void fwd_block(const float* __restrict__ zr, const float* __r
   const Gate G(P);
   const int64_t n = k * D;
   const bool drop = P.p > 0.0;
-  // 1. gate and product, flat over the block (one row: the row sum on the way; a zero-filled
-  //    tail gives v = 0 there, so the sum is the same as the masked one of step 2)
-  vf acc1 = splat<W>(0.0f);
+  // 1. gate and product, flat over the block
   int64_t i = 0;
   for (; i + W <= n; i += W) {
     const vf g = sigmoid<W>(load<W>(zr + i) + load<W>(bp + i));
-    const vf v = (G.c0 + G.c1 * g) * load<W>(xr + i);
-    store<W>(vbuf + i, v);
-    acc1 += v;
+    store<W>(vbuf + i, (G.c0 + G.c1 * g) * load<W>(xr + i));
   }
   if (i < n) {
     const int64_t m = n - i;
     const vf g = sigmoid<W>(load_n<W>(zr + i, m) + load_n<W>(bp + i, m));
-    const vf v = (G.c0 + G.c1 * g) * load_n<W>(xr + i, m);
-    store<W>(vbuf + i, v);
-    acc1 += v;
+    store<W>(vbuf + i, (G.c0 + G.c1 * g) * load_n<W>(xr + i, m));
   }
   if (drop) keep_flat<W>(words, r, k, D, P, kbuf);
   const float invD = 1.0f / (float)D;
   const float eps = (float)kEps;
-  // 2. per row: two-pass mean / variance, then y
+  // 2. per row: the row statistics of docs/ops.md (shift by K = v[0], two passes), then y
   for (int64_t j = 0; j < k; ++j) {
     const float* __restrict__ v = vbuf + j * D;
-    vf acc = acc1;
-    if (k > 1) {
-      acc = splat<W>(0.0f);
-      for (int64_t d = 0; d < D; d += W) acc += keep_if<W>(lanes_below<W>(D - d), load<W>(v + d));
-    }
-    const float mean = hsum<W>(acc) * invD;
+    const float K = v[0];
+    const float ms = shifted_mean<W>(v, D, K, invD);
     vf acc2 = splat<W>(0.0f);
     for (int64_t d = 0; d < D; d += W) {
-      const vf c = keep_if<W>(lanes_below<W>(D - d), load<W>(v + d) - mean);
+      const vf c = keep_if<W>(lanes_below<W>(D - d), (load<W>(v + d) - K) - ms);
       acc2 += c * c;
     }
     const float rstd = vgmr::ln_rstd<float>(hsum<W>(acc2) * invD, eps);
-    mean_out[j] = mean;
+    mean_out[j] = K + ms;
     rstd_out[j] = rstd;
     float* __restrict__ y = yr + j * D;
     const float* __restrict__ kr = kbuf + j * D;
     for (int64_t d = 0; d < D; d += W) {  // w, bln padded: full loads are safe
-      vf o = ((load<W>(v + d) - mean) * rstd) * load<W>(w + d) + load<W>(bln + d);
+      vf o = (((load<W>(v + d) - K) - ms) * rstd) * load<W>(w + d) + load<W>(bln + d);
       if (drop) o = o * load<W>(kr + d);
       if (d + W <= D) {
         store<W>(y + d, o);
@@ -330,9 +334,8 @@ VGMR_ALWAYS_INLINE void fwd_block(const float* __restrict__ zr, const float* __r
 template <int W>
 VGMR_ALWAYS_INLINE void bwd_block(const float* __restrict__ zr, const float* __restrict__ xr,
                                   const float* __restrict__ dyr, const float* __restrict__ bp,
-                                  const float* __restrict__ wpad, const float* __restrict__ mean_in,
-                                  const float* __restrict__ rstd_in, float* __restrict__ dzr, float* __restrict__ dxr,
-                                  float* __restrict__ part_w, float* __restrict__ part_b,
+                                  const float* __restrict__ wpad, const float* __restrict__ rstd_in,
+                                  float* __restrict__ dzr, float* __restrict__ dxr, float* __restrict__ part_w, float* __restrict__ part_b,
                                   float* __restrict__ part_bias, int64_t r, int64_t k, int64_t D, const Params& P,
                                   float* __restrict__ vbuf, float* __restrict__ gebuf, float* __restrict__ xgbuf,
                                   float* __restrict__ gybuf, float* __restrict__ kbuf, uint32_t* __restrict__ words) {
@@ -342,52 +345,6 @@ VGMR_ALWAYS_INLINE void bwd_block(const float* __restrict__ zr, const float* __r
   const bool drop = P.p > 0.0;
   if (drop) keep_flat<W>(words, r, k, D, P, kbuf);
   const float invD = 1.0f / (float)D;
-  if (k == 1) {
-    // One row: gate, v-hat, the row sums and the dln partials in one pass (buffers hold
-    // Geff, x dGeff/dz, v-hat, d v-hat), then the outputs. Same arithmetic and order as the
-    // block path below.
-    const float mean = mean_in[0], rstd = rstd_in[0];
-    float* __restrict__ vhbuf = vbuf;
-    float* __restrict__ dvbuf = gybuf;
-    vf va = splat<W>(0.0f), vc = splat<W>(0.0f);
-    for (int64_t d = 0; d < D; d += W) {
-      const bool full = d + W <= D;
-      const int64_t m = D - d;
-      const vf z = full ? load<W>(zr + d) + load<W>(bp + d) : load_n<W>(zr + d, m) + load_n<W>(bp + d, m);
-      const vf xv = full ? load<W>(xr + d) : load_n<W>(xr + d, m);
-      vf gy = full ? load<W>(dyr + d) : load_n<W>(dyr + d, m);
-      const vf g = sigmoid<W>(z);
-      const vf ge = G.c0 + G.c1 * g;
-      vf vh = (ge * xv - mean) * rstd;
-      if (!full) vh = keep_if<W>(lanes_below<W>(m), vh);
-      if (drop) gy = gy * load<W>(kbuf + d);
-      const vf dvh = gy * load<W>(wpad + d);
-      store<W>(gebuf + d, ge);
-      store<W>(xgbuf + d, xv * (G.c1 * g * (1.0f - g)));
-      store<W>(vhbuf + d, vh);
-      store<W>(dvbuf + d, dvh);
-      store<W>(part_b + d, load<W>(part_b + d) + gy);
-      store<W>(part_w + d, load<W>(part_w + d) + gy * vh);
-      va += dvh;
-      vc += dvh * vh;
-    }
-    const float a = hsum<W>(va) * invD, c = hsum<W>(vc) * invD;
-    for (int64_t d = 0; d < D; d += W) {
-      const vf dv = rstd * ((load<W>(dvbuf + d) - a) - load<W>(vhbuf + d) * c);
-      const vf gdx = dv * load<W>(gebuf + d);
-      vf gdz = dv * load<W>(xgbuf + d);
-      if (d + W <= D) {
-        store<W>(dxr + d, gdx);
-        store<W>(dzr + d, gdz);
-      } else {
-        store_n<W>(dxr + d, gdx, D - d);
-        store_n<W>(dzr + d, gdz, D - d);
-        gdz = keep_if<W>(lanes_below<W>(D - d), gdz);
-      }
-      store<W>(part_bias + d, load<W>(part_bias + d) + gdz);
-    }
-    return;
-  }
   // 1. recompute the gate, flat over the block: v = Geff x, Geff, x dGeff/dz, g = dy keep
   for (int64_t i = 0; i < n; i += W) {
     const bool full = i + W <= n;
@@ -405,12 +362,16 @@ VGMR_ALWAYS_INLINE void bwd_block(const float* __restrict__ zr, const float* __r
   }
   for (int64_t j = 0; j < k; ++j) {
     const int64_t o = j * D;
-    const float mean = mean_in[j], rstd = rstd_in[j];
+    // v-hat exactly as the forward rounded it: the same shift K and shifted mean, recomputed
+    // from the row (the saved mean K + mean_s is not enough to get mean_s back bit for bit)
+    const float K = vbuf[o];
+    const float ms = shifted_mean<W>(vbuf + o, D, K, invD);
+    const float rstd = rstd_in[j];
     // 2. LayerNorm backward row sums, and the chunk's dln_weight / dln_bias partials
     vf va = splat<W>(0.0f), vc = splat<W>(0.0f);
     for (int64_t d = 0; d < D; d += W) {
       const vi on = lanes_below<W>(D - d);
-      const vf vh = keep_if<W>(on, (load<W>(vbuf + o + d) - mean) * rstd);
+      const vf vh = keep_if<W>(on, ((load<W>(vbuf + o + d) - K) - ms) * rstd);
       const vf gy = keep_if<W>(on, load<W>(gybuf + o + d));
       const vf dvh = gy * load<W>(wpad + d);
       store<W>(part_b + d, load<W>(part_b + d) + gy);
@@ -423,7 +384,7 @@ VGMR_ALWAYS_INLINE void bwd_block(const float* __restrict__ zr, const float* __r
     float* __restrict__ dz = dzr + o;
     float* __restrict__ dx = dxr + o;
     for (int64_t d = 0; d < D; d += W) {
-      const vf vh = (load<W>(vbuf + o + d) - mean) * rstd;
+      const vf vh = ((load<W>(vbuf + o + d) - K) - ms) * rstd;
       const vf dvh = load<W>(gybuf + o + d) * load<W>(wpad + d);
       const vf dv = rstd * ((dvh - a) - vh * c);
       const vf gdx = dv * load<W>(gebuf + o + d);
@@ -446,13 +407,12 @@ VGMR_ALWAYS_INLINE void bwd_block(const float* __restrict__ zr, const float* __r
       float *rstd_out, int64_t r, int64_t k, int64_t D, const Params &P, float *vbuf, float *kbuf, uint32_t *words
 #define VGMR_FWD_BLOCK_PASS zr, xr, bp, w, bln, yr, mean_out, rstd_out, r, k, D, P, vbuf, kbuf, words
 #define VGMR_BWD_BLOCK_ARGS                                                                                    \
-  const float *zr, const float *xr, const float *dyr, const float *bp, const float *wpad, const float *mean_in, \
-      const float *rstd_in, float *dzr, float *dxr, float *part_w, float *part_b, float *part_bias, int64_t r,  \
-      int64_t k, int64_t D, const Params &P, float *vbuf, float *gebuf, float *xgbuf, float *gybuf, float *kbuf, \
-      uint32_t *words
+  const float *zr, const float *xr, const float *dyr, const float *bp, const float *wpad, const float *rstd_in, \
+      float *dzr, float *dxr, float *part_w, float *part_b, float *part_bias, int64_t r, int64_t k, int64_t D,     \
+      const Params &P, float *vbuf, float *gebuf, float *xgbuf, float *gybuf, float *kbuf, uint32_t *words
 #define VGMR_BWD_BLOCK_PASS                                                                                      \
-  zr, xr, dyr, bp, wpad, mean_in, rstd_in, dzr, dxr, part_w, part_b, part_bias, r, k, D, P, vbuf, gebuf, xgbuf, \
-      gybuf, kbuf, words
+  zr, xr, dyr, bp, wpad, rstd_in, dzr, dxr, part_w, part_b, part_bias, r, k, D, P, vbuf, gebuf, xgbuf, gybuf, \
+      kbuf, words
 
 #if defined(VGMR_X86_MULTIVERSION)
 // 16 lanes on AVX-512 ...
@@ -596,7 +556,7 @@ void fwd_range_vec(const scalar_t* zp, const scalar_t* xp, const float* bias, co
 // Backward over one chunk of rows [r0, r0 + nrows) of one batch row; partials overwritten.
 template <typename scalar_t>
 void bwd_chunk_vec(const scalar_t* dyp, const scalar_t* zp, const scalar_t* xp, const float* bias, const float* wpad,
-                   const float* mean_in, const float* rstd_in, scalar_t* dzp, scalar_t* dxp, float* part_w,
+                   const float* rstd_in, scalar_t* dzp, scalar_t* dxp, float* part_w,
                    float* part_b, float* part_bias, int64_t Dp, int64_t r0, int64_t nrows, int64_t T, int64_t D,
                    const Params& P, WorkF& work) {
   constexpr bool F32 = std::is_same_v<scalar_t, float>;
@@ -622,7 +582,7 @@ void bwd_chunk_vec(const scalar_t* dyp, const scalar_t* zp, const scalar_t* xp, 
       prefetch_run(dyp + off + n, nn);
     }
     if constexpr (F32) {
-      simd::bwd_block_f32(zp + off, xp + off, dyp + off, bp, wpad, mean_in + r, rstd_in + r, dzp + off, dxp + off,
+      simd::bwd_block_f32(zp + off, xp + off, dyp + off, bp, wpad, rstd_in + r, dzp + off, dxp + off,
                           part_w, part_b, part_bias, r, k, D, P, work.buf(0), work.buf(1), work.buf(2), work.buf(3),
                           work.buf(4), work.words());
     } else {
@@ -634,7 +594,7 @@ void bwd_chunk_vec(const scalar_t* dyp, const scalar_t* zp, const scalar_t* xp, 
       to_float(zp + off, n, zf);
       to_float(xp + off, n, xf);
       to_float(dyp + off, n, dyf);
-      simd::bwd_block_f32(zf, xf, dyf, bp, wpad, mean_in + r, rstd_in + r, dzf, dxf, part_w, part_b, part_bias, r, k,
+      simd::bwd_block_f32(zf, xf, dyf, bp, wpad, rstd_in + r, dzf, dxf, part_w, part_b, part_bias, r, k,
                           D, P, work.buf(0), work.buf(1), work.buf(2), work.buf(3), work.buf(4), work.words());
       from_float(dzf, n, dzp + off);
       from_float(dxf, n, dxp + off);
@@ -647,6 +607,13 @@ void bwd_chunk_vec(const scalar_t* dyp, const scalar_t* zp, const scalar_t* xp, 
 // ============================================================================================
 // float64 path (gradcheck): scalar loops, libm exp, the SPEC's gate arithmetic
 // ============================================================================================
+// Mean of v[0..D) - K, in order: the shifted mean of the float64 forward and backward.
+double shifted_mean_f64(const double* v, int64_t D, double K) {
+  double sum = 0.0;
+  for (int64_t d = 0; d < D; ++d) sum += v[d] - K;
+  return sum / (double)D;
+}
+
 void fwd_range_f64(const double* zp, const double* xp, const double* bias, const double* w, const double* bln,
                    double* yp, double* mean_out, double* rstd_out, int64_t r0, int64_t r1, int64_t T, int64_t D,
                    const Params& P) {
@@ -657,21 +624,19 @@ void fwd_range_f64(const double* zp, const double* xp, const double* bias, const
     const double* zr = zp + r * D;
     const double* xr = xp + r * D;
     const double* br = bias + (r / T) * D;
-    double sum = 0.0;
-    for (int64_t d = 0; d < D; ++d) {
-      v[d] = vgmr::gate_eff_d(vgmr::sigmoid_d(zr[d] + br[d]), P.alpha, P.beta) * xr[d];
-      sum += v[d];
-    }
-    const double mean = sum / (double)D;
+    for (int64_t d = 0; d < D; ++d) v[d] = vgmr::gate_eff_d(vgmr::sigmoid_d(zr[d] + br[d]), P.alpha, P.beta) * xr[d];
+    // the row statistics of docs/ops.md: shift K = v[0], two passes
+    const double K = v[0];
+    const double ms = shifted_mean_f64(v.data(), D, K);
     double sq = 0.0;
-    for (int64_t d = 0; d < D; ++d) sq += (v[d] - mean) * (v[d] - mean);
+    for (int64_t d = 0; d < D; ++d) sq += ((v[d] - K) - ms) * ((v[d] - K) - ms);
     const double rstd = vgmr::ln_rstd<double>(sq / (double)D, kEps);
-    mean_out[r] = mean;
+    mean_out[r] = K + ms;
     rstd_out[r] = rstd;
     if (P.p > 0.0) philox_run(P.seed, (uint64_t)r * (uint64_t)q, q, words.data());
     double* yr = yp + r * D;
     for (int64_t d = 0; d < D; ++d) {
-      double o = (v[d] - mean) * rstd * w[d] + bln[d];
+      double o = ((v[d] - K) - ms) * rstd * w[d] + bln[d];
       if (P.p > 0.0) o = words[d] >= P.thr ? o * P.scale : 0.0;
       yr[d] = o;
     }
@@ -679,10 +644,10 @@ void fwd_range_f64(const double* zp, const double* xp, const double* bias, const
 }
 
 void bwd_chunk_f64(const double* dyp, const double* zp, const double* xp, const double* bias, const double* w,
-                   const double* mean_in, const double* rstd_in, double* dzp, double* dxp, double* part_w,
+                   const double* rstd_in, double* dzp, double* dxp, double* part_w,
                    double* part_b, double* part_bias, int64_t r0, int64_t nrows, int64_t T, int64_t D,
                    const Params& P) {
-  std::vector<double> g(D), vh(D), dvh(D);
+  std::vector<double> g(D), vh(D), dvh(D), v(D);
   std::vector<uint32_t> words(4 * ((D + 3) / 4) + 16);
   const int64_t q = (D + 3) / 4;
   for (int64_t d = 0; d < D; ++d) part_w[d] = part_b[d] = part_bias[d] = 0.0;
@@ -691,13 +656,17 @@ void bwd_chunk_f64(const double* dyp, const double* zp, const double* xp, const 
     const double* zr = zp + r * D;
     const double* xr = xp + r * D;
     const double* dyr = dyp + r * D;
-    const double mean = mean_in[r], rstd = rstd_in[r];
+    const double rstd = rstd_in[r];
     if (P.p > 0.0) philox_run(P.seed, (uint64_t)r * (uint64_t)q, q, words.data());
-    double a = 0.0, c = 0.0;
     for (int64_t d = 0; d < D; ++d) {
       g[d] = vgmr::sigmoid_d(zr[d] + br[d]);
-      const double v = vgmr::gate_eff_d(g[d], P.alpha, P.beta) * xr[d];
-      vh[d] = (v - mean) * rstd;
+      v[d] = vgmr::gate_eff_d(g[d], P.alpha, P.beta) * xr[d];
+    }
+    const double K = v[0];  // the forward's shift and shifted mean, recomputed
+    const double ms = shifted_mean_f64(v.data(), D, K);
+    double a = 0.0, c = 0.0;
+    for (int64_t d = 0; d < D; ++d) {
+      vh[d] = ((v[d] - K) - ms) * rstd;
       const double gy = P.p > 0.0 ? (words[d] >= P.thr ? dyr[d] * P.scale : 0.0) : dyr[d];
       dvh[d] = gy * w[d];
       part_b[d] += gy;
@@ -732,15 +701,14 @@ void fwd_range(const scalar_t* zp, const scalar_t* xp, const at::opmath_type<sca
 // Chunks [c0, c1) of the backward (cpb chunks of tc rows per batch row).
 template <typename scalar_t>
 void bwd_chunks(const scalar_t* dyp, const scalar_t* zp, const scalar_t* xp, const at::opmath_type<scalar_t>* bias,
-                const at::opmath_type<scalar_t>* w, const at::opmath_type<scalar_t>* mean_in,
-                const at::opmath_type<scalar_t>* rstd_in, scalar_t* dzp, scalar_t* dxp, at::opmath_type<scalar_t>* pp,
+                const at::opmath_type<scalar_t>* w, const at::opmath_type<scalar_t>* rstd_in, scalar_t* dzp, scalar_t* dxp, at::opmath_type<scalar_t>* pp,
                 int64_t Dp, int64_t c0, int64_t c1, int64_t cpb, int64_t tc, int64_t T, int64_t D, const Params& P,
                 float* ws) {
   if constexpr (std::is_same_v<scalar_t, double>) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t b = c / cpb, t0 = (c % cpb) * tc, nt = std::min<int64_t>(tc, T - t0);
       double* pc = pp + c * 3 * Dp;
-      bwd_chunk_f64(dyp, zp, xp, bias, w, mean_in, rstd_in, dzp, dxp, pc, pc + Dp, pc + 2 * Dp, b * T + t0, nt, T, D,
+      bwd_chunk_f64(dyp, zp, xp, bias, w, rstd_in, dzp, dxp, pc, pc + Dp, pc + 2 * Dp, b * T + t0, nt, T, D,
                     P);
     }
   } else {
@@ -751,7 +719,7 @@ void bwd_chunks(const scalar_t* dyp, const scalar_t* zp, const scalar_t* xp, con
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t b = c / cpb, t0 = (c % cpb) * tc, nt = std::min<int64_t>(tc, T - t0);
       float* pc = pp + c * 3 * Dp;
-      bwd_chunk_vec<scalar_t>(dyp, zp, xp, bias, wpad, mean_in, rstd_in, dzp, dxp, pc, pc + Dp, pc + 2 * Dp,
+      bwd_chunk_vec<scalar_t>(dyp, zp, xp, bias, wpad, rstd_in, dzp, dxp, pc, pc + Dp, pc + 2 * Dp,
                               Dp, b * T + t0, nt, T, D, P, work);
     }
   }
@@ -771,15 +739,14 @@ void check_param(const at::Tensor& t, at::ScalarType want, at::IntArrayRef shape
   TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
-// The seed is read from memory only when p > 0 (docs/ops.md: p == 0 never reads it).
-Params make_params(double alpha, double beta, double p, const at::Tensor& seed, const at::Tensor& x, const char* op) {
+// `seed`: the int64 Philox key in memory, read only when p > 0 (docs/ops.md: p == 0 never reads it).
+Params make_params(double alpha, double beta, double p, const int64_t* seed, const char* op) {
   checks::dropout_p(p, op);
-  checks::seed_tensor(seed, x, op, "x");
   Params P;
   P.alpha = alpha;
   P.beta = beta;
   P.p = p;
-  P.seed = p > 0.0 ? checks::seed_value(*seed.const_data_ptr<int64_t>(), op) : 0u;
+  P.seed = p > 0.0 ? checks::seed_value(*seed, op) : 0u;
   P.thr = vgmr::dropout_threshold(p);
   P.scale = vgmr::dropout_scale(p);
   return P;
@@ -799,14 +766,14 @@ void check_main(const at::Tensor& zpre, const at::Tensor& bias_row, const at::Te
   check_param(ln_weight, pt, {x.size(2)}, op, "ln_weight", "[D]");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_norm_cpu(const at::Tensor& zpre, const at::Tensor& bias_row,
+// One gate_norm over one modality; `seed` points at its int64 key (checked by the caller).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_norm_one(const at::Tensor& zpre, const at::Tensor& bias_row,
                                                              const at::Tensor& x, const at::Tensor& ln_weight,
                                                              const at::Tensor& ln_bias, double alpha, double beta,
-                                                             double p, const at::Tensor& seed) {
-  const char* op = "vgmr::gate_norm";
+                                                             double p, const int64_t* seed, const char* op) {
   check_main(zpre, bias_row, x, ln_weight, op);
   check_param(ln_bias, param_dtype(x.scalar_type()), {x.size(2)}, op, "ln_bias", "[D]");
-  const Params P = make_params(alpha, beta, p, seed, x, op);
+  const Params P = make_params(alpha, beta, p, seed, op);
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
   const at::ScalarType pt = param_dtype(x.scalar_type());
   // Allocation order: small outputs, then temporaries, then the big outputs (see WorkF).
@@ -842,11 +809,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_norm_cpu(const at::Tensor& z
   return {y, mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm_backward_one(
     const at::Tensor& dy, const at::Tensor& zpre, const at::Tensor& bias_row, const at::Tensor& x,
     const at::Tensor& ln_weight, const at::Tensor& mean, const at::Tensor& rstd, double alpha, double beta, double p,
-    const at::Tensor& seed) {
-  const char* op = "vgmr::gate_norm_backward";
+    const int64_t* seed, const char* op) {
   check_main(zpre, bias_row, x, ln_weight, op);
   check_cpu_float(dy, op, "dy");
   check_same_dtype(x, dy, op, "x", "dy");
@@ -855,7 +821,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm
   const at::ScalarType pt = param_dtype(x.scalar_type());
   check_param(mean, pt, {B, T}, op, "mean", "[B, T]");
   check_param(rstd, pt, {B, T}, op, "rstd", "[B, T]");
-  const Params P = make_params(alpha, beta, p, seed, x, op);
+  const Params P = make_params(alpha, beta, p, seed, op);
 
   // Fixed chunks of rows within one batch row: tc steps of T each (about 64K elements).
   const int64_t tc = std::max<int64_t>(1, std::min<int64_t>(T, ceil_div(65536, D)));
@@ -888,7 +854,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const acc_t* bp = bias_row.const_data_ptr<acc_t>();
     const acc_t* wp = ln_weight.const_data_ptr<acc_t>();
-    const acc_t* mp = mean.const_data_ptr<acc_t>();
     const acc_t* rp = rstd.const_data_ptr<acc_t>();
     scalar_t* dzp = dzpre.mutable_data_ptr<scalar_t>();
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
@@ -896,7 +861,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm
     float* wsp = ws.mutable_data_ptr<float>();
     at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> spare;  // only if the pool grew since ws was sized
-      bwd_chunks<scalar_t>(dyp, zp, xp, bp, wp, mp, rp, dzp, dxp, pp, Dp, begin, end, cpb, tc, T, D, P,
+      bwd_chunks<scalar_t>(dyp, zp, xp, bp, wp, rp, dzp, dxp, pp, Dp, begin, end, cpb, tc, T, D, P,
                            thread_workspace(wsp, nthreads, per_thread, spare));
     });
     // One ordered reduction over the chunks.
@@ -933,6 +898,94 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm
   return {dzpre, dbias, dx, dw, db};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_norm_cpu(const at::Tensor& zpre, const at::Tensor& bias_row,
+                                                             const at::Tensor& x, const at::Tensor& ln_weight,
+                                                             const at::Tensor& ln_bias, double alpha, double beta,
+                                                             double p, const at::Tensor& seed) {
+  const char* op = "vgmr::gate_norm";
+  checks::seed_tensor(seed, x, op, "x");
+  return gate_norm_one(zpre, bias_row, x, ln_weight, ln_bias, alpha, beta, p, seed.const_data_ptr<int64_t>(), op);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm_backward_cpu(
+    const at::Tensor& dy, const at::Tensor& zpre, const at::Tensor& bias_row, const at::Tensor& x,
+    const at::Tensor& ln_weight, const at::Tensor& mean, const at::Tensor& rstd, double alpha, double beta, double p,
+    const at::Tensor& seed) {
+  const char* op = "vgmr::gate_norm_backward";
+  checks::seed_tensor(seed, x, op, "x");
+  return gate_norm_backward_one(dy, zpre, bias_row, x, ln_weight, mean, rstd, alpha, beta, p,
+                                seed.const_data_ptr<int64_t>(), op);
+}
+
+// ---- grouped over modalities (docs/ops.md): one dispatch, the modalities in order inside ----
+// Modality m runs exactly gate_norm(..., seed = seeds[m]): the same kernels, so the results are
+// bit-identical to M separate calls, for one operator call and one autograd node.
+using Tensors = std::vector<at::Tensor>;
+
+Tensors::size_type grouped_count(std::initializer_list<std::pair<at::TensorList, const char*>> lists,
+                                 const at::Tensor& seeds, const char* op) {
+  const auto M = lists.begin()->first.size();
+  TORCH_CHECK_VALUE(M >= 1, op, ": needs at least one modality, got empty lists");
+  for (const auto& [list, name] : lists) {
+    TORCH_CHECK_VALUE(list.size() == M, op, ": ", name, " has ", list.size(), " tensors but ",
+                      lists.begin()->second, " has ", M, " (one per modality)");
+  }
+  const at::Tensor& x0 = lists.begin()->first[0];
+  checks::defined(seeds, op, "seeds");
+  TORCH_CHECK_TYPE(seeds.scalar_type() == at::kLong, op, ": seeds must be an int64 tensor, got ",
+                   seeds.scalar_type());
+  TORCH_CHECK_VALUE(seeds.dim() == 1 && seeds.size(0) == (int64_t)M, op, ": seeds must have shape [M] = [", M,
+                    "], got ", seeds.sizes());
+  TORCH_CHECK_VALUE(seeds.is_contiguous(), op, ": seeds must be contiguous");
+  checks::same_device(seeds, x0, op, "seeds", "the inputs");
+  return M;
+}
+
+std::string modality_op(const char* op, size_t m) { return std::string(op) + " (modality " + std::to_string(m) + ")"; }
+
+void check_same_batch(const at::Tensor& x, const at::Tensor& x0, const std::string& opm) {
+  if (x.dim() != 3 || x0.dim() != 3) return;  // the per-modality checks name the rank error
+  TORCH_CHECK_VALUE(x.size(0) == x0.size(0), opm, ": every modality needs the batch size B of modality 0 (",
+                    x0.sizes(), "), got x ", x.sizes());
+}
+
+std::tuple<Tensors, Tensors, Tensors> gate_norm_grouped_cpu(at::TensorList zpre, at::TensorList bias_row,
+                                                            at::TensorList x, at::TensorList ln_weight,
+                                                            at::TensorList ln_bias, double alpha, double beta,
+                                                            double p, const at::Tensor& seeds) {
+  const char* op = "vgmr::gate_norm_grouped";
+  const auto M = grouped_count({{x, "x"}, {zpre, "zpre"}, {bias_row, "bias_row"}, {ln_weight, "ln_weight"},
+                                {ln_bias, "ln_bias"}},
+                               seeds, op);
+  const int64_t* sp = seeds.const_data_ptr<int64_t>();
+  Tensors y(M), mean(M), rstd(M);
+  for (size_t m = 0; m < M; ++m) {
+    const std::string opm = modality_op(op, m);
+    check_same_batch(x[m], x[0], opm);
+    std::tie(y[m], mean[m], rstd[m]) =
+        gate_norm_one(zpre[m], bias_row[m], x[m], ln_weight[m], ln_bias[m], alpha, beta, p, sp + m, opm.c_str());
+  }
+  return {y, mean, rstd};
+}
+
+std::tuple<Tensors, Tensors, Tensors, Tensors, Tensors> gate_norm_grouped_backward_cpu(
+    at::TensorList dy, at::TensorList zpre, at::TensorList bias_row, at::TensorList x, at::TensorList ln_weight,
+    at::TensorList mean, at::TensorList rstd, double alpha, double beta, double p, const at::Tensor& seeds) {
+  const char* op = "vgmr::gate_norm_grouped_backward";
+  const auto M = grouped_count({{x, "x"}, {dy, "dy"}, {zpre, "zpre"}, {bias_row, "bias_row"},
+                                {ln_weight, "ln_weight"}, {mean, "mean"}, {rstd, "rstd"}},
+                               seeds, op);
+  const int64_t* sp = seeds.const_data_ptr<int64_t>();
+  Tensors dz(M), dbias(M), dx(M), dw(M), db(M);
+  for (size_t m = 0; m < M; ++m) {
+    const std::string opm = modality_op(op, m);
+    check_same_batch(x[m], x[0], opm);
+    std::tie(dz[m], dbias[m], dx[m], dw[m], db[m]) = gate_norm_backward_one(
+        dy[m], zpre[m], bias_row[m], x[m], ln_weight[m], mean[m], rstd[m], alpha, beta, p, sp + m, opm.c_str());
+  }
+  return {dz, dbias, dx, dw, db};
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace vgmr
@@ -940,4 +993,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm
 TORCH_LIBRARY_IMPL(vgmr, CPU, m) {
   m.impl("gate_norm", &vgmr::cpu::gate_norm_cpu);
   m.impl("gate_norm_backward", &vgmr::cpu::gate_norm_backward_cpu);
+  m.impl("gate_norm_grouped", &vgmr::cpu::gate_norm_grouped_cpu);
+  m.impl("gate_norm_grouped_backward", &vgmr::cpu::gate_norm_grouped_backward_cpu);
 }

@@ -14,8 +14,12 @@
 #include <atomic>
 #include <cstdint>
 #include <limits>
+#include <initializer_list>
 #include <optional>
+#include <string>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include "cuda/kernels.h"
 #include "op_checks.h"
@@ -116,14 +120,13 @@ struct DropoutArgs {
 
 // The seed's value cannot be range-checked here without a device sync; the kernels use its
 // 64 bits as the Philox key (the op layer checks a Python int against [0, 2^63)).
-DropoutArgs dropout_args(double p, const at::Tensor& seed, const at::Tensor& x, const char* op) {
+DropoutArgs dropout_args(double p, const int64_t* seed, const char* op) {
   vgmr::checks::dropout_p(p, op);
-  vgmr::checks::seed_tensor(seed, x, op, "x");
   DropoutArgs d;
   d.on = p > 0.0;
   d.threshold = vgmr::dropout_threshold(p);
   d.scale = (float)vgmr::dropout_scale(p);
-  d.seed = seed.const_data_ptr<int64_t>();
+  d.seed = seed;
   return d;
 }
 
@@ -241,18 +244,18 @@ DType check_gate_inputs(const at::Tensor& zpre, const at::Tensor& bias_row, cons
   return dt;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_norm_cuda(const at::Tensor& zpre, const at::Tensor& bias_row,
-                                                              const at::Tensor& x, const at::Tensor& ln_weight,
-                                                              const at::Tensor& ln_bias, double alpha, double beta,
-                                                              double p, const at::Tensor& seed) {
-  const char* op = "vgmr::gate_norm";
+// One modality; `seed`: device pointer to its int64 key (checked by the caller).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_norm_one(const at::Tensor& zpre, const at::Tensor& bias_row,
+                                                             const at::Tensor& x, const at::Tensor& ln_weight,
+                                                             const at::Tensor& ln_bias, double alpha, double beta,
+                                                             double p, const int64_t* seed, const char* op) {
   const DType dt = check_gate_inputs(zpre, bias_row, x, ln_weight, op);
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
   check_cuda(ln_bias, op, "ln_bias");
   check_same_device(ln_bias, x, op, "ln_bias", "x");
   check_dtype(ln_bias, at::kFloat, op, "ln_bias", " (float32 for float32/half inputs; the op layer casts it)");
   check_shape(ln_bias, {D}, op, "ln_bias", "[D]");
-  const DropoutArgs drop = dropout_args(p, seed, x, op);
+  const DropoutArgs drop = dropout_args(p, seed, op);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = new_output({B, T, D}, x.options());
   at::Tensor mean = new_output({B, T}, x.options().dtype(at::kFloat));
@@ -266,11 +269,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_norm_cuda(const at::Tensor& 
   return {y, mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm_backward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm_backward_one(
     const at::Tensor& dy, const at::Tensor& zpre, const at::Tensor& bias_row, const at::Tensor& x,
     const at::Tensor& ln_weight, const at::Tensor& mean, const at::Tensor& rstd, double alpha, double beta, double p,
-    const at::Tensor& seed) {
-  const char* op = "vgmr::gate_norm_backward";
+    const int64_t* seed, const char* op) {
   const DType dt = check_gate_inputs(zpre, bias_row, x, ln_weight, op);
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
   check_cuda(dy, op, "dy");
@@ -287,7 +289,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm
   check_same_device(rstd, x, op, "rstd", "x");
   check_dtype(rstd, at::kFloat, op, "rstd", saved);
   check_shape(rstd, {B, T}, op, "rstd", "[B, T]");
-  const DropoutArgs drop = dropout_args(p, seed, x, op);
+  const DropoutArgs drop = dropout_args(p, seed, op);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::TensorOptions f32 = x.options().dtype(at::kFloat);
   at::Tensor dzpre = new_output({B, T, D}, zpre.options());
@@ -308,6 +310,90 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm
   return {dzpre, dbias_row, dx, dw, db};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_norm_cuda(const at::Tensor& zpre, const at::Tensor& bias_row,
+                                                              const at::Tensor& x, const at::Tensor& ln_weight,
+                                                              const at::Tensor& ln_bias, double alpha, double beta,
+                                                              double p, const at::Tensor& seed) {
+  const char* op = "vgmr::gate_norm";
+  check_cuda(x, op, "x");
+  vgmr::checks::seed_tensor(seed, x, op, "x");
+  return gate_norm_one(zpre, bias_row, x, ln_weight, ln_bias, alpha, beta, p, seed.const_data_ptr<int64_t>(), op);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm_backward_cuda(
+    const at::Tensor& dy, const at::Tensor& zpre, const at::Tensor& bias_row, const at::Tensor& x,
+    const at::Tensor& ln_weight, const at::Tensor& mean, const at::Tensor& rstd, double alpha, double beta, double p,
+    const at::Tensor& seed) {
+  const char* op = "vgmr::gate_norm_backward";
+  check_cuda(x, op, "x");
+  vgmr::checks::seed_tensor(seed, x, op, "x");
+  return gate_norm_backward_one(dy, zpre, bias_row, x, ln_weight, mean, rstd, alpha, beta, p,
+                                seed.const_data_ptr<int64_t>(), op);
+}
+
+// ---- gate_norm_grouped: one operator call, one launch (pair) per modality ----------------------
+// Modality m is exactly gate_norm(..., seed = seeds[m]) (its kernel reads seeds + m), so the
+// results are bit-identical to M separate calls.
+using Tensors = std::vector<at::Tensor>;
+
+size_t grouped_count(std::initializer_list<std::pair<at::TensorList, const char*>> lists, const at::Tensor& seeds,
+                     const char* op) {
+  const auto M = lists.begin()->first.size();
+  TORCH_CHECK_VALUE(M >= 1, op, ": needs at least one modality, got empty lists");
+  for (const auto& [list, name] : lists) {
+    TORCH_CHECK_VALUE(list.size() == M, op, ": ", name, " has ", list.size(), " tensors but ",
+                      lists.begin()->second, " has ", M, " (one per modality)");
+  }
+  const at::Tensor& x0 = lists.begin()->first[0];
+  check_cuda(x0, op, "x[0]");
+  check_cuda(seeds, op, "seeds");
+  check_same_device(seeds, x0, op, "seeds", "x[0]");
+  check_dtype(seeds, at::kLong, op, "seeds", " (one int64 Philox seed per modality)");
+  check_shape(seeds, {(int64_t)M}, op, "seeds", "[M]");
+  return M;
+}
+
+std::string modality_op(const char* op, size_t m) { return std::string(op) + " (modality " + std::to_string(m) + ")"; }
+
+std::tuple<Tensors, Tensors, Tensors> gate_norm_grouped_cuda(at::TensorList zpre, at::TensorList bias_row,
+                                                             at::TensorList x, at::TensorList ln_weight,
+                                                             at::TensorList ln_bias, double alpha, double beta,
+                                                             double p, const at::Tensor& seeds) {
+  const char* op = "vgmr::gate_norm_grouped";
+  const size_t M = grouped_count({{x, "x"}, {zpre, "zpre"}, {bias_row, "bias_row"}, {ln_weight, "ln_weight"},
+                                  {ln_bias, "ln_bias"}},
+                                 seeds, op);
+  const int64_t* sp = seeds.const_data_ptr<int64_t>();
+  Tensors y(M), mean(M), rstd(M);
+  for (size_t m = 0; m < M; ++m) {
+    const std::string opm = modality_op(op, m);
+    check_cuda(x[m], opm.c_str(), "x");
+    check_same_device(x[m], x[0], opm.c_str(), "x", "x[0]");
+    std::tie(y[m], mean[m], rstd[m]) =
+        gate_norm_one(zpre[m], bias_row[m], x[m], ln_weight[m], ln_bias[m], alpha, beta, p, sp + m, opm.c_str());
+  }
+  return {y, mean, rstd};
+}
+
+std::tuple<Tensors, Tensors, Tensors, Tensors, Tensors> gate_norm_grouped_backward_cuda(
+    at::TensorList dy, at::TensorList zpre, at::TensorList bias_row, at::TensorList x, at::TensorList ln_weight,
+    at::TensorList mean, at::TensorList rstd, double alpha, double beta, double p, const at::Tensor& seeds) {
+  const char* op = "vgmr::gate_norm_grouped_backward";
+  const size_t M = grouped_count({{x, "x"}, {dy, "dy"}, {zpre, "zpre"}, {bias_row, "bias_row"},
+                                  {ln_weight, "ln_weight"}, {mean, "mean"}, {rstd, "rstd"}},
+                                 seeds, op);
+  const int64_t* sp = seeds.const_data_ptr<int64_t>();
+  Tensors dz(M), dbias(M), dx(M), dw(M), db(M);
+  for (size_t m = 0; m < M; ++m) {
+    const std::string opm = modality_op(op, m);
+    check_cuda(x[m], opm.c_str(), "x");
+    check_same_device(x[m], x[0], opm.c_str(), "x", "x[0]");
+    std::tie(dz[m], dbias[m], dx[m], dw[m], db[m]) = gate_norm_backward_one(
+        dy[m], zpre[m], bias_row[m], x[m], ln_weight[m], mean[m], rstd[m], alpha, beta, p, sp + m, opm.c_str());
+  }
+  return {dz, dbias, dx, dw, db};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(vgmr, CUDA, m) {
@@ -317,6 +403,8 @@ TORCH_LIBRARY_IMPL(vgmr, CUDA, m) {
   m.impl("interaction_backward", &interaction_backward_cuda);
   m.impl("gate_norm", &gate_norm_cuda);
   m.impl("gate_norm_backward", &gate_norm_backward_cuda);
+  m.impl("gate_norm_grouped", &gate_norm_grouped_cuda);
+  m.impl("gate_norm_grouped_backward", &gate_norm_grouped_backward_cuda);
 }
 
 #endif  // VGMR_WITH_CUDA

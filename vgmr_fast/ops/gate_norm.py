@@ -12,7 +12,7 @@ import torch
 from . import _checks as C
 from . import backend as _backend
 
-__all__ = ["gate_norm"]
+__all__ = ["gate_norm", "gate_norm_grouped"]
 
 
 def gate_norm(
@@ -37,22 +37,7 @@ def gate_norm(
     one-element int64 tensor on ``x``'s device (read by the kernel; unused when ``p == 0``).
     Returns ``y`` ``[B, T, D]`` in ``x``'s dtype.
     """
-    C.float_tensor(x, "x")
-    C.rank(x, 3, "x", "[B, T, D]")
-    C.float_tensor(zpre, "zpre")
-    if zpre.dtype != x.dtype:
-        raise TypeError(f"zpre: expected the dtype of x ({x.dtype}), got {zpre.dtype}")
-    C.shape(zpre, x.shape, "zpre", "[B, T, D] of x")
-    B, _, D = x.shape
-    if D < 1:
-        raise ValueError(f"x: expected D >= 1 features, got shape {tuple(x.shape)}")
-    C.float_tensor(bias_row, "bias_row")
-    C.shape(bias_row, (B, D), "bias_row", "[B, D]")
-    C.float_tensor(ln_weight, "ln_weight")
-    C.shape(ln_weight, (D,), "ln_weight", "[D]")
-    C.float_tensor(ln_bias, "ln_bias")
-    C.shape(ln_bias, (D,), "ln_bias", "[D]")
-    C.check_same_device(x, "x", (zpre, bias_row, ln_weight, ln_bias), ("zpre", "bias_row", "ln_weight", "ln_bias"))
+    zpre, bias_row, x, ln_weight, ln_bias = _prepare(zpre, bias_row, x, ln_weight, ln_bias, _NAMES)
     alpha = C.finite_real(alpha, "alpha")
     beta = C.finite_real(beta, "beta")
     p = C.probability(p, "p")
@@ -60,7 +45,33 @@ def gate_norm(
     be = _backend.resolve(backend, x, "gate_norm")
     if be == "triton":
         _backend.check_transforms("vgmr_triton::gate_norm", zpre, bias_row, x, ln_weight, ln_bias)
-    ns = _backend.namespace(be)
+    y, _, _ = _backend.namespace(be).gate_norm(zpre, bias_row, x, ln_weight, ln_bias, alpha, beta, p, seed)
+    return y
+
+
+_NAMES = ("zpre", "bias_row", "x", "ln_weight", "ln_bias")
+
+
+def _prepare(zpre, bias_row, x, ln_weight, ln_bias, names):
+    """Check one modality's tensors (errors name them by ``names``) and return them as the raw
+    ops take them: contiguous, side inputs in float32 (float64 for float64 ``x``)."""
+    nz, nb, nx, nw, nlb = names
+    C.float_tensor(x, nx)
+    C.rank(x, 3, nx, "[B, T, D]")
+    C.float_tensor(zpre, nz)
+    if zpre.dtype != x.dtype:
+        raise TypeError(f"{nz}: expected the dtype of {nx} ({x.dtype}), got {zpre.dtype}")
+    C.shape(zpre, x.shape, nz, f"[B, T, D] of {nx}")
+    B, _, D = x.shape
+    if D < 1:
+        raise ValueError(f"{nx}: expected D >= 1 features, got shape {tuple(x.shape)}")
+    C.float_tensor(bias_row, nb)
+    C.shape(bias_row, (B, D), nb, "[B, D]")
+    C.float_tensor(ln_weight, nw)
+    C.shape(ln_weight, (D,), nw, "[D]")
+    C.float_tensor(ln_bias, nlb)
+    C.shape(ln_bias, (D,), nlb, "[D]")
+    C.check_same_device(x, nx, (zpre, bias_row, ln_weight, ln_bias), (nz, nb, nw, nlb))
     pdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     if bias_row.dtype != pdt:
         bias_row = bias_row.to(pdt)
@@ -68,18 +79,100 @@ def gate_norm(
         ln_weight = ln_weight.to(pdt)
     if ln_bias.dtype != pdt:
         ln_bias = ln_bias.to(pdt)
-    y, _, _ = ns.gate_norm(
-        zpre.contiguous(),
-        bias_row.contiguous(),
-        x.contiguous(),
-        ln_weight.contiguous(),
-        ln_bias.contiguous(),
-        alpha,
-        beta,
-        p,
-        seed,
-    )
-    return y
+    return zpre.contiguous(), bias_row.contiguous(), x.contiguous(), ln_weight.contiguous(), ln_bias.contiguous()
+
+
+def _grouped_seeds(seeds, M: int, p, ref: torch.Tensor) -> torch.Tensor:
+    """``seeds`` of :func:`gate_norm_grouped` as the raw op takes it: int64 ``[M]`` on ``ref``'s device."""
+    if seeds is None:
+        if not (type(p) is float and p == 0.0):
+            raise ValueError(f"seeds: required when p > 0 (one seed per modality, M = {M}), got None")
+        key = (ref.device, M)
+        t = C._UNUSED_SEED.get(key)
+        if t is None or type(ref) is not torch.Tensor or torch.compiler.is_compiling():
+            with torch.inference_mode(False):
+                t = torch.zeros(M, dtype=torch.int64, device=ref.device)
+            if type(ref) is torch.Tensor and not torch.compiler.is_compiling():
+                C._UNUSED_SEED[key] = t
+        return t
+    if isinstance(seeds, torch.Tensor):
+        if seeds.dtype != torch.int64:
+            raise TypeError(f"seeds: expected an int64 tensor (or a list of ints), got dtype {seeds.dtype}")
+        if tuple(seeds.shape) != (M,):
+            raise ValueError(f"seeds: expected shape [M] = ({M},), one seed per modality, got {tuple(seeds.shape)}")
+        if seeds.device != ref.device:
+            raise ValueError(f"seeds: on {seeds.device}, but xs[0] is on {ref.device}")
+        return seeds.contiguous()
+    if not isinstance(seeds, (list, tuple)):
+        raise TypeError(f"seeds: expected None, an int64 tensor [M] or a list of ints, got {type(seeds).__name__}")
+    if len(seeds) != M:
+        raise ValueError(f"seeds: expected {M} seeds (one per modality), got {len(seeds)}")
+    values = [C.seed(v, f"seeds[{m}]") for m, v in enumerate(seeds)]
+    return torch.tensor(values, dtype=torch.int64, device=ref.device)
+
+
+def gate_norm_grouped(
+    zpres,
+    bias_rows,
+    xs,
+    ln_weights,
+    ln_biases,
+    *,
+    alpha: float = 0.5,
+    beta: float = 0.2,
+    p: float = 0.0,
+    seeds=None,
+    backend: str = "auto",
+) -> list[torch.Tensor]:
+    """:func:`gate_norm` of every modality in one call: ``ys[m] = gate_norm(zpres[m], bias_rows[m],
+    xs[m], ln_weights[m], ln_biases[m], alpha=alpha, beta=beta, p=p, seed=seeds[m])``, bit for bit.
+
+    Lists of one tensor per modality (each its own ``T_m``, ``D_m``; one batch size ``B``).
+    ``seeds``: None when ``p == 0``, else an int64 ``[M]`` tensor on the inputs' device (read by
+    the kernels) or a list of ints. The C++ backends (``"cpu"``, ``"cuda"``) run one operator
+    call and one autograd node for all modalities; the others loop over :func:`gate_norm`.
+    """
+    names = ("zpres", "bias_rows", "xs", "ln_weights", "ln_biases")
+    lists = (zpres, bias_rows, xs, ln_weights, ln_biases)
+    for lst, name in zip(lists, names):
+        if not isinstance(lst, (list, tuple)):
+            raise TypeError(f"{name}: expected a list of tensors (one per modality), got {type(lst).__name__}")
+    M = len(xs)
+    if M == 0:
+        raise ValueError("xs: expected at least one modality, got an empty list")
+    for lst, name in zip(lists, names):
+        if len(lst) != M:
+            raise ValueError(f"{name}: expected {M} tensors (one per modality, as xs), got {len(lst)}")
+    C.float_tensor(xs[0], "xs[0]")
+    C.rank(xs[0], 3, "xs[0]", "[B, T, D]")
+    B = xs[0].shape[0]
+    for m in range(1, M):
+        C.float_tensor(xs[m], f"xs[{m}]")
+        C.rank(xs[m], 3, f"xs[{m}]", "[B, T, D]")
+        if xs[m].shape[0] != B:
+            raise ValueError(f"xs[{m}]: expected the batch size B = {B} of xs[0], got shape {tuple(xs[m].shape)}")
+    alpha = C.finite_real(alpha, "alpha")
+    beta = C.finite_real(beta, "beta")
+    p = C.probability(p, "p")
+    ref = xs[0]
+    seed_t = _grouped_seeds(seeds, M, p, ref)
+    be = _backend.resolve(backend, ref, "gate_norm")
+    if be == "triton":  # no grouped kernel: M launches of the one-modality op
+        return [
+            gate_norm(zpres[m], bias_rows[m], xs[m], ln_weights[m], ln_biases[m], alpha=alpha, beta=beta, p=p,
+                      seed=seed_t[m], backend=be)
+            for m in range(M)
+        ]
+    args = [[], [], [], [], []]
+    for m in range(M):
+        a = _prepare(zpres[m], bias_rows[m], xs[m], ln_weights[m], ln_biases[m],
+                     tuple(f"{n}[{m}]" for n in names))
+        if m > 0 and a[2].device != ref.device:
+            raise ValueError(f"xs[{m}]: on {a[2].device}, but xs[0] is on {ref.device} (mixed devices)")
+        for k in range(5):
+            args[k].append(a[k])
+    ys, _, _ = _backend.namespace(be).gate_norm_grouped(*args, alpha, beta, p, seed_t)
+    return list(ys)
 
 
 def _fake_seed_check(op: str, seed) -> None:
@@ -88,6 +181,13 @@ def _fake_seed_check(op: str, seed) -> None:
         raise TypeError(f"{op}: seed must be an int64 tensor, got {getattr(seed, 'dtype', type(seed).__name__)}")
     if seed.numel() != 1:
         raise ValueError(f"{op}: seed must have exactly one element, got shape {tuple(seed.shape)}")
+
+
+def _fake_seeds_check(op: str, seeds, M: int) -> None:
+    if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64:
+        raise TypeError(f"{op}: seeds must be an int64 tensor, got {getattr(seeds, 'dtype', type(seeds).__name__)}")
+    if tuple(seeds.shape) != (M,):
+        raise ValueError(f"{op}: seeds must have shape [M] = [{M}], got {tuple(seeds.shape)}")
 
 
 def _register(ns: str, needs_fake: bool) -> None:
@@ -111,6 +211,23 @@ def _register(ns: str, needs_fake: bool) -> None:
                 ln_weight.new_empty(ln_weight.shape),
                 ln_weight.new_empty(ln_weight.shape),
             )
+
+    if needs_fake and _backend.op_exists(ns, "gate_norm_grouped"):
+
+        @torch.library.register_fake(f"{ns}::gate_norm_grouped")
+        def _fake_grouped(zpre, bias_row, x, ln_weight, ln_bias, alpha, beta, p, seeds):
+            _fake_seeds_check(f"{ns}::gate_norm_grouped", seeds, len(x))
+            ys = [t.new_empty(t.shape) for t in x]
+            stats = [t.new_empty(t.shape[:2], dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+                     for t in x]
+            return ys, stats, [s.new_empty(s.shape) for s in stats]
+
+        @torch.library.register_fake(f"{ns}::gate_norm_grouped_backward")
+        def _fake_grouped_backward(dy, zpre, bias_row, x, ln_weight, mean, rstd, alpha, beta, p, seeds):
+            _fake_seeds_check(f"{ns}::gate_norm_grouped_backward", seeds, len(x))
+            return ([t.new_empty(t.shape) for t in zpre], [t.new_empty(t.shape) for t in bias_row],
+                    [t.new_empty(t.shape) for t in x], [t.new_empty(t.shape) for t in ln_weight],
+                    [t.new_empty(t.shape) for t in ln_weight])
 
     ops = getattr(torch.ops, ns)
 
