@@ -76,6 +76,15 @@ def _seed_is_tensor() -> bool:
     return str(schema.arguments[-1].type) == "Tensor"
 
 
+def _has_grouped_gate_norm() -> bool:
+    """Whether the C++ backends have the grouped gate_norm (one call for every modality)."""
+    try:
+        torch.ops.vgmr.gate_norm_grouped_backward.default
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
 @torch.compiler.disable
 def _gate_norm_int_seed(ops, zpre, bias_row, x, ln_weight, ln_bias, alpha, beta, p, seed, backend):
     """gate_norm for an op layer that still takes the seed as a Python int: reading it is a host
@@ -86,7 +95,7 @@ def _gate_norm_int_seed(ops, zpre, bias_row, x, ln_weight, ln_bias, alpha, beta,
 
 # Static configuration of one fused call (a named tuple: compilers treat it as a constant).
 _Spec = collections.namedtuple("_Spec", ("M", "d", "alpha", "beta", "p", "backend", "mlp", "k", "nb", "u_blocks",
-                                         "seed_tensor", "recompute"))
+                                         "seed_tensor", "recompute", "grouped"))
 
 
 def _pdt(x: torch.Tensor) -> torch.dtype:
@@ -111,7 +120,9 @@ class _FusedVGMR(torch.autograd.Function):
     def forward(ctx, spec, seeds, *flat):
         M, d, k = spec.M, spec.d, spec.k
         ns = torch.ops.vgmr_triton if spec.backend == "triton" else torch.ops.vgmr
-        xs, masks = flat[:M], flat[M:2 * M]
+        # the raw ops read dense rows (no-ops for the usual contiguous inputs)
+        xs = [x.contiguous() for x in flat[:M]]
+        masks = [None if mk is None else mk.contiguous() for mk in flat[M:2 * M]]
         P = _unflatten_params(spec, flat[2 * M:])
         B = xs[0].shape[0]
         Ts, dims = [x.shape[1] for x in xs], [x.shape[2] for x in xs]
@@ -159,12 +170,18 @@ class _FusedVGMR(torch.autograd.Function):
         lnbs = [b.to(pdt) for b in P["lnb"].split(dims)]
         rows_p = [r_.to(pdt) for r_ in rows]
         ys, stats = [], []
-        for m in range(M):
-            seed = _seed_arg(spec, seeds, m)
-            y, mean, rstd = ns.gate_norm(zpres[m], rows_p[m], xs[m], lnws[m], lnbs[m],
-                                         spec.alpha, spec.beta, spec.p, seed)
-            ys.append(y)
-            stats += [mean, rstd]
+        if spec.grouped:  # every modality in one operator call
+            ys, means, rstds = ns.gate_norm_grouped(zpres, rows_p, list(xs), lnws, lnbs,
+                                                    spec.alpha, spec.beta, spec.p, seeds)
+            ys = list(ys)
+            for mean, rstd in zip(means, rstds):
+                stats += [mean, rstd]
+        else:
+            for m in range(M):
+                y, mean, rstd = ns.gate_norm(zpres[m], rows_p[m], xs[m], lnws[m], lnbs[m],
+                                             spec.alpha, spec.beta, spec.p, _seed_arg(spec, seeds, m))
+                ys.append(y)
+                stats += [mean, rstd]
         ctx.set_materialize_grads(False)
         ctx.spec, ctx.shape = spec, (B, tuple(Ts), tuple(dims))
         ctx.has_mask = [mk is not None for mk in masks]
@@ -215,15 +232,18 @@ class _FusedVGMR(torch.autograd.Function):
         lnws = [w.to(pdt) for w in P["lnw"].split(dims)]
 
         # §5 gate_norm
+        dys = [torch.zeros_like(x) if dy is None else dy.to(x.dtype).contiguous() for dy, x in zip(dys, xs)]
+        if spec.grouped:
+            grouped = ns.gate_norm_grouped_backward(dys, zpres, rows_p, list(xs), lnws, stats[0::2], stats[1::2],
+                                                    spec.alpha, spec.beta, spec.p, seeds)
+            per_modality = list(zip(*grouped))
+        else:
+            per_modality = [ns.gate_norm_backward(dys[m], zpres[m], rows_p[m], xs[m], lnws[m], stats[2 * m],
+                                                  stats[2 * m + 1], spec.alpha, spec.beta, spec.p,
+                                                  _seed_arg(spec, seeds, m)) for m in range(M)]
         dzs, drows, dxs, dlnw, dlnb = [], [], [], [], []
         for m in range(M):
-            dy = dys[m]
-            if dy is None:
-                dy = torch.zeros_like(xs[m])
-            out = ns.gate_norm_backward(dy.to(xs[m].dtype).contiguous(), zpres[m], rows_p[m], xs[m], lnws[m],
-                                        stats[2 * m], stats[2 * m + 1], spec.alpha, spec.beta, spec.p,
-                                        _seed_arg(spec, seeds, m))
-            dz, drow, dx, dw, db = out
+            dz, drow, dx, dw, db = per_modality[m]
             if dz_extra[m] is not None:
                 dz = dz + dz_extra[m]
             if drow_extra[m] is not None:
@@ -440,6 +460,7 @@ class VGMR(nn.Module):
         self.backend, self.gate_gemm = backend, gate_gemm
         self.recompute_gate_gemm = bool(recompute_gate_gemm)
         self._seed_tensor = _seed_is_tensor()
+        self._grouped = _has_grouped_gate_norm()
         M = len(self.widths)
         self.u_blocks = ref.interaction_blocks(M, self.use_agreement, self.use_discrepancy)
         self._build(self._initial_state())
@@ -680,7 +701,8 @@ class VGMR(nn.Module):
         seed_tensor = self._seed_tensor
         seeds = draw_seeds(M, device=xs_list[0].device) if p > 0 else self._no_seeds
         spec = _Spec(*(M, self.d, self.alpha, self.beta, p, backend, self.projection == "mlp", self._k, self._nb,
-                      tuple(self.u_blocks), seed_tensor, self.recompute_gate_gemm))
+                      tuple(self.u_blocks), seed_tensor, self.recompute_gate_gemm,
+                      self._grouped and seed_tensor and backend in ("cpu", "cuda")))
         params = [*self.x_weight, *self.x_bias]
         if spec.mlp:
             params += [self.proj2_weight, self.proj2_bias]
