@@ -273,3 +273,21 @@ def test_fused_accessors_for_code_written_against_the_reference():
     g = f.reference_grads()
     assert set(g) == set(r.state_dict())
     assert g["blocks.1.gate_raw.weight"].shape == r.blocks[1].gate_raw.weight.shape
+
+
+def test_double_backward_raises_naming_the_layer_and_reference_supports_it():
+    widths = [12, 5, 3]
+    torch.manual_seed(5)
+    r = R.VGMR(widths, d=8, dropout=0.0)
+    xs, masks = inputs(widths)
+    for module, ok in ((from_reference(r, backend="cpu"), False), (from_reference(r, backend="reference"), True)):
+        xg = [x.clone().requires_grad_() for x in xs]
+        out = module(xg, masks)
+        if not ok:
+            with pytest.raises(RuntimeError, match="double backward.*backend='reference'"):
+                torch.autograd.grad(sum((o * o).sum() for o in out), xg, create_graph=True)
+            continue
+        g = torch.autograd.grad(sum((o * o).sum() for o in out), xg, create_graph=True)
+        penalty = sum(gi.pow(2).sum() for gi in g)
+        penalty.backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())

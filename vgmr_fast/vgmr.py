@@ -192,8 +192,12 @@ class _FusedVGMR(torch.autograd.Function):
         return tuple(ys + ([t] if k else []) + zpres + rows)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
+        if torch.is_grad_enabled():  # create_graph=True: this backward is not itself differentiable
+            raise RuntimeError(
+                "vgmr_fast.VGMR: double backward (autograd.grad(..., create_graph=True), e.g. a gradient "
+                "penalty) through the fused layer is not supported; build the module with "
+                "backend='reference' (or use vgmr_fast.reference.VGMR) for higher-order gradients")
         spec = ctx.spec
         M, d, k = spec.M, spec.d, spec.k
         ns = torch.ops.vgmr_triton if spec.backend == "triton" else torch.ops.vgmr
