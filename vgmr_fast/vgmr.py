@@ -64,38 +64,21 @@ class _ReferenceOps:
         return ref.gate_norm(zpre, bias_row, x, ln_weight, ln_bias, alpha, beta, p, seed)
 
 
-def _seed_is_tensor() -> bool:
-    """Whether the op layer takes the dropout seed as a device tensor (CONTRACT.md). Asked
+def _has_grouped_gate_norm() -> bool:
+    """Whether the C++ backends have the grouped gate_norm (one call for every modality); asked
     once per module, at construction (a schema query does not trace)."""
     try:
         from . import ops  # noqa: F401  (loads the extension's schemas when it is built)
 
-        schema = torch.ops.vgmr.gate_norm.default._schema
-    except (ImportError, AttributeError, RuntimeError, OSError):
-        return False
-    return str(schema.arguments[-1].type) == "Tensor"
-
-
-def _has_grouped_gate_norm() -> bool:
-    """Whether the C++ backends have the grouped gate_norm (one call for every modality)."""
-    try:
         torch.ops.vgmr.gate_norm_grouped_backward.default
-    except (AttributeError, RuntimeError):
+    except (ImportError, AttributeError, RuntimeError, OSError):
         return False
     return True
 
 
-@torch.compiler.disable
-def _gate_norm_int_seed(ops, zpre, bias_row, x, ln_weight, ln_bias, alpha, beta, p, seed, backend):
-    """gate_norm for an op layer that still takes the seed as a Python int: reading it is a host
-    sync and a guarded constant, so it stays outside compiled graphs."""
-    return ops.gate_norm(zpre, bias_row, x, ln_weight, ln_bias, alpha=alpha, beta=beta, p=p,
-                         seed=int(seed.item()), backend=backend)
-
-
 # Static configuration of one fused call (a named tuple: compilers treat it as a constant).
 _Spec = collections.namedtuple("_Spec", ("M", "d", "alpha", "beta", "p", "backend", "mlp", "k", "nb", "u_blocks",
-                                         "seed_tensor", "recompute", "grouped"))
+                                         "recompute", "grouped"))
 
 
 def _pdt(x: torch.Tensor) -> torch.dtype:
@@ -179,7 +162,7 @@ class _FusedVGMR(torch.autograd.Function):
         else:
             for m in range(M):
                 y, mean, rstd = ns.gate_norm(zpres[m], rows_p[m], xs[m], lnws[m], lnbs[m],
-                                             spec.alpha, spec.beta, spec.p, _seed_arg(spec, seeds, m))
+                                             spec.alpha, spec.beta, spec.p, _seed_arg(seeds, m))
                 ys.append(y)
                 stats += [mean, rstd]
         ctx.set_materialize_grads(False)
@@ -244,7 +227,7 @@ class _FusedVGMR(torch.autograd.Function):
         else:
             per_modality = [ns.gate_norm_backward(dys[m], zpres[m], rows_p[m], xs[m], lnws[m], stats[2 * m],
                                                   stats[2 * m + 1], spec.alpha, spec.beta, spec.p,
-                                                  _seed_arg(spec, seeds, m)) for m in range(M)]
+                                                  _seed_arg(seeds, m)) for m in range(M)]
         dzs, drows, dxs, dlnw, dlnb = [], [], [], [], []
         for m in range(M):
             dz, drow, dx, dw, db = per_modality[m]
@@ -410,12 +393,10 @@ def _flatten_grads(spec, g: dict, flat_params) -> list:
     return out
 
 
-def _seed_arg(spec, seeds, m: int):
+def _seed_arg(seeds, m: int):
     """Modality m's dropout seed as the raw ops take it: a one-element int64 tensor on the
-    inputs' device (no host sync), or, for an op layer that still takes a Python int, its value."""
-    if spec.seed_tensor:
-        return seeds[m:m + 1]
-    return int(seeds[m].item()) if spec.p > 0 else 0
+    inputs' device, read by the kernel (no host sync)."""
+    return seeds[m:m + 1]
 
 
 class VGMR(nn.Module):
@@ -463,7 +444,6 @@ class VGMR(nn.Module):
         self.projection = cfg.projection
         self.backend, self.gate_gemm = backend, gate_gemm
         self.recompute_gate_gemm = bool(recompute_gate_gemm)
-        self._seed_tensor = _seed_is_tensor()
         self._grouped = _has_grouped_gate_norm()
         M = len(self.widths)
         self.u_blocks = ref.interaction_blocks(M, self.use_agreement, self.use_discrepancy)
@@ -702,11 +682,10 @@ class VGMR(nn.Module):
     def _forward_fused(self, xs, xs_list, masks_list, backend, return_aux):
         M = self.num_modalities
         p = self.p if self.training else 0.0
-        seed_tensor = self._seed_tensor
         seeds = draw_seeds(M, device=xs_list[0].device) if p > 0 else self._no_seeds
         spec = _Spec(*(M, self.d, self.alpha, self.beta, p, backend, self.projection == "mlp", self._k, self._nb,
-                      tuple(self.u_blocks), seed_tensor, self.recompute_gate_gemm,
-                      self._grouped and seed_tensor and backend in ("cpu", "cuda")))
+                      tuple(self.u_blocks), self.recompute_gate_gemm,
+                      self._grouped and backend in ("cpu", "cuda")))
         params = [*self.x_weight, *self.x_bias]
         if spec.mlp:
             params += [self.proj2_weight, self.proj2_bias]
@@ -730,11 +709,8 @@ class VGMR(nn.Module):
             return [ops.gate_norm(z, r, x, w, b, alpha=self.alpha, beta=self.beta, backend=backend)
                     for z, r, x, w, b in zip(zpres, rows, xs_list, lnw, lnb)]
         seeds = draw_seeds(self.num_modalities, device=xs_list[0].device)
-        if ops is _ReferenceOps or self._seed_tensor:
-            return [ops.gate_norm(z, r, x, w, b, alpha=self.alpha, beta=self.beta, p=p,
-                                  seed=seeds[m:m + 1], backend=backend)
-                    for m, (z, r, x, w, b) in enumerate(zip(zpres, rows, xs_list, lnw, lnb))]
-        return [_gate_norm_int_seed(ops, z, r, x, w, b, self.alpha, self.beta, p, seeds[m], backend)
+        return [ops.gate_norm(z, r, x, w, b, alpha=self.alpha, beta=self.beta, p=p,
+                              seed=seeds[m:m + 1], backend=backend)
                 for m, (z, r, x, w, b) in enumerate(zip(zpres, rows, xs_list, lnw, lnb))]
 
     def _aux(self, t, zpres, rows):
