@@ -62,7 +62,7 @@ def test_neutral_gate_dropout_matches_keep_mask():
     gen_state = torch.random.get_rng_state()
     out = m(xs)
     torch.random.set_rng_state(gen_state)
-    seeds = [int(torch.randint(0, 2**62, (1,)).item()) for _ in range(2)]
+    seeds = torch.randint(0, 2**62, (2,)).tolist()
     for blk, x, y, s in zip(m.blocks, xs, out, seeds):
         B, T, D = x.shape
         ln = F.layer_norm(x, (D,), blk.norm.weight, blk.norm.bias, 1e-5)

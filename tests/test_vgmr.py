@@ -58,7 +58,15 @@ def on(backend, xs, masks):
 
 
 def grads(module, xs):
-    return [p.grad for p in module.parameters()] + [x.grad for x in xs]
+    """Parameter gradients in the reference's order (the fused module maps its stacked layout),
+    then the inputs' gradients."""
+    if isinstance(module, VGMR):
+        by_name = module.reference_grads()
+        names = list(module.state_dict())
+    else:
+        by_name = {n: p.grad for n, p in module.named_parameters()}
+        names = list(by_name)
+    return [by_name.get(n) for n in names] + [x.grad for x in xs]
 
 
 def run(module, xs, masks, seed=123):
@@ -96,14 +104,62 @@ def check_module(r, f, xs, masks, atol=1e-6):
     return out_f
 
 
-def test_same_parameters_and_state_dict():
-    r = R.VGMR({"t": 12, "a": 5}, d=4)
-    f = VGMR({"t": 12, "a": 5}, d=4)
-    assert [n for n, _ in r.named_parameters()] == [n for n, _ in f.named_parameters()]
-    assert list(r.state_dict()) == list(f.state_dict())
-    f.load_state_dict(r.state_dict())
-    r.load_state_dict(f.state_dict())
+@pytest.mark.parametrize("kw", [{}, {"projection": "linear"}, {"use_global_value": False},
+                                {"use_channel_value": False, "use_agreement": False},
+                                {"use_global_value": False, "use_channel_value": False}])
+def test_state_dict_equals_reference_both_ways(kw):
+    """Stacked layout inside, the reference's state_dict outside: same keys in the same order,
+    equal values, and strict loading of either module's state into either."""
+    widths = {"t": 12, "a": 5, "v": 3}
+    torch.manual_seed(0)
+    r = R.VGMR(widths, d=4, **kw)
+    torch.manual_seed(0)
+    f = VGMR(widths, d=4, **kw)
+    sr, sf = r.state_dict(), f.state_dict()
+    assert list(sr) == list(sf)
+    for k in sr:  # the same seed draws the same initial weights in the same order
+        assert torch.equal(sr[k], sf[k]), k
+    torch.manual_seed(1)
+    r2 = R.VGMR(widths, d=4, **kw)
+    f.load_state_dict(r2.state_dict())  # reference -> fused
+    for k, v in r2.state_dict().items():
+        assert torch.equal(f.state_dict()[k], v), k
+    torch.manual_seed(2)
+    f2 = VGMR(widths, d=4, **kw)
+    r.load_state_dict(f2.state_dict())  # fused -> reference
+    f.load_state_dict(f2.state_dict())  # fused -> fused
+    for k, v in f2.state_dict().items():
+        assert torch.equal(r.state_dict()[k], v) and torch.equal(f.state_dict()[k], v), k
     assert vgmr_fast.VGMR is VGMR
+
+
+def test_load_state_dict_strict_errors_and_nesting():
+    widths = [6, 4]
+    f = VGMR(widths, d=4)
+    sd = R.VGMR(widths, d=4).state_dict()
+    missing = dict(sd)
+    del missing["blocks.1.gate_channel.bias"]
+    with pytest.raises(RuntimeError, match="gate_channel.bias"):
+        f.load_state_dict(missing)
+    wrong = dict(sd)
+    wrong["blocks.0.norm.weight"] = torch.ones(7)
+    with pytest.raises(RuntimeError, match="size mismatch for blocks.0.norm.weight"):
+        f.load_state_dict(wrong)
+    extra = dict(sd)
+    extra["blocks.0.bogus"] = torch.ones(1)
+    with pytest.raises(RuntimeError, match="bogus"):
+        f.load_state_dict(extra)
+    # as a submodule (prefixed keys), and through torch.save / torch.load
+    import io
+
+    outer_r, outer_f = torch.nn.Sequential(R.VGMR(widths, d=4)), torch.nn.Sequential(VGMR(widths, d=4))
+    outer_f.load_state_dict(outer_r.state_dict())
+    buf = io.BytesIO()
+    torch.save(outer_f.state_dict(), buf)
+    buf.seek(0)
+    outer_r.load_state_dict(torch.load(buf))
+    for k, v in outer_r.state_dict().items():
+        assert torch.equal(outer_f.state_dict()[k], v)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

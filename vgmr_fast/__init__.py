@@ -1,7 +1,9 @@
 """vgmr-fast: fused CPU / Triton / CUDA kernels for the Value-Gated Modality Refiner.
 
 ``vgmr_fast.VGMR`` is the fused drop-in for ``vgmr_fast.reference.VGMR`` (same
-constructor, parameter names and state_dict). The ops live in ``vgmr_fast.ops``.
+constructor arguments and state_dict; its parameters are stored stacked across modalities).
+The ops live in ``vgmr_fast.ops``. Importing the package or ``vgmr_fast.reference`` never
+loads the compiled extension.
 """
 __version__ = "0.1.0"
 

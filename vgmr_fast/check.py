@@ -232,6 +232,15 @@ def case_gate_norm(backend, device, dname, c, gen, res):
 MODULE_CASES = [((35, 74, 20), 32, (7, 5, 9), 3), ((12, 5), 8, (1, 4), 2)]
 
 
+def _reference_keyed_grads(mod, reference) -> list:
+    """Parameter gradients in the reference's parameter order (the fused module stores its
+    parameters stacked and maps their gradients with ``reference_grads()``)."""
+    names = [n for n, _ in reference.named_parameters()]
+    by_name = mod.reference_grads() if hasattr(mod, "reference_grads") else dict(
+        (n, p.grad) for n, p in mod.named_parameters())
+    return [by_name.get(n) for n in names]
+
+
 def case_module(backend, device, dname, c, gen, res):
     """The fused module vs the reference module (same state_dict): eval and train (dropout) modes."""
     dtype, atol = DTYPES[dname]
@@ -262,7 +271,7 @@ def case_module(backend, device, dname, c, gen, res):
             y = mod(xs, mk)
             torch.autograd.backward(list(y), [g.to(dev, dt) for g in g64])
             outs.append(list(y))
-            grads.append([p.grad for p in mod.parameters()])
+            grads.append(_reference_keyed_grads(mod, truth_mod))
         _check_outputs(res, backend, "module", dname, case, "fwd", outs[2], outs[1], outs[0], atol)
         names = [n for n, _ in truth_mod.named_parameters()]
         for n, gf, ge, gt in zip(names, grads[2], grads[1], grads[0]):

@@ -1,18 +1,20 @@
 """The executable specification of VGMR (SPEC.md §1–§5), in plain PyTorch.
 
 Every fused kernel is tested against the functions here, and the fused module
-``vgmr_fast.VGMR`` shares this module's constructor, parameter names and
-``state_dict``. Section marks (§N) refer to SPEC.md.
+``vgmr_fast.VGMR`` takes the same constructor arguments and gives the same ``state_dict``
+(its own parameter layout is converted by state-dict hooks). The two share only input
+handling (:mod:`vgmr_fast.inputs`). Plain PyTorch: importing this module never loads the
+C++ extension. Section marks (§N) refer to SPEC.md.
 """
 from __future__ import annotations
-
-from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops.dropout import check_p, draw_seed, keep_mask
+from . import inputs
+from .dropout_stream import check_p, draw_seeds, keep_mask
+from .inputs import as_modality_list, check_inputs  # noqa: F401  (backbones import them from here)
 
 EPS = 1e-5
 
@@ -35,15 +37,16 @@ def summary_pool(h: torch.Tensor, mask: torch.Tensor | None = None):
     """§1 masked mean and max over time: ``[B, T, d] -> ([B, d], [B, d])``.
 
     A row with no valid step gets mean = max = 0. ``torch.max(dim)`` (not ``amax``)
-    so the max gradient goes to one step, the first maximal one.
+    so the max gradient goes to one step, the first maximal one. Masked-out steps take no
+    part at all: a NaN or infinity there changes nothing (``masked_fill``, not a product by 0).
     """
     if mask is None:
         return h.mean(dim=1), torch.max(h, dim=1).values
     valid = mask.to(torch.bool)
-    m = valid.unsqueeze(-1).to(h.dtype)
+    invalid = ~valid.unsqueeze(-1)
     n = valid.sum(dim=1, keepdim=True).clamp(min=1).to(h.dtype)
-    mean = (h * m).sum(dim=1) / n
-    filled = h.masked_fill(~valid.unsqueeze(-1), float("-inf"))
+    mean = h.masked_fill(invalid, 0.0).sum(dim=1) / n
+    filled = h.masked_fill(invalid, float("-inf"))
     mx = torch.max(filled, dim=1).values
     mx = torch.where(valid.any(dim=1, keepdim=True), mx, torch.zeros_like(mx))
     return mean, mx
@@ -74,9 +77,9 @@ def interaction(s: torch.Tensor) -> torch.Tensor:
             torch.cat(
                 [
                     sm,
-                    so.reshape(B, -1),
-                    (sm.unsqueeze(1) * so).reshape(B, -1),
-                    (sm.unsqueeze(1) - so).abs().reshape(B, -1),
+                    so.reshape(B, (M - 1) * d),
+                    (sm.unsqueeze(1) * so).reshape(B, (M - 1) * d),
+                    (sm.unsqueeze(1) - so).abs().reshape(B, (M - 1) * d),
                     so.mean(dim=1),
                 ],
                 dim=-1,
@@ -114,57 +117,6 @@ def gate_norm(
         keep = keep_mask(seed, B * T, D, p, device=x.device).view(B, T, D)
         y = y * keep.to(y.dtype) / (1.0 - p)
     return y
-
-
-# ---------------------------------------------------------------------------
-# Input handling shared by the reference and the fused module.
-# ---------------------------------------------------------------------------
-def as_modality_list(xs, count: int, names: list[str] | None, what: str):
-    """Normalise a dict or sequence of per-modality tensors to a list in modality order."""
-    if isinstance(xs, Mapping):
-        if names is None or set(xs.keys()) != set(names):
-            raise ValueError(f"{what}: expected keys {names}, got {list(xs.keys())}")
-        return [xs[n] for n in names]
-    if isinstance(xs, torch.Tensor) or not isinstance(xs, Sequence):
-        raise TypeError(f"{what}: expected a sequence or dict of {count} tensors, got {type(xs).__name__}")
-    if len(xs) != count:
-        raise ValueError(f"{what}: expected {count} modalities, got {len(xs)}")
-    return list(xs)
-
-
-def check_inputs(xs: list, masks: list | None, widths: list[int]):
-    """Validate features and masks; raise ValueError/TypeError naming the argument."""
-    B = device = None
-    for m, x in enumerate(xs):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"xs[{m}]: expected a tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"xs[{m}]: expected a floating-point tensor, got {x.dtype}")
-        if x.dim() != 3:
-            raise ValueError(f"xs[{m}]: expected shape [B, T, D], got {tuple(x.shape)}")
-        if x.shape[-1] != widths[m]:
-            raise ValueError(f"xs[{m}]: expected feature width D={widths[m]}, got {x.shape[-1]}")
-        if x.shape[1] < 1:
-            raise ValueError(f"xs[{m}]: expected at least one time step, got T=0")
-        if B is None:
-            B, device = x.shape[0], x.device
-        elif x.shape[0] != B:
-            raise ValueError(f"xs[{m}]: batch size {x.shape[0]} differs from xs[0]'s {B}")
-        elif x.device != device:
-            raise ValueError(f"xs[{m}]: on {x.device}, but xs[0] is on {device}")
-    if masks is None:
-        return
-    for m, (x, mk) in enumerate(zip(xs, masks)):
-        if mk is None:
-            continue
-        if not isinstance(mk, torch.Tensor):
-            raise TypeError(f"masks[{m}]: expected a tensor or None, got {type(mk).__name__}")
-        if mk.dtype != torch.bool:
-            raise TypeError(f"masks[{m}]: expected dtype torch.bool (True = valid step), got {mk.dtype}")
-        if tuple(mk.shape) != tuple(x.shape[:2]):
-            raise ValueError(f"masks[{m}]: expected shape {tuple(x.shape[:2])} ([B, T_m]), got {tuple(mk.shape)}")
-        if mk.device != x.device:
-            raise ValueError(f"masks[{m}]: on {mk.device}, but xs[{m}] is on {x.device}")
 
 
 def mlp2(d_in: int, d: int) -> nn.Sequential:
@@ -232,9 +184,12 @@ class VGMR(nn.Module):
     ``global_value`` [B, M], ``channel_value`` [B, M, d] (None where ablated), ``gate_mean`` [B, M]
     (mean initial gate G per sample) and ``gate`` (the list of G tensors).
 
-    Dropout draws from the shared Philox stream (``vgmr_fast.ops.dropout``) with one seed per
-    modality taken from torch's CPU generator, so the fused module with the same
-    ``torch.manual_seed`` drops the same elements. Set ``dropout_rng = "torch"`` to use
+    Dropout draws from the shared Philox stream (``vgmr_fast.dropout_stream``): each training
+    forward draws one int64 tensor of M seeds, ``torch.randint(0, 2**62, (M,))`` on the CPU
+    generator, and modality m uses the m-th; the fused module makes the same call on its inputs'
+    device, so on the CPU both drop the same elements under the same ``torch.manual_seed``.
+    Inputs must have the parameters' dtype (or run under ``torch.autocast``); an empty batch
+    gives empty outputs. Set ``dropout_rng = "torch"`` to use
     ``torch.nn.functional.dropout`` instead (what a plain-PyTorch user would write; benchmarks use it).
     """
 
@@ -255,36 +210,20 @@ class VGMR(nn.Module):
         projection: str = "mlp",
     ):
         super().__init__()
-        if isinstance(widths, Mapping):
-            names, dims = [str(k) for k in widths.keys()], list(widths.values())
-        elif isinstance(widths, Sequence) and not isinstance(widths, str):
-            names, dims = None, list(widths)
-        else:
-            raise TypeError(f"widths: expected a dict name -> D_m or a sequence of ints, got {type(widths).__name__}")
-        if len(dims) < 2:
-            raise ValueError(f"widths: VGMR needs at least 2 modalities, got {len(dims)}")
-        if not all(isinstance(D, int) and not isinstance(D, bool) and D >= 1 for D in dims):
-            raise ValueError(f"widths: every D_m must be a positive int, got {dims}")
-        if not (isinstance(d, int) and d >= 1):
-            raise ValueError(f"d: expected a positive int, got {d}")
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha: expected a value in [0, 1], got {alpha}")
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"beta: expected a value in [0, 1], got {beta}")
-        check_p(dropout)
-        if projection not in ("mlp", "linear"):
-            raise ValueError(f"projection: expected 'mlp' or 'linear', got {projection!r}")
-        self.names, self.widths, self.d = names, dims, d
-        self.alpha, self.beta, self.p = float(alpha), float(beta), float(dropout)
-        self.use_global_value, self.use_channel_value = use_global_value, use_channel_value
-        self.use_agreement, self.use_discrepancy = use_agreement, use_discrepancy
-        self.projection = projection
+        cfg = inputs.parse_config(widths, d, alpha, beta, dropout, use_global_value, use_channel_value,
+                                  use_agreement, use_discrepancy, projection)
+        self.names, self.widths, self.d = cfg.names, cfg.widths, cfg.d
+        self.alpha, self.beta, self.p = cfg.alpha, cfg.beta, cfg.p
+        self.use_global_value, self.use_channel_value = cfg.use_global_value, cfg.use_channel_value
+        self.use_agreement, self.use_discrepancy = cfg.use_agreement, cfg.use_discrepancy
+        self.projection = cfg.projection
         self.dropout_rng = "philox"
-        M = len(dims)
+        dims, M = self.widths, len(self.widths)
         self.u_blocks = interaction_blocks(M, use_agreement, use_discrepancy)
         u_width = len(self.u_blocks) * d
         self.blocks = nn.ModuleList(
-            ModalityBlock(D, d, u_width, use_global_value, use_channel_value, projection) for D in dims
+            ModalityBlock(D, d, u_width, self.use_global_value, self.use_channel_value, self.projection)
+            for D in dims
         )
 
     @property
@@ -298,37 +237,26 @@ class VGMR(nn.Module):
             f"agreement={self.use_agreement}, discrepancy={self.use_discrepancy}, projection={self.projection!r}"
         )
 
-    # -- helpers shared with the fused module ---------------------------------
-    def _prepare(self, xs, masks):
-        xs_list = as_modality_list(xs, self.num_modalities, self.names, "xs")
-        masks_list = None
-        if masks is not None:
-            masks_list = as_modality_list(masks, self.num_modalities, self.names, "masks")
-        check_inputs(xs_list, masks_list, self.widths)
-        if masks_list is None:
-            masks_list = [None] * len(xs_list)
-        return xs_list, masks_list
-
-    def _pack(self, xs, outs):
-        if isinstance(xs, Mapping):
-            return dict(zip(self.names, outs))
-        return type(xs)(outs) if isinstance(xs, tuple) else list(outs)
+    # -- helpers --------------------------------------------------------------------
+    def _param_dtype(self):
+        return self.blocks[0].norm.weight.dtype
 
     def _dropout_seeds(self) -> list[int]:
+        """One step's seeds in modality order: the fused module's draw, made on the CPU."""
         if not (self.training and self.p > 0) or self.dropout_rng == "torch":
             return [0] * self.num_modalities  # no draw: torch's dropout keeps its own stream
-        return [draw_seed() for _ in range(self.num_modalities)]
+        return draw_seeds(self.num_modalities).tolist()
 
     def _select_u(self, u: torch.Tensor) -> torch.Tensor:
         M = self.num_modalities
         if len(self.u_blocks) == 3 * M - 1:
             return u
         B = u.shape[0]
-        return u.view(B, M, 3 * M - 1, self.d)[:, :, self.u_blocks].reshape(B, M, -1)
+        return u.view(B, M, 3 * M - 1, self.d)[:, :, self.u_blocks].reshape(B, M, len(self.u_blocks) * self.d)
 
     # -- forward ------------------------------------------------------------------
     def forward(self, xs, masks=None, return_aux: bool = False):
-        xs_list, masks_list = self._prepare(xs, masks)
+        xs_list, masks_list = inputs.prepare(xs, masks, self.names, self.widths, self._param_dtype())
         blocks = list(self.blocks)
         # §1 projection and summary
         hs = [blk.proj(x) for blk, x in zip(blocks, xs_list)]
@@ -360,7 +288,7 @@ class VGMR(nn.Module):
                 gs.append(g)
                 vs.append(v)
                 gates.append(torch.sigmoid(z))
-        refined = self._pack(xs, outs)
+        refined = inputs.pack(xs, self.names, outs)
         if not return_aux:
             return refined
         return refined, self._aux(gs, vs, gates)

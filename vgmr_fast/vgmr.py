@@ -1,29 +1,38 @@
-"""The fused drop-in VGMR: same constructor, parameter names and state_dict as the reference.
+"""The fused drop-in VGMR: the reference's constructor and ``state_dict``, its own parameter layout.
 
-``vgmr_fast.VGMR`` subclasses ``vgmr_fast.reference.VGMR`` (so parameters, ``state_dict`` and
-input checks are literally shared) and replaces the forward's bandwidth-bound parts with the
-fused ops of ``vgmr_fast.ops``:
+Data flow, grouped across modalities wherever the shapes agree (one launch serves all M):
 
-    X -> P (GEMMs) -> summary_pool -> E -> interaction -> V -> g, v -> bias_row
-    [X; H] -> gate GEMM -> Zpre;   gate_norm(Zpre, bias_row, X) -> X~
+    X_m -> [P1_m; W_r] GEMM (one per m: P's first layer and the gate's X W_r^T + b_r share X)
+        -> GELU of all modalities at once -> P2_m GEMM -> H_m -> summary_pool
+    [mean; max] of all m -> E (batched GEMMs over stacked [M, ...] weights) -> interaction
+        -> V (batched GEMMs) -> the global and channel heads (one batched GEMM)
+        -> per-sample gate terms: one GEMM per modality into the bias row (A_g, A_c, every bias)
+    Zpre_m = (X W_r^T + b_r) + H_m W_h^T;   gate_norm(Zpre, bias_row, X) -> X~ (grouped when
+    the backend has a grouped kernel)
 
-The module keeps the GEMMs and small MLPs (torch does them best). Per SPEC §4 the two per-step
-gate products ``X W_r^T + H W_h^T`` are two GEMMs accumulating into one output
-(``gate_gemm="two"``, ``torch.addmm`` with beta = 1, no concatenated copy of ``[X; H]``) or one
-GEMM over the concatenation with the stacked weight (``gate_gemm="stacked"``); with
-``projection="linear"`` the weights fold into one ``D x D`` GEMM. All per-sample terms (A_g, A_c
-and every bias) form one ``[B, D]`` bias row that ``gate_norm`` broadcasts over time.
+Parameters live in that layout (stacked ``[M, ...]`` where all modalities share a shape,
+concatenated along the feature axis ``sum D_m`` where they do not). ``state_dict()`` gives the
+reference's keys and values, and ``load_state_dict`` takes either the reference's state or
+this layout's own, through state-dict hooks. ``reference_grads()`` maps gradients the same way.
+
+The heads' sigmoid enters the gate only as ``sigma(z) - 1/2``; the module computes it as
+``tanh(z/2) / 2`` (the same function, one launch fewer: the 1/2 folds into the GEMMs' alpha).
 """
 from __future__ import annotations
 
+import collections
 import warnings
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
+from . import inputs
 from . import reference as ref
-from .ops.dropout import draw_seed
+from .dropout_stream import draw_seeds
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+EPS = ref.EPS
 _warned: set = set()
 
 
@@ -33,44 +42,546 @@ def _warn_once(key: str, msg: str) -> None:
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
-@torch.compiler.disable
-def _gate_norm_dropout(zpre, bias_row, x, ln_weight, ln_bias, alpha, beta, p, backend):
-    """gate_norm with dropout, its seed drawn here (in modality order, as the reference does).
+def _linear_init(out_features: int, in_features: int):
+    """``(weight, bias)`` initialised as ``nn.Linear`` does (same draws from torch's generator)."""
+    lin = nn.Linear(in_features, out_features)
+    return lin.weight.detach(), lin.bias.detach()
 
-    The seed is a fresh Python int each step: inside a compiled graph it would be a guarded
-    constant and recompile every step, so the draw and this launch stay outside the graph.
+
+class _ReferenceOps:
+    """The plain-torch functions of the reference, with the fused ops' call signature."""
+
+    @staticmethod
+    def summary_pool(h, mask, backend=None):
+        return ref.summary_pool(h, mask)
+
+    @staticmethod
+    def interaction(s, backend=None):
+        return ref.interaction(s)
+
+    @staticmethod
+    def gate_norm(zpre, bias_row, x, ln_weight, ln_bias, *, alpha, beta, p=0.0, seed=0, backend=None):
+        return ref.gate_norm(zpre, bias_row, x, ln_weight, ln_bias, alpha, beta, p, seed)
+
+
+def _has_grouped_gate_norm() -> bool:
+    """Whether the C++ backends have the grouped gate_norm (one call for every modality); asked
+    once per module, at construction (a schema query does not trace)."""
+    try:
+        from . import ops  # noqa: F401  (loads the extension's schemas when it is built)
+
+        torch.ops.vgmr.gate_norm_grouped_backward.default
+    except (ImportError, AttributeError, RuntimeError, OSError):
+        return False
+    return True
+
+
+# Static configuration of one fused call (a named tuple: compilers treat it as a constant).
+_Spec = collections.namedtuple("_Spec", ("M", "d", "alpha", "beta", "p", "backend", "mlp", "k", "nb", "u_blocks",
+                                         "recompute", "grouped"))
+
+
+def _pdt(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _bmm_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a^T b`` over a batch: ``[M, n, i]^T [M, n, j] -> [M, i, j]`` (a weight's gradient)."""
+    return torch.bmm(a.transpose(1, 2), b)
+
+
+class _FusedVGMR(torch.autograd.Function):
+    """The whole layer as one autograd node: the raw fused ops, the GEMMs, and a backward written
+    out by hand, so that it launches what the math needs (no per-piece scatters, no zero-filled
+    gradients of unused outputs) and saves only what it cannot cheaply recompute: the P
+    pre-activation, H, Zpre (or, with ``recompute_gate_gemm``, not even Zpre), and small per-row
+    or per-sample tensors. Inputs: ``spec, seeds, *xs, *masks, *params, zero``; outputs:
+    ``*ys, t (when the value heads exist), *zpres, *rows`` (the last three feed the auxiliaries).
     """
-    from . import ops
 
-    return ops.gate_norm(zpre, bias_row, x, ln_weight, ln_bias, alpha=alpha, beta=beta, p=p,
-                         seed=draw_seed(), backend=backend)
+    @staticmethod
+    def forward(ctx, spec, seeds, *flat):
+        M, d, k = spec.M, spec.d, spec.k
+        ns = torch.ops.vgmr_triton if spec.backend == "triton" else torch.ops.vgmr
+        # the raw ops read dense rows (no-ops for the usual contiguous inputs)
+        xs = [x.contiguous() for x in flat[:M]]
+        masks = [None if mk is None else mk.contiguous() for mk in flat[M:2 * M]]
+        P = _unflatten_params(spec, flat[2 * M:])
+        B = xs[0].shape[0]
+        Ts, dims = [x.shape[1] for x in xs], [x.shape[2] for x in xs]
+        x2s = [x.reshape(B * T, D) for x, T, D in zip(xs, Ts, dims)]
+        xo = [torch.addmm(b, x2, w.t()) for x2, w, b in zip(x2s, P["xw"], P["xb"])]
+        if spec.mlp:
+            pre_all = torch.cat([o[:, :d] for o in xo])
+            acts = F.gelu(pre_all).split([B * T for T in Ts])
+            hs = [torch.addmm(b2, a, w2.t()) for a, w2, b2 in zip(acts, P["w2"].unbind(0), P["b2"].unbind(0))]
+        else:
+            pre_all = None
+            hs = [o[:, :d].contiguous() for o in xo]
+        saved_small = []
+        if k:
+            pooled, argmaxes = [], []
+            for h, T, mk in zip(hs, Ts, masks):
+                mean, mx, am = ns.summary_pool(h.view(B, T, d), mk)
+                pooled += [mean, mx]
+                argmaxes.append(am)
+            summary_in = torch.stack(pooled, dim=1).view(B, M, 2 * d).transpose(0, 1)  # [M, B, 2d]
+            e_pre = torch.baddbmm(P["eb1"].unsqueeze(1), summary_in, P["ew1"].transpose(1, 2))
+            e = F.gelu(e_pre)
+            s = torch.baddbmm(P["eb2"].unsqueeze(1), e, P["ew2"].transpose(1, 2))
+            s_bm = s.transpose(0, 1).contiguous()  # the interaction op reads [B, M, d]
+            u = ns.interaction(s_bm)
+            if len(spec.u_blocks) != 3 * M - 1:
+                u = u.view(B, M, 3 * M - 1, d)[:, :, list(spec.u_blocks)].reshape(B, M, len(spec.u_blocks) * d)
+            u_t = u.transpose(0, 1)
+            r_pre = torch.baddbmm(P["vb1"].unsqueeze(1), u_t, P["vw1"].transpose(1, 2))
+            r1 = F.gelu(r_pre)
+            r = torch.baddbmm(P["vb2"].unsqueeze(1), r1, P["vw2"].transpose(1, 2))
+            t = torch.tanh(torch.baddbmm(P["hb"].unsqueeze(1), r, P["hw"].transpose(1, 2), beta=0.5, alpha=0.5))
+            t_ext = F.pad(t, (0, spec.nb), value=2.0)
+            saved_small = [summary_in, e_pre, e, s_bm, u, r_pre, r1, r, t, *argmaxes]
+        else:
+            t = None
+            t_ext = xs[0].new_full((M, B, spec.nb), 2.0, dtype=P["rw"].dtype)
+        row_ws = P["rw"].split(dims)
+        rows = [torch.addmm(P["zero"], tm, rw.t(), beta=0.0, alpha=0.5) for tm, rw in zip(t_ext.unbind(0), row_ws)]
+        zpres = [torch.addmm(o[:, d:], h, wh.t()).view(B, T, D)
+                 for o, h, wh, T, D in zip(xo, hs, P["wh"], Ts, dims)]
+        del xo
+        pdt = _pdt(xs[0])
+        lnws = [w.to(pdt) for w in P["lnw"].split(dims)]
+        lnbs = [b.to(pdt) for b in P["lnb"].split(dims)]
+        rows_p = [r_.to(pdt) for r_ in rows]
+        ys, stats = [], []
+        if spec.grouped:  # every modality in one operator call
+            ys, means, rstds = ns.gate_norm_grouped(zpres, rows_p, list(xs), lnws, lnbs,
+                                                    spec.alpha, spec.beta, spec.p, seeds)
+            ys = list(ys)
+            for mean, rstd in zip(means, rstds):
+                stats += [mean, rstd]
+        else:
+            for m in range(M):
+                y, mean, rstd = ns.gate_norm(zpres[m], rows_p[m], xs[m], lnws[m], lnbs[m],
+                                             spec.alpha, spec.beta, spec.p, _seed_arg(seeds, m))
+                ys.append(y)
+                stats += [mean, rstd]
+        ctx.set_materialize_grads(False)
+        ctx.spec, ctx.shape = spec, (B, tuple(Ts), tuple(dims))
+        ctx.has_mask = [mk is not None for mk in masks]
+        kept_z = [] if spec.recompute else zpres
+        kept_h = [] if spec.mlp else hs  # H is recomputed from the saved pre-activation
+        ctx.save_for_backward(seeds, *xs, *[mk for mk in masks if mk is not None], *flat[2 * M:],
+                              pre_all, *kept_h, *kept_z, t_ext, *rows_p, *stats, *saved_small)
+        return tuple(ys + ([t] if k else []) + zpres + rows)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        if torch.is_grad_enabled():  # create_graph=True: this backward is not itself differentiable
+            raise RuntimeError(
+                "vgmr_fast.VGMR: double backward (autograd.grad(..., create_graph=True), e.g. a gradient "
+                "penalty) through the fused layer is not supported; build the module with "
+                "backend='reference' (or use vgmr_fast.reference.VGMR) for higher-order gradients")
+        spec = ctx.spec
+        M, d, k = spec.M, spec.d, spec.k
+        ns = torch.ops.vgmr_triton if spec.backend == "triton" else torch.ops.vgmr
+        B, Ts, dims = ctx.shape
+        saved = list(ctx.saved_tensors)
+        seeds = saved.pop(0)
+        xs = [saved.pop(0) for _ in range(M)]
+        masks = [saved.pop(0) if has else None for has in ctx.has_mask]
+        n_params = _param_count(spec)
+        flat_params = [saved.pop(0) for _ in range(n_params)]
+        P = _unflatten_params(spec, flat_params)
+        pre_all = saved.pop(0)
+        if spec.mlp:  # GELU and P's second GEMM again, instead of saving H and the GELU output
+            acts = F.gelu(pre_all).split([B * T for T in Ts])
+            hs = [torch.addmm(b2, a, w2.t()) for a, w2, b2 in zip(acts, P["w2"].unbind(0), P["b2"].unbind(0))]
+        else:
+            hs = [saved.pop(0) for _ in range(M)]
+        x2s = [x.reshape(B * T, D) for x, T, D in zip(xs, Ts, dims)]
+        if spec.recompute:
+            # the forward's GEMMs again, same shapes and strides: bit for bit the Zpre gate_norm saw
+            zpres = [torch.addmm(torch.addmm(b, x2, w.t())[:, d:], h, wh.t()).view(B, T, D)
+                     for x2, w, b, h, wh, T, D in zip(x2s, P["xw"], P["xb"], hs, P["wh"], Ts, dims)]
+        else:
+            zpres = [saved.pop(0) for _ in range(M)]
+        t_ext = saved.pop(0)
+        rows_p = [saved.pop(0) for _ in range(M)]
+        stats = [saved.pop(0) for _ in range(2 * M)]
+        if k:
+            summary_in, e_pre, e, s_bm, u, r_pre, r1, r, t = saved[:9]
+            argmaxes = saved[9:9 + M]
+        dys = grads[:M]
+        dt_extra = grads[M] if k else None
+        dz_extra = grads[M + (1 if k else 0):][:M]
+        drow_extra = grads[M + (1 if k else 0) + M:][:M]
+        pdt = _pdt(xs[0])
+        lnws = [w.to(pdt) for w in P["lnw"].split(dims)]
+
+        # §5 gate_norm
+        dys = [torch.zeros_like(x) if dy is None else dy.to(x.dtype).contiguous() for dy, x in zip(dys, xs)]
+        if spec.grouped:
+            grouped = ns.gate_norm_grouped_backward(dys, zpres, rows_p, list(xs), lnws, stats[0::2], stats[1::2],
+                                                    spec.alpha, spec.beta, spec.p, seeds)
+            per_modality = list(zip(*grouped))
+        else:
+            per_modality = [ns.gate_norm_backward(dys[m], zpres[m], rows_p[m], xs[m], lnws[m], stats[2 * m],
+                                                  stats[2 * m + 1], spec.alpha, spec.beta, spec.p,
+                                                  _seed_arg(seeds, m)) for m in range(M)]
+        dzs, drows, dxs, dlnw, dlnb = [], [], [], [], []
+        for m in range(M):
+            dz, drow, dx, dw, db = per_modality[m]
+            if dz_extra[m] is not None:
+                dz = dz + dz_extra[m]
+            if drow_extra[m] is not None:
+                drow = drow + drow_extra[m]
+            dzs.append(dz.view(B * Ts[m], dims[m]))
+            drows.append(drow.to(P["rw"].dtype))
+            dxs.append(dx)
+            dlnw.append(dw)
+            dlnb.append(db)
+        # One workspace holds every gradient that gathers per-modality pieces: each GEMM writes its
+        # piece in place (out=), so gathering costs one allocation instead of a cat / stack each.
+        ws = _Workspace(xs[0])
+        width = len(spec.u_blocks) * d
+        ws_rw = ws.take(sum(dims), P["rw"].shape[1])
+        if k:
+            ws_dt = ws.take(M, B, k)
+            ws_du = ws.take(B, M, width) if width == (3 * M - 1) * d else None
+        if spec.mlp:
+            ws_w2 = ws.take(M, d, d)
+            ws_dact = ws.take(sum(B * T for T in Ts), d)
+        ws.allocate()
+        g = {}
+        g["lnw"] = torch.cat(dlnw).to(P["lnw"].dtype)
+        g["lnb"] = torch.cat(dlnb).to(P["lnb"].dtype)
+        # §4 bias rows: rows_m = (t_ext_m RW_m^T) / 2
+        t_parts = t_ext.unbind(0)
+        rw_pieces = ws_rw().split(dims)
+        for dr, tm, out in zip(drows, t_parts, rw_pieces):
+            torch.addmm(P["zero"], dr.t(), tm, beta=0.0, alpha=0.5, out=out)
+        g["rw"] = ws_rw()
+        g["wh"] = [torch.mm(dz.t(), h) for dz, h in zip(dzs, hs)]
+        dhs = [None] * M
+        if k:
+            # heads: t = tanh((hb + r hw^T) / 2), so dz = tanh'(.) dt / 2; the 1/2 rides on the GEMMs
+            dt_half = ws_dt()
+            for dr, rw, out in zip(drows, P["rw"].split(dims), dt_half.unbind(0)):
+                torch.addmm(P["zero"], dr, rw[:, :k], beta=0.0, alpha=0.25, out=out)
+            if dt_extra is not None:
+                dt_half = dt_half + 0.5 * dt_extra
+            dzh = torch.ops.aten.tanh_backward(dt_half, t)
+            g["hw"] = _bmm_t(dzh, r)
+            g["hb"] = dzh.sum(1)
+            dr_ = torch.bmm(dzh, P["hw"])
+            # §3 values
+            g["vw2"] = _bmm_t(dr_, r1)
+            g["vb2"] = dr_.sum(1)
+            dr_pre = torch.ops.aten.gelu_backward(torch.bmm(dr_, P["vw2"]), r_pre)
+            g["vw1"] = _bmm_t(dr_pre, u.transpose(0, 1))
+            g["vb1"] = dr_pre.sum(1)
+            if ws_du is not None and not torch.compiler.is_compiling():
+                # written as [B, M, width], the layout the interaction reads (a compiler fuses the
+                # transpose itself, and Dynamo takes no strided out=)
+                du = ws_du()
+                torch.bmm(dr_pre, P["vw1"], out=du.transpose(0, 1))
+            else:
+                du = torch.bmm(dr_pre, P["vw1"]).transpose(0, 1)  # [B, M, width]
+            if len(spec.u_blocks) != 3 * M - 1:
+                full = du.new_zeros(B, M, 3 * M - 1, d)
+                full[:, :, list(spec.u_blocks)] = du.reshape(B, M, len(spec.u_blocks), d)
+                du = full.view(B, M, (3 * M - 1) * d)
+            # §2 interaction, §1 summary
+            ds = ns.interaction_backward(du.contiguous(), s_bm).transpose(0, 1)  # [M, B, d]
+            g["ew2"] = _bmm_t(ds, e)
+            g["eb2"] = ds.sum(1)
+            de_pre = torch.ops.aten.gelu_backward(torch.bmm(ds, P["ew2"]), e_pre)
+            g["ew1"] = _bmm_t(de_pre, summary_in)
+            g["eb1"] = de_pre.sum(1)
+            dmean = torch.bmm(de_pre, P["ew1"][:, :, :d])  # [M, B, d], contiguous per modality
+            dmax = torch.bmm(de_pre, P["ew1"][:, :, d:])
+            dhs = [ns.summary_pool_backward(dmean[m], dmax[m], masks[m], argmaxes[m], Ts[m]).view(B * Ts[m], d)
+                   for m in range(M)]
+        # gate GEMM: zpre = (x W_r^T + b_r) + h W_h^T
+        dhs = [dz @ wh if dh is None else dh.addmm_(dz, wh) for dh, dz, wh in zip(dhs, dzs, P["wh"])]
+        if spec.mlp:
+            g["w2"] = ws_w2()
+            for dh, a, out in zip(dhs, acts, g["w2"].unbind(0)):
+                torch.mm(dh.t(), a, out=out)
+            lengths = torch.tensor([B * T for T in Ts], device=pre_all.device)
+            g["b2"] = torch.segment_reduce(torch.cat(dhs), "sum", lengths=lengths)  # [M, d], one launch
+            dact = ws_dact()
+            for dh, w2, out in zip(dhs, P["w2"].unbind(0), dact.split([B * T for T in Ts])):
+                torch.mm(dh, w2, out=out)
+            dpres = torch.ops.aten.gelu_backward(dact, pre_all).split([B * T for T in Ts])
+        else:
+            dpres = dhs
+        g["xw"], g["xb"], dx_out = [], [], []
+        for m in range(M):
+            dxo = torch.cat([dpres[m], dzs[m]], dim=1)  # [BT, d + D]
+            g["xw"].append(torch.mm(dxo.t(), x2s[m]))
+            g["xb"].append(dxo.sum(0))
+            dx_out.append(torch.addmm(dxs[m].view(B * Ts[m], dims[m]), dxo, P["xw"][m]).view(B, Ts[m], dims[m]))
+        if not k:
+            for name in ("ew1", "eb1", "ew2", "eb2", "vw1", "vb1", "vw2", "vb2"):
+                g[name] = None  # the value path does not reach the output (both heads ablated)
+        return (None, None, *dx_out, *[None] * M, *_flatten_grads(spec, g, flat_params))
 
 
-class VGMR(ref.VGMR):
+class _Workspace:
+    """One allocation carved into several tensors: ``take(*shape)`` returns a getter for a view."""
+
+    def __init__(self, like: torch.Tensor):
+        self.like, self.sizes, self.buffer = like, [], None
+
+    def take(self, *shape):
+        start = sum(n for _, n in self.sizes)
+        numel = 1
+        for n in shape:
+            numel *= n
+        self.sizes.append((shape, numel))
+        return lambda: self.buffer[start:start + numel].view(shape)
+
+    def allocate(self) -> None:
+        self.buffer = self.like.new_empty(sum(n for _, n in self.sizes))
+
+
+_PARAM_ORDER = ("xw", "xb", "w2", "b2", "wh", "ew1", "eb1", "ew2", "eb2", "vw1", "vb1", "vw2", "vb2",
+                "hw", "hb", "rw", "lnw", "lnb", "zero")
+_PER_MODALITY = ("xw", "xb", "wh")
+
+
+def _param_names(spec) -> list:
+    names = []
+    for n in _PARAM_ORDER:
+        if n in ("w2", "b2") and not spec.mlp:
+            continue
+        if n in ("hw", "hb") and not spec.k:
+            continue
+        names.append(n)
+    return names
+
+
+def _param_count(spec) -> int:
+    return sum(spec.M if n in _PER_MODALITY else 1 for n in _param_names(spec))
+
+
+def _unflatten_params(spec, flat) -> dict:
+    P, i = {}, 0
+    for n in _param_names(spec):
+        if n in _PER_MODALITY:
+            P[n] = list(flat[i:i + spec.M])
+            i += spec.M
+        else:
+            P[n] = flat[i]
+            i += 1
+    return P
+
+
+def _flatten_grads(spec, g: dict, flat_params) -> list:
+    out, i = [], 0
+    for n in _param_names(spec):
+        if n in _PER_MODALITY:
+            items = g.get(n) or [None] * spec.M
+            for gi in items:
+                out.append(None if gi is None else gi.to(flat_params[i].dtype))
+                i += 1
+        else:
+            gi = g.get(n)
+            out.append(None if gi is None else gi.to(flat_params[i].dtype))
+            i += 1
+    return out
+
+
+def _seed_arg(seeds, m: int):
+    """Modality m's dropout seed as the raw ops take it: a one-element int64 tensor on the
+    inputs' device, read by the kernel (no host sync)."""
+    return seeds[m:m + 1]
+
+
+class VGMR(nn.Module):
     """Fused VGMR. Arguments as ``vgmr_fast.reference.VGMR``, plus:
 
     Args:
         backend: ``"auto"`` (best available for the inputs' device; falls back to the reference
             with a one-time warning when no fused backend is available), ``"reference"``,
             ``"cpu"`` (C++), ``"cuda"`` (CUDA C++) or ``"triton"``.
-        gate_gemm: ``"two"`` (two GEMMs into one output) or ``"stacked"`` (one GEMM over ``[X; H]``).
+        gate_gemm: ``"two"`` (X W_r^T comes out of P's first GEMM, H W_h^T accumulates into it)
+            or ``"stacked"`` (one GEMM over the concatenation ``[X; H]``).
+        recompute_gate_gemm: recompute the gate GEMM (Zpre) in the backward instead of saving it:
+            activations saved for backward drop by ``B * sum T_m D_m`` elements, for two more
+            GEMMs per modality in the backward.
+
+    On a fused backend (``gate_gemm="two"``, no autocast) the layer runs as one autograd node
+    with a hand-written backward (:class:`_FusedVGMR`); otherwise (reference backend, autocast,
+    ``gate_gemm="stacked"``, an empty batch) as torch autograd over the same grouped steps.
+
+    Dropout (training, ``dropout > 0``) draws one int64 tensor of M seeds per forward on the
+    inputs' device (``torch.randint`` on that device's generator); on the CPU the reference
+    draws the same and drops the same elements under the same ``torch.manual_seed``.
 
     With ``return_aux=True`` the auxiliaries match the reference's; the gate statistics
     (``gate``, ``gate_mean``) cost one extra elementwise pass, done only on request.
     """
 
+    has_aux = True  # backbones ask for the auxiliaries with return_aux=True
+
     def __init__(self, widths, d: int = 128, alpha: float = 0.5, beta: float = 0.2, dropout: float = 0.1,
-                 *, backend: str = "auto", gate_gemm: str = "two", **kwargs):
-        super().__init__(widths, d, alpha, beta, dropout, **kwargs)
+                 *, use_global_value: bool = True, use_channel_value: bool = True, use_agreement: bool = True,
+                 use_discrepancy: bool = True, projection: str = "mlp", backend: str = "auto",
+                 gate_gemm: str = "two", recompute_gate_gemm: bool = False):
+        super().__init__()
+        cfg = inputs.parse_config(widths, d, alpha, beta, dropout, use_global_value, use_channel_value,
+                                  use_agreement, use_discrepancy, projection)
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         if gate_gemm not in ("two", "stacked"):
             raise ValueError(f"gate_gemm: expected 'two' or 'stacked', got {gate_gemm!r}")
-        self.backend = backend
-        self.gate_gemm = gate_gemm
+        self.names, self.widths, self.d = cfg.names, cfg.widths, cfg.d
+        self.alpha, self.beta, self.p = cfg.alpha, cfg.beta, cfg.p
+        self.use_global_value, self.use_channel_value = cfg.use_global_value, cfg.use_channel_value
+        self.use_agreement, self.use_discrepancy = cfg.use_agreement, cfg.use_discrepancy
+        self.projection = cfg.projection
+        self.backend, self.gate_gemm = backend, gate_gemm
+        self.recompute_gate_gemm = bool(recompute_gate_gemm)
+        self._grouped = _has_grouped_gate_norm()
+        M = len(self.widths)
+        self.u_blocks = ref.interaction_blocks(M, self.use_agreement, self.use_discrepancy)
+        self._build(self._initial_state())
+        self.register_state_dict_post_hook(_state_dict_to_reference)
+        self.register_load_state_dict_pre_hook(_load_reference_state)
+
+    # -- layout -------------------------------------------------------------------------
+    @property
+    def num_modalities(self) -> int:
+        return len(self.widths)
+
+    def _initial_state(self) -> dict:
+        """The reference's state for a fresh module, drawn in the reference's order (so the same
+        ``torch.manual_seed`` gives both modules the same initial weights)."""
+        d, u_width = self.d, len(self.u_blocks) * self.d
+        state = {}
+        for m, D in enumerate(self.widths):
+            pre = f"blocks.{m}."
+            pieces = []
+            if self.projection == "mlp":
+                pieces += [("proj.0", _linear_init(d, D)), ("proj.2", _linear_init(d, d))]
+            else:
+                pieces += [("proj", _linear_init(d, D))]
+            pieces += [("summary.0", _linear_init(d, 2 * d)), ("summary.2", _linear_init(d, d)),
+                       ("value.0", _linear_init(d, u_width)), ("value.2", _linear_init(d, d))]
+            if self.use_global_value:
+                pieces.append(("global_head", _linear_init(1, d)))
+            if self.use_channel_value:
+                pieces.append(("channel_head", _linear_init(d, d)))
+            pieces += [("gate_raw", _linear_init(D, D)), ("gate_latent", _linear_init(D, d))]
+            if self.use_global_value:
+                pieces.append(("gate_global", _linear_init(D, 1)))
+            if self.use_channel_value:
+                pieces.append(("gate_channel", _linear_init(D, d)))
+            pieces.append(("norm", (torch.ones(D), torch.zeros(D))))
+            for name, (w, b) in pieces:
+                state[pre + name + ".weight"] = w
+                state[pre + name + ".bias"] = b
+        return state
+
+    def _build(self, state: dict) -> None:
+        """Allocate the stacked parameters and the map ``reference key -> (parameter, index)``."""
+        M, d, dims = self.num_modalities, self.d, self.widths
+        u_width = len(self.u_blocks) * d
+        g = 1 if self.use_global_value else 0
+        k = g + (d if self.use_channel_value else 0)
+        offsets = [sum(dims[:m]) for m in range(M)]
+        total = sum(dims)
+        self._offsets, self._k, self._g = offsets, k, g
+        slots: list[tuple[str, str, tuple]] = []  # (reference key, parameter name, index)
+
+        def param(*shape):
+            return nn.Parameter(torch.empty(*shape))
+
+        # per modality: [P1; W_r] share X; P2 stacked (d x d for every m); W_h
+        self.x_weight = nn.ParameterList(param(d + D, D) for D in dims)
+        self.x_bias = nn.ParameterList(param(d + D) for D in dims)
+        if self.projection == "mlp":
+            self.proj2_weight, self.proj2_bias = param(M, d, d), param(M, d)
+        self.gate_latent_weight = nn.ParameterList(param(D, d) for D in dims)
+        # shared networks on d, stacked over modalities
+        self.summary_w1, self.summary_b1 = param(M, d, 2 * d), param(M, d)
+        self.summary_w2, self.summary_b2 = param(M, d, d), param(M, d)
+        self.value_w1, self.value_b1 = param(M, d, u_width), param(M, d)
+        self.value_w2, self.value_b2 = param(M, d, d), param(M, d)
+        if k:
+            self.head_weight, self.head_bias = param(M, k, d), param(M, k)
+        # the per-sample gate terms of every modality, stacked along D: columns
+        # [A_g | A_c | b_h | b_g | b_c] (the biases multiply constant inputs, one GEMM per modality)
+        nb = 1 + g + (1 if self.use_channel_value else 0)
+        self._nb = nb
+        self.row_weight = param(total, k + nb)
+        self.norm_weight, self.norm_bias = param(total), param(total)
+
+        for m, D in enumerate(dims):
+            pre, rows = f"blocks.{m}.", slice(offsets[m], offsets[m] + D)
+            lead, tail = slice(0, d), slice(d, d + D)
+            if self.projection == "mlp":
+                slots += [(pre + "proj.0.weight", f"x_weight.{m}", (lead,)),
+                          (pre + "proj.0.bias", f"x_bias.{m}", (lead,)),
+                          (pre + "proj.2.weight", "proj2_weight", (m,)),
+                          (pre + "proj.2.bias", "proj2_bias", (m,))]
+            else:
+                slots += [(pre + "proj.weight", f"x_weight.{m}", (lead,)),
+                          (pre + "proj.bias", f"x_bias.{m}", (lead,))]
+            for name, w, b in (("summary.0", "summary_w1", "summary_b1"), ("summary.2", "summary_w2", "summary_b2"),
+                               ("value.0", "value_w1", "value_b1"), ("value.2", "value_w2", "value_b2")):
+                slots += [(pre + name + ".weight", w, (m,)), (pre + name + ".bias", b, (m,))]
+            if g:
+                slots += [(pre + "global_head.weight", "head_weight", (m, slice(0, 1))),
+                          (pre + "global_head.bias", "head_bias", (m, slice(0, 1)))]
+            if self.use_channel_value:
+                slots += [(pre + "channel_head.weight", "head_weight", (m, slice(g, k))),
+                          (pre + "channel_head.bias", "head_bias", (m, slice(g, k)))]
+            slots += [(pre + "gate_raw.weight", f"x_weight.{m}", (tail,)),
+                      (pre + "gate_raw.bias", f"x_bias.{m}", (tail,)),
+                      (pre + "gate_latent.weight", f"gate_latent_weight.{m}", ()),
+                      (pre + "gate_latent.bias", "row_weight", (rows, k))]
+            if g:
+                slots += [(pre + "gate_global.weight", "row_weight", (rows, slice(0, 1))),
+                          (pre + "gate_global.bias", "row_weight", (rows, k + 1))]
+            if self.use_channel_value:
+                slots += [(pre + "gate_channel.weight", "row_weight", (rows, slice(g, k))),
+                          (pre + "gate_channel.bias", "row_weight", (rows, k + 1 + g))]
+            slots += [(pre + "norm.weight", "norm_weight", (rows,)), (pre + "norm.bias", "norm_bias", (rows,))]
+        self._slots = slots
+        # the ignored input of the bias-row GEMMs (beta = 0): a buffer, so no launch per step
+        self.register_buffer("_zero", torch.zeros(()), persistent=False)
+        # the seeds the raw ops are given when there is no dropout (they never read them)
+        self.register_buffer("_no_seeds", torch.zeros(M, dtype=torch.int64), persistent=False)
+        with torch.no_grad():
+            for key, pname, index in slots:
+                self.get_parameter(pname)[index].copy_(state[key])
+
+    def reference_view(self, tensors: dict) -> dict:
+        """``{reference key: tensors[parameter name][index]}`` for a dict keyed by this module's
+        parameter names (e.g. their gradients): the reference's view of per-parameter tensors."""
+        return {key: tensors[pname][index] for key, pname, index in self._slots if tensors.get(pname) is not None}
+
+    def reference_grads(self) -> dict:
+        """The parameters' gradients keyed and shaped as the reference's parameters (views)."""
+        return self.reference_view({n: p.grad for n, p in self.named_parameters()})
+
+    @property
+    def blocks(self):
+        """Per-modality read-only views for code written against the reference's ``blocks[m]``:
+        ``blocks[m].norm`` (``weight``, ``bias``, ``eps``). Parameters are stacked across
+        modalities here, so there is no per-modality ``nn.Module``."""
+        return [_BlockView(self, m) for m in range(self.num_modalities)]
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", backend={self.backend!r}, gate_gemm={self.gate_gemm!r}"
+        return (
+            f"widths={self.widths}, d={self.d}, alpha={self.alpha}, beta={self.beta}, dropout={self.p}, "
+            f"global={self.use_global_value}, channel={self.use_channel_value}, "
+            f"agreement={self.use_agreement}, discrepancy={self.use_discrepancy}, projection={self.projection!r}, "
+            f"backend={self.backend!r}, gate_gemm={self.gate_gemm!r}, recompute_gate_gemm={self.recompute_gate_gemm}"
+        )
 
     def resolved_backend(self, device: torch.device) -> str:
         """The backend this module runs on ``device`` (``"reference"`` when nothing fused is available)."""
@@ -88,60 +599,177 @@ class VGMR(ref.VGMR):
                        "using the reference implementation")
             return "reference"
 
-    # -- gate GEMM ------------------------------------------------------------------
-    def _gate_logits(self, blk: ref.ModalityBlock, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """Per-step gate logits without biases: ``X W_r^T + H W_h^T`` ([B, T, D])."""
-        B, T, D = x.shape
-        x2, h2 = x.reshape(B * T, D), h.reshape(B * T, -1)
-        w_r, w_h = blk.gate_raw.weight, blk.gate_latent.weight
-        if self.projection == "linear":
-            # P is one Linear (h = x W_p^T + b_p): fold W_h into W_r (SPEC §4); W_h b_p joins the bias row.
-            z = x2 @ (w_r + w_h @ blk.proj.weight).t()
-        elif self.gate_gemm == "stacked":
-            z = torch.cat([x2, h2], dim=1) @ torch.cat([w_r, w_h], dim=1).t()
-        else:
-            z = torch.addmm(x2 @ w_r.t(), h2, w_h.t())
-        return z.view(B, T, D)
-
-    def _bias_row(self, blk: ref.ModalityBlock, g, v, x: torch.Tensor) -> torch.Tensor:
-        """All per-sample gate terms in one ``[B, D]`` row: A_g, A_c and every bias."""
-        row = blk.value_bias(g, v, x) + blk.gate_raw.bias + blk.gate_latent.bias
-        if self.projection == "linear":
-            row = row + blk.gate_latent.weight @ blk.proj.bias
-        return row
-
     # -- forward ----------------------------------------------------------------------
     def forward(self, xs, masks=None, return_aux: bool = False):
-        xs_list, masks_list = self._prepare(xs, masks)
+        xs_list, masks_list = inputs.prepare(xs, masks, self.names, self.widths, self.norm_weight.dtype)
+        B = xs_list[0].shape[0]
         backend = self.resolved_backend(xs_list[0].device)
-        if backend == "reference":
-            return super().forward(xs, masks, return_aux)
-        from . import ops
+        if backend == "reference" or B == 0:
+            ops = _ReferenceOps  # plain torch handles every case, an empty batch included
+        else:
+            from . import ops
 
-        blocks = list(self.blocks)
-        hs = [blk.proj(x) for blk, x in zip(blocks, xs_list)]
-        summaries = []
-        for blk, h, mk in zip(blocks, hs, masks_list):
-            mean, mx = ops.summary_pool(h, mk, backend=backend)
-            summaries.append(blk.summary(torch.cat([mean, mx], dim=-1)))
-        u = self._select_u(ops.interaction(torch.stack(summaries, dim=1), backend=backend))
+            if self.gate_gemm == "two" and not torch.is_autocast_enabled(xs_list[0].device.type):
+                return self._forward_fused(xs, xs_list, masks_list, backend, return_aux)
+        M, d, k = self.num_modalities, self.d, self._k
+        dims = self.widths
+        Ts = [x.shape[1] for x in xs_list]
+        x2s = [x.reshape(B * T, D) for x, T, D in zip(xs_list, Ts, dims)]
+        stacked = self.gate_gemm == "stacked"
+
+        # Per-modality pieces of stacked tensors are taken with split / unbind (one launch in the
+        # backward: a cat / stack), never with indexing (a scatter and an add per piece).
+        # P's first layer, and X W_r^T + b_r from the same GEMM (unless the gate GEMM is stacked)
+        pres, zrs = [], []
+        for m in range(M):
+            if stacked:
+                w1, wr = self.x_weight[m].split([d, dims[m]])
+                b1, br = self.x_bias[m].split([d, dims[m]])
+                pres.append(torch.addmm(b1, x2s[m], w1.t()))
+            else:
+                pre, zr = torch.addmm(self.x_bias[m], x2s[m], self.x_weight[m].t()).split([d, dims[m]], dim=1)
+                pres.append(pre)
+                zrs.append(zr)
+        if self.projection == "mlp":
+            acts = F.gelu(torch.cat(pres)).split([B * T for T in Ts])  # one GELU for every modality
+            hs = [torch.addmm(b2, a, w2.t()) for a, w2, b2 in
+                  zip(acts, self.proj2_weight.unbind(0), self.proj2_bias.unbind(0))]
+        else:
+            hs = pres
+
+        # §1 summary: pooled [mean; max] of every modality -> E as batched GEMMs
+        pooled = []
+        for h, T, mk in zip(hs, Ts, masks_list):
+            pooled.extend(ops.summary_pool(h.reshape(B, T, d), mk, backend=backend))
+        summary_in = torch.stack(pooled, dim=1).view(B, M, 2 * d).transpose(0, 1)  # [M, B, 2d]
+        e = F.gelu(torch.baddbmm(self.summary_b1.unsqueeze(1), summary_in, self.summary_w1.transpose(1, 2)))
+        s = torch.baddbmm(self.summary_b2.unsqueeze(1), e, self.summary_w2.transpose(1, 2))  # [M, B, d]
+        # §2 interaction, §3 values
+        u = ops.interaction(s.transpose(0, 1), backend=backend)  # [B, M, (3M-1)d]
+        if len(self.u_blocks) != 3 * M - 1:
+            u = u.view(B, M, 3 * M - 1, d)[:, :, self.u_blocks].reshape(B, M, len(self.u_blocks) * d)
+        r = F.gelu(torch.baddbmm(self.value_b1.unsqueeze(1), u.transpose(0, 1), self.value_w1.transpose(1, 2)))
+        r = torch.baddbmm(self.value_b2.unsqueeze(1), r, self.value_w2.transpose(1, 2))
+        # heads: t = tanh(z/2) = 2 sigmoid(z) - 1, so A (sigmoid(z) - 1/2) = (A t) / 2; the bias
+        # columns of row_weight meet constant 2s (times the GEMM's 1/2: every bias once)
+        t = None
+        if k:
+            t = torch.tanh(torch.baddbmm(self.head_bias.unsqueeze(1), r, self.head_weight.transpose(1, 2),
+                                         beta=0.5, alpha=0.5))  # [M, B, k]
+            t_ext = F.pad(t, (0, self._nb), value=2.0)
+        else:
+            t_ext = r.new_full((M, B, self._nb), 2.0)
+
+        # §4 gate logits and the per-sample bias row, §5 gate_norm
+        zpres, rows = [], []
+        row_ws = self.row_weight.split(dims)
+        for m, (x2, h, T, D, tm) in enumerate(zip(x2s, hs, Ts, dims, t_ext.unbind(0))):
+            if stacked:
+                wr, br = self.x_weight[m][d:], self.x_bias[m][d:]
+                w = torch.cat([wr, self.gate_latent_weight[m]], dim=1)
+                z = torch.addmm(br, torch.cat([x2, h], dim=1), w.t())
+            else:
+                z = torch.addmm(zrs[m], h, self.gate_latent_weight[m].t())
+            zpres.append(z.view(B, T, D).to(x2.dtype))  # autocast may hand back a lower precision
+            rows.append(torch.addmm(self._zero, tm, row_ws[m].t(), beta=0.0, alpha=0.5))
         p = self.p if self.training else 0.0
-        outs, gs, vs, gates = [], [], [], []
-        for m, (blk, x, h) in enumerate(zip(blocks, xs_list, hs)):
-            g, v = blk.values(u[:, m])
-            zpre = self._gate_logits(blk, x, h).to(x.dtype)  # autocast may hand back a lower precision
-            bias_row = self._bias_row(blk, g, v, x)
-            args = (zpre, bias_row, x, blk.norm.weight, blk.norm.bias, self.alpha, self.beta)
-            outs.append(_gate_norm_dropout(*args, p, backend) if p > 0 else
-                        ops.gate_norm(*args[:5], alpha=self.alpha, beta=self.beta, backend=backend))
-            if return_aux:
-                gs.append(g)
-                vs.append(v)
-                gates.append(torch.sigmoid(zpre + bias_row.unsqueeze(1).to(zpre.dtype)))
-        refined = self._pack(xs, outs)
+        outs = self._gate_norm(ops, backend, zpres, rows, xs_list, p)
+        refined = inputs.pack(xs, self.names, outs)
         if not return_aux:
             return refined
-        return refined, self._aux(gs, vs, gates)
+        return refined, self._aux(t, zpres, rows)
+
+    def _forward_fused(self, xs, xs_list, masks_list, backend, return_aux):
+        M = self.num_modalities
+        p = self.p if self.training else 0.0
+        seeds = draw_seeds(M, device=xs_list[0].device) if p > 0 else self._no_seeds
+        spec = _Spec(*(M, self.d, self.alpha, self.beta, p, backend, self.projection == "mlp", self._k, self._nb,
+                      tuple(self.u_blocks), self.recompute_gate_gemm,
+                      self._grouped and backend in ("cpu", "cuda")))
+        params = [*self.x_weight, *self.x_bias]
+        if spec.mlp:
+            params += [self.proj2_weight, self.proj2_bias]
+        params += [*self.gate_latent_weight, self.summary_w1, self.summary_b1, self.summary_w2, self.summary_b2,
+                   self.value_w1, self.value_b1, self.value_w2, self.value_b2]
+        if self._k:
+            params += [self.head_weight, self.head_bias]
+        params += [self.row_weight, self.norm_weight, self.norm_bias, self._zero]
+        outs = _FusedVGMR.apply(spec, seeds, *xs_list, *masks_list, *params)
+        ys = list(outs[:M])
+        refined = inputs.pack(xs, self.names, ys)
+        if not return_aux:
+            return refined
+        t = outs[M] if self._k else None
+        rest = outs[M + (1 if self._k else 0):]
+        return refined, self._aux(t, list(rest[:M]), list(rest[M:2 * M]))
+
+    def _gate_norm(self, ops, backend, zpres, rows, xs_list, p):
+        lnw, lnb = self.norm_weight.split(self.widths), self.norm_bias.split(self.widths)
+        if p == 0:
+            return [ops.gate_norm(z, r, x, w, b, alpha=self.alpha, beta=self.beta, backend=backend)
+                    for z, r, x, w, b in zip(zpres, rows, xs_list, lnw, lnb)]
+        seeds = draw_seeds(self.num_modalities, device=xs_list[0].device)
+        return [ops.gate_norm(z, r, x, w, b, alpha=self.alpha, beta=self.beta, p=p,
+                              seed=seeds[m:m + 1], backend=backend)
+                for m, (z, r, x, w, b) in enumerate(zip(zpres, rows, xs_list, lnw, lnb))]
+
+    def _aux(self, t, zpres, rows):
+        g, M = self._g, self.num_modalities
+        values = None if t is None else 0.5 * t + 0.5  # sigmoid(z), [M, B, k]
+        return {
+            "global_value": values[:, :, 0].t().contiguous() if g else None,
+            "channel_value": values[:, :, g:].transpose(0, 1).contiguous() if self.use_channel_value else None,
+            "gate_mean": torch.stack([torch.sigmoid(z + r.unsqueeze(1).to(z.dtype)).float().mean(dim=(1, 2))
+                                      for z, r in zip(zpres, rows)], dim=1) if M else None,
+            "gate": [torch.sigmoid(z + r.unsqueeze(1).to(z.dtype)) for z, r in zip(zpres, rows)],
+        }
+
+
+class _NormView:
+    def __init__(self, weight, bias):
+        self.weight, self.bias, self.eps = weight, bias, EPS
+        self.normalized_shape = tuple(weight.shape)
+
+
+class _BlockView:
+    """``blocks[m]`` of a fused VGMR: the modality's LayerNorm as views of the stacked parameters."""
+
+    def __init__(self, module: VGMR, m: int):
+        o, D = module._offsets[m], module.widths[m]
+        self.norm = _NormView(module.norm_weight[o:o + D], module.norm_bias[o:o + D])
+
+
+def _state_dict_to_reference(module: VGMR, state_dict, prefix: str, local_metadata) -> None:
+    """State-dict post-hook: replace this layout's entries by the reference's keys and values."""
+    own = {}
+    for name, _ in module.named_parameters():
+        own[name] = state_dict.pop(prefix + name)
+    for key, pname, index in module._slots:
+        state_dict[prefix + key] = own[pname][index]
+
+
+def _load_reference_state(module: VGMR, state_dict, prefix, local_metadata, strict, missing_keys,
+                          unexpected_keys, error_msgs) -> None:
+    """Load pre-hook: a state in the reference's keys becomes this layout's (strict loading then
+    checks this layout's keys); a state already in this layout passes through."""
+    if not any(prefix + key in state_dict for key, _, _ in module._slots):
+        return
+    own = {name: p.detach().clone() for name, p in module.named_parameters()}
+    for key, pname, index in module._slots:
+        full = prefix + key
+        if full not in state_dict:
+            missing_keys.append(full)
+            continue
+        value = state_dict.pop(full)
+        target = own[pname][index]
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(target.shape):
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            error_msgs.append(f"size mismatch for {full}: copying a param with shape {shape} from checkpoint, "
+                              f"the shape in current model is {tuple(target.shape)}.")
+            continue
+        target.copy_(value)
+    for name, tensor in own.items():
+        state_dict[prefix + name] = tensor
 
 
 def from_reference(module: ref.VGMR, **kwargs) -> VGMR:
@@ -153,9 +781,10 @@ def from_reference(module: ref.VGMR, **kwargs) -> VGMR:
         use_agreement=module.use_agreement, use_discrepancy=module.use_discrepancy,
         projection=module.projection, **kwargs,
     )
-    fused.load_state_dict(module.state_dict())
     param = next(module.parameters())
-    return fused.to(device=param.device, dtype=param.dtype).train(module.training)
+    fused = fused.to(device=param.device, dtype=param.dtype)
+    fused.load_state_dict(module.state_dict())
+    return fused.train(module.training)
 
 
 __all__ = ["VGMR", "from_reference", "BACKENDS"]

@@ -1,0 +1,293 @@
+"""The fused VGMR as a layer (issue 12, issue 15): launch and memory budgets, graph safety of
+the dropout seed, input handling shared with the reference, and the cases that used to fail."""
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vgmr_fast import reference as R
+from vgmr_fast.bench.opcount import count_aten_ops, saved_tensor_bytes
+from vgmr_fast.vgmr import VGMR, from_reference
+
+from test_vgmr import check_module, grads, inputs
+
+# The size the budgets are set at (a MOSEI-like layer): B=32, T=50, widths 768/74/35, d=128, fp32.
+B, T, WIDTHS, D_LATENT = 32, 50, [768, 74, 35], 128
+INFERENCE_BUDGET, TRAINING_BUDGET, SAVED_FRACTION = 30, 100, 0.35
+
+
+def _layer(seed=0, **kw):
+    torch.manual_seed(seed)
+    r = R.VGMR(WIDTHS, d=D_LATENT, dropout=0.1)
+    f = from_reference(r, backend="cpu", **kw)
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(B, T, D, generator=g) for D in WIDTHS]
+    masks = [torch.rand(B, T, generator=g) > 0.2 for _ in WIDTHS]
+    return r, f, xs, masks
+
+
+def _training_step(module, xs, masks):
+    xg = [x.clone().requires_grad_() for x in xs]
+    gy = [torch.randn_like(x) for x in xs]
+
+    def step():
+        torch.autograd.backward(list(module(xg, masks)), gy)
+
+    return step
+
+
+def test_op_budgets():
+    """ATen ops dispatched (about one kernel launch each on a GPU; views left out)."""
+    _, f, xs, masks = _layer()
+    f.eval()
+    with torch.no_grad():
+        _, inference = count_aten_ops(f, xs, masks)
+    f.train()  # dropout on
+    _, training = count_aten_ops(_training_step(f, xs, masks))
+    assert inference.total <= INFERENCE_BUDGET, dict(inference.by_name)
+    assert training.total <= TRAINING_BUDGET, dict(training.by_name)
+
+
+def test_saved_activations_budget_and_recompute_trade_off():
+    r, f, xs, masks = _layer()
+    fr = from_reference(r, backend="cpu", recompute_gate_gemm=True)
+    saved = {}
+    for name, mod in (("reference", r), ("fused", f), ("recompute", fr)):
+        mod.train()
+        xg = [x.clone().requires_grad_() for x in xs]
+        out, saved[name] = saved_tensor_bytes(mod, xg, masks, exclude=list(mod.parameters()) + xg + masks)
+        del out
+    assert saved["fused"] <= SAVED_FRACTION * saved["reference"], saved
+    # recomputing the gate GEMM keeps no Zpre: B * sum(T * D_m) float32 values fewer
+    assert saved["fused"] - saved["recompute"] >= B * T * sum(WIDTHS) * 4, saved
+
+
+@pytest.mark.parametrize("kw", [{}, {"projection": "linear"}, {"use_global_value": False, "use_channel_value": False},
+                                {"use_agreement": False, "use_global_value": False}])
+def test_recompute_gate_gemm_matches_reference(kw):
+    widths = [12, 5, 3]
+    torch.manual_seed(3)
+    r = R.VGMR(widths, d=8, **kw)
+    f = from_reference(r, backend="cpu", recompute_gate_gemm=True)
+    xs, masks = inputs(widths)
+    check_module(r, f, xs, masks)
+
+
+def test_aux_gradients_match_reference():
+    """The auxiliaries feed the value loss: their gradients reach the parameters as in the reference."""
+    widths = [12, 5, 3]
+    torch.manual_seed(4)
+    r = R.VGMR(widths, d=8, dropout=0.0)
+    f = from_reference(r, backend="cpu")
+    xs, masks = inputs(widths)
+
+    def run(module):
+        xg = [x.clone().requires_grad_() for x in xs]
+        out, aux = module(xg, masks, return_aux=True)
+        loss = sum((o * o).mean() for o in out) + aux["global_value"].pow(2).sum() \
+            + aux["channel_value"].sin().sum() + aux["gate_mean"].sum() + aux["gate"][1].mean()
+        module.zero_grad(set_to_none=True)
+        loss.backward()
+        return grads(module, xg)
+
+    for a, b in zip(run(f), run(r)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ---- the dropout seed: a device tensor, graph-safe ----------------------------------------
+def test_manual_seed_reproduces_and_masks_change_between_steps():
+    widths = [10, 6, 3]
+    r, xs_masks = R.VGMR(widths, d=8, dropout=0.3), inputs(widths)
+    f = from_reference(r, backend="cpu").train()
+    xs, masks = xs_masks
+    torch.manual_seed(11)
+    a = f(xs, masks)
+    b = f(xs, masks)
+    torch.manual_seed(11)
+    c = f(xs, masks)
+    assert all(torch.equal(x, y) for x, y in zip(a, c))
+    assert not all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_compile_fullgraph_training_dropout_one_graph():
+    """torch.compile(fullgraph=True) of a training step with dropout: one graph, no recompiles over
+    three steps with different masks; each step equals eager under the same torch.manual_seed."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    widths = [12, 5, 3]
+    r, f = R.VGMR(widths, d=8, dropout=0.3), None
+    f = from_reference(r, backend="cpu").train()
+    eager = copy.deepcopy(f)
+    xs, masks = inputs(widths)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(f, fullgraph=True, backend=counter)
+    previous = None
+    for step in range(3):
+        xg = [x.clone().requires_grad_() for x in xs]
+        torch.manual_seed(step)
+        got = compiled(xg, masks)
+        sum(o.sum() for o in got).backward()
+        torch.manual_seed(step)
+        expect = eager(xs, masks)
+        for a, b in zip(got, expect):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        zeros = [o == 0 for o in got]
+        if previous is not None:
+            assert any(not torch.equal(a, b) for a, b in zip(zeros, previous))  # fresh masks
+        previous = zeros
+        assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in xg)
+    assert counter.frame_count == 1, counter.frame_count
+    torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture needs a CUDA GPU")
+def test_cuda_graph_capture_forward_backward_fresh_masks():
+    """Capture forward + backward with dropout once; each replay draws fresh masks (the seeds come
+    from the device generator inside the graph) and gradients are finite."""
+    widths = [24, 7, 3]
+    torch.manual_seed(0)
+    f = VGMR(widths, d=16, dropout=0.3).cuda().train()
+    xs = [torch.randn(4, 6, D, device="cuda", requires_grad=True) for D in widths]
+    masks = [torch.rand(4, 6, device="cuda") > 0.2 for _ in widths]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm up outside the capture
+            sum(o.sum() for o in f(xs, masks)).backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    f.zero_grad(set_to_none=False)
+    with torch.cuda.graph(graph):
+        outs = f(xs, masks)
+        sum(o.sum() for o in outs).backward()
+    seen = []
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        seen.append([(o == 0).clone() for o in outs])
+        assert all(torch.isfinite(x.grad).all() for x in xs)
+    assert not all(torch.equal(a, b) for a, b in zip(seen[0], seen[1]))
+    assert not all(torch.equal(a, b) for a, b in zip(seen[1], seen[2]))
+
+
+# ---- input handling shared with the reference ----------------------------------------------
+def test_reference_imports_without_the_extension():
+    code = (
+        "import sys\n"
+        "sys.modules['vgmr_fast._C'] = None  # importing it now raises ImportError\n"
+        "import vgmr_fast.reference as R, torch\n"
+        "m = R.VGMR([5, 3], d=4, dropout=0.2).train()\n"
+        "y = m([torch.randn(2, 3, 5), torch.randn(2, 4, 3)])\n"
+        "assert all(torch.isfinite(t).all() for t in y)\n"
+        "assert 'vgmr_fast.ops' not in sys.modules, 'the reference imported the op layer'\n"
+        "print('ok')\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+@pytest.mark.parametrize("make", [R.VGMR, lambda *a, **k: VGMR(*a, backend="cpu", **k)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_input_dtype_differs_from_module(make, dtype):
+    m = make([5, 3], d=4)
+    xs = [torch.randn(2, 3, 5), torch.randn(2, 4, 3).to(dtype)]
+    with pytest.raises(TypeError, match=r"xs\[1\].*float32"):
+        m(xs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast is the supported way to mix
+        out = m([x.float() for x in xs])
+    assert [o.shape for o in out] == [x.shape for x in xs]
+
+
+@pytest.mark.parametrize("make", [R.VGMR, lambda *a, **k: VGMR(*a, backend="cpu", **k)])
+def test_list_of_features_with_dict_of_masks(make):
+    m = make({"a": 5, "b": 3}, d=4)
+    xs = [torch.randn(2, 3, 5), torch.randn(2, 4, 3)]
+    with pytest.raises(TypeError, match="masks.*dict.*list"):
+        m(xs, {"a": torch.ones(2, 3, dtype=torch.bool), "b": None})
+    m_list = make([5, 3], d=4)
+    with pytest.raises(ValueError, match="xs: got a dict"):
+        m_list({"a": xs[0], "b": xs[1]})
+
+
+@pytest.mark.parametrize("kw", [{}, {"use_global_value": False}])
+def test_empty_batch_gives_empty_outputs(kw):
+    widths = [5, 3, 2]
+    torch.manual_seed(0)
+    r = R.VGMR(widths, d=4, **kw)
+    f = from_reference(r, backend="cpu")
+    xs = [torch.randn(0, 3 + m, D) for m, D in enumerate(widths)]
+    masks = [torch.ones(0, 3 + m, dtype=torch.bool) for m in range(3)]
+    for module in (r, f):
+        out, aux = module(xs, masks, return_aux=True)
+        assert [o.shape for o in out] == [x.shape for x in xs]
+        assert aux["gate_mean"].shape == (0, 3)
+        assert aux["channel_value"].shape == (0, 3, 4)
+        assert (aux["global_value"] is None) == ("use_global_value" in kw)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_masked_steps_do_not_reach_pooling(bad):
+    """SPEC §1 pools over valid steps only: a NaN or infinity at a masked-out step changes nothing
+    at the valid steps, in the reference and in the fused module."""
+    h = torch.randn(3, 5, 4)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[0, 2] = mask[2, 4] = False
+    mask[1] = False
+    clean_mean, clean_max = R.summary_pool(h, mask)
+    h[0, 2], h[2, 4], h[1, 0] = bad, bad, bad
+    mean, mx = R.summary_pool(h, mask)
+    assert torch.equal(mean, clean_mean) and torch.equal(mx, clean_max)
+
+    widths = [6, 4]
+    torch.manual_seed(1)
+    r = R.VGMR(widths, d=4).eval()
+    f = from_reference(r, backend="cpu")
+    xs, masks = inputs(widths, Ts=[5, 4])
+    poisoned = [x.clone() for x in xs]
+    for x, mk in zip(poisoned, masks):
+        x[~mk] = bad
+    for module in (r, f):
+        clean = module(xs, masks)
+        out = module(poisoned, masks)
+        for o, c, mk in zip(out, clean, masks):
+            assert torch.equal(o[mk], c[mk])
+
+
+def test_fused_accessors_for_code_written_against_the_reference():
+    """``blocks[m].norm`` (read by the analyses) and ``reference_grads`` (reference-keyed gradients)."""
+    widths = [6, 4]
+    torch.manual_seed(2)
+    r = R.VGMR(widths, d=4)
+    f = from_reference(r, backend="cpu")
+    for br, bf in zip(r.blocks, f.blocks):
+        assert torch.equal(br.norm.weight, bf.norm.weight) and br.norm.eps == bf.norm.eps
+    xs, masks = inputs(widths)
+    sum(o.sum() for o in f(xs, masks)).backward()
+    g = f.reference_grads()
+    assert set(g) == set(r.state_dict())
+    assert g["blocks.1.gate_raw.weight"].shape == r.blocks[1].gate_raw.weight.shape
+
+
+def test_double_backward_raises_naming_the_layer_and_reference_supports_it():
+    widths = [12, 5, 3]
+    torch.manual_seed(5)
+    r = R.VGMR(widths, d=8, dropout=0.0)
+    xs, masks = inputs(widths)
+    for module, ok in ((from_reference(r, backend="cpu"), False), (from_reference(r, backend="reference"), True)):
+        xg = [x.clone().requires_grad_() for x in xs]
+        out = module(xg, masks)
+        if not ok:
+            with pytest.raises(RuntimeError, match="double backward.*backend='reference'"):
+                torch.autograd.grad(sum((o * o).sum() for o in out), xg, create_graph=True)
+            continue
+        g = torch.autograd.grad(sum((o * o).sum() for o in out), xg, create_graph=True)
+        penalty = sum(gi.pow(2).sum() for gi in g)
+        penalty.backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
