@@ -190,3 +190,35 @@ def test_step_modulation_validates():
         OGMGE([[a], [b]], modulation="step")
     with pytest.raises(ValueError, match="optimizer"):
         OGMGE([[a], [b]], modulation="step", optimizer=torch.optim.SGD([a], lr=0.1))
+
+
+def test_fused_refiner_slices_get_the_reference_modulation():
+    """The fused VGMR stacks parameters across modalities; OGM-GE must modulate exactly the slices that
+    are the reference's block m (before, the fused refiner's parameters were silently left out)."""
+    import vgmr_fast
+    from vgmr_fast.models import Concat
+    from vgmr_fast.reference import VGMR as ReferenceVGMR
+
+    torch.manual_seed(0)
+    widths = [6, 5]
+    ref = ReferenceVGMR(widths, d=8, dropout=0.0)
+    fused = vgmr_fast.VGMR(widths, d=8, dropout=0.0)
+    fused.load_state_dict(ref.state_dict())
+    models = [Concat(widths, dropout=0.0, refiner=ref), Concat(widths, dropout=0.0, refiner=fused)]
+    models[1].load_state_dict(models[0].state_dict())
+    xs = [torch.randn(4, 3, D) for D in widths]
+    y = torch.tensor([0, 1, 1, 0])
+    logits = torch.tensor([[[3.0, -3.0]] * 4, [[0.1, 0.0]] * 4])  # modality 0 dominates
+    grads = []
+    for model in models:
+        model.train()
+        torch.nn.functional.cross_entropy(model(xs), y).backward()
+        groups = modality_parameter_groups(model)
+        assert all(len(g) > 2 for g in groups), "refiner parameters missing from the groups"
+        OGMGE(groups, alpha=0.5, ge=False).step(logits, y)
+        grads.append(model)
+    ref_grads = {k: v for k, v in ((n, p.grad) for n, p in models[0].refiner.named_parameters())}
+    fused_grads = models[1].refiner.reference_grads()
+    assert set(ref_grads) == set(fused_grads)
+    for key, g in ref_grads.items():
+        torch.testing.assert_close(fused_grads[key], g, rtol=1e-5, atol=1e-6, msg=key)

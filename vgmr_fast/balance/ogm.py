@@ -40,6 +40,7 @@ the default 0.5 is a middle value, not the paper's.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -85,12 +86,15 @@ def ogm_coefficients(scores: torch.Tensor, alpha: float, shifted: bool = False,
     return torch.where(dominant, k, torch.ones_like(k))
 
 
-def modality_parameter_groups(model: nn.Module, include_refiner: bool = True) -> List[List[nn.Parameter]]:
+def modality_parameter_groups(model: nn.Module, include_refiner: bool = True) -> List[List]:
     """The parameters owned by each modality alone, for the backbones of :mod:`vgmr_fast.models`.
 
-    ``Concat``: ``encoders[m]``; ``Transformer``: ``proj[m]``; plus, when
-    ``include_refiner`` and the refiner has per-modality ``blocks`` (VGMR),
-    ``refiner.blocks[m]``. Wrappers with a ``backbone`` attribute are unwrapped.
+    ``Concat``: ``encoders[m]``; ``Transformer``: ``proj[m]``; plus, when ``include_refiner``, the
+    refiner's modality-``m`` parameters: ``refiner.blocks[m]`` of the reference VGMR, or, for the
+    fused VGMR (whose parameters are stacked across modalities), one ``(parameter, index)`` entry per
+    reference parameter of block ``m`` (``index`` selects its slice), so the modulation and the GE
+    noise act on exactly the reference's per-parameter tensors. Wrappers with a ``backbone``
+    attribute are unwrapped.
     """
     core = getattr(model, "backbone", model)
     lists = None
@@ -101,19 +105,35 @@ def modality_parameter_groups(model: nn.Module, include_refiner: bool = True) ->
             break
     if lists is None:
         raise TypeError(f"model: cannot find per-modality encoders (encoders/proj) on {type(core).__name__}")
-    refiner = getattr(core, "refiner", None)
-    blocks = getattr(refiner, "blocks", None) if include_refiner else None
+    refiner = getattr(core, "refiner", None) if include_refiner else None
+    blocks = getattr(refiner, "blocks", None)
+    slots = getattr(refiner, "_slots", None)
     if isinstance(blocks, nn.ModuleList) and len(blocks) == len(lists):
         for m, blk in enumerate(blocks):
             lists[m] += list(blk.parameters())
+    elif slots is not None and refiner.num_modalities == len(lists):
+        for key, pname, index in slots:
+            m = int(key.split(".")[1])  # reference keys read "blocks.<m>.<...>"
+            lists[m].append((refiner.get_parameter(pname), index))
     return lists
+
+
+def _entry_grad(entry):
+    """The gradient a group entry owns: a parameter's ``.grad`` or a slice of it (None if no grad)."""
+    if isinstance(entry, tuple):
+        param, index = entry
+        return None if param.grad is None else param.grad[index]
+    return entry.grad
 
 
 class OGMGE:
     """Stateless-per-step OGM-GE gradient modulation (see the module docstring).
 
     Args:
-        param_groups: one list of parameters per modality (its own encoder).
+        param_groups: one list per modality of its own parameters (its encoder), each a parameter or a
+            ``(parameter, index)`` slice of a stacked one (:func:`modality_parameter_groups`). Under
+            ``modulation="step"`` a slice cannot have a learning rate of its own: slices get the
+            gradient multiplied instead (with a one-time warning).
         alpha: modulation strength ``α``.
         ge: add the generalisation-enhancement Gaussian noise.
         start_epoch, end_epoch: active window (inclusive; ``end_epoch=None`` = always).
@@ -149,7 +169,13 @@ class OGMGE:
         if modulation == "step":
             if optimizer is None:
                 raise ValueError("modulation='step' needs the optimizer")
-            self.lr_groups = _split_param_groups(optimizer, groups)
+            whole = [[p for p in g if not isinstance(p, tuple)] for g in groups]
+            if any(isinstance(p, tuple) for g in groups for p in g):
+                warnings.warn("OGMGE(modulation='step'): stacked-parameter slices (the fused VGMR's per-modality "
+                              "parameters) cannot take their own learning rate; their gradients are scaled instead "
+                              "(use backend='reference' for a per-modality learning rate)", RuntimeWarning,
+                              stacklevel=2)
+            self.lr_groups = _split_param_groups(optimizer, whole)
             self.base_lr = [g["lr"] for g in self.lr_groups]
 
     def active(self, epoch: int) -> bool:
@@ -171,11 +197,11 @@ class OGMGE:
                 if self.modulation == "step":
                     self.lr_groups[m]["lr"] = self.base_lr[m] * k
                 for p in group:
-                    if p.grad is None:
+                    g = _entry_grad(p)
+                    if g is None:
                         continue
-                    g = p.grad
                     std = g.float().std().item() if g.numel() > 1 else 0.0
-                    if self.modulation == "grad":
+                    if self.modulation == "grad" or isinstance(p, tuple):
                         g.mul_(k)
                     if self.ge:
                         noise = torch.randn(g.shape, generator=self.generator, dtype=torch.float32)
