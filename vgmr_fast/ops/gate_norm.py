@@ -53,7 +53,10 @@ def gate_norm(
     beta = C.real(beta, "beta")
     p = C.probability(p, "p")
     seed = C.seed(seed, "seed")
-    ns = _backend.namespace(_backend.resolve(backend, x, "gate_norm"))
+    resolved = _backend.resolve(backend, x, "gate_norm")
+    ns = _backend.namespace(resolved)
+    if resolved == "triton":  # vgmr_triton::gate_norm takes the seed as a one-element int64 tensor (CONTRACT)
+        seed = torch.tensor([seed], dtype=torch.int64, device=x.device)
     pdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     if bias_row.dtype != pdt:
         bias_row = bias_row.to(pdt)
