@@ -59,16 +59,12 @@ def test_enough_variants_both_archs_every_dtype(report):
             "_sp_fwd_kernel", "_sp_bwd_kernel", "_ia_fwd_kernel", "_ia_bwd_kernel"} <= kernels
 
 
-def test_specialisation_matches_the_launchers():
-    # Our reading of Triton's launcher specialisation (divisibility by 16, ints equal to 1,
-    # do_not_specialize, annotated types) against Triton's own native_specialize_impl.
-    code = ("from vgmr_fast.triton import aot\n"
-            "vs = aot.variants()\n"
-            "bad = [v['kernel'] for v in vs if v['native'] is not None and "
-            "({k: t for k, t in v['ours'][0].items()}, v['ours'][1]) != (v['native'][0], v['native'][1])]\n"
-            "print(len(vs), sum(v['native'] is not None for v in vs), bad[:3])\n"
-            "assert not bad\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = _ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-c", code], cwd=_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout + r.stderr
+def test_specialisation_checked_against_tritons_own(report):
+    # problems() compares our reading of the launcher's specialisation (divisibility by 16,
+    # ints equal to 1, do_not_specialize, annotated types) with native_specialize_impl for
+    # every variant, where this Triton has that function (3.4+).
+    try:
+        from triton._C.libtriton import native_specialize_impl  # noqa: F401
+    except ImportError:
+        pytest.skip("this Triton has no native_specialize_impl to compare with")
+    assert report["checked_against_triton_specialisation"] > 0

@@ -77,8 +77,9 @@ CONFIG = {
     # the row is tiled in chunks of gn_chunk_d (a stats kernel, then an elementwise one).
     "gn_max_single_d": 8192,
     "gn_chunk_d": 4096,
-    # the backward keeps ~3x more live values per element: smaller single-block limit
-    "gn_bwd_max_single_d": 4096,
+    # the backward keeps ~3x more live values per element: smaller single-block limit (at
+    # 4096 a row needs 16 values per thread at 8 warps, and the AOT compile showed it spilling)
+    "gn_bwd_max_single_d": 2048,
     "gn_bwd_chunk_d": 2048,
     # elements per program tile when several short rows share one program
     "gn_max_tile": 4096,

@@ -72,7 +72,7 @@ def _probes():
                 for p in (0.0, 0.1):
                     out.append(("gate_norm", cfg["name"], dname, aligned,
                                 lambda D=D, p=p, dt=dt, a=aligned: _gn_fwd(D, p, dt, a)))
-            for cfg in GN.bwd_configs():
+            for cfg in GN.bwd_configs(aligned):
                 D = widths(cfg["BLOCK_D"], cfg["SINGLE"])
                 T = 1 if cfg["BLOCK_R"] == 1 else cfg["BLOCK_R"]
                 for p in (0.0, 0.1):
@@ -258,7 +258,7 @@ def table_entries():
     from . import summary_pool as SP
 
     return ({("gate_norm", c["name"]) for c in GN.fwd_configs()}
-            | {("gate_norm_backward", c["name"]) for c in GN.bwd_configs()}
+            | {("gate_norm_backward", c["name"]) for c in GN.bwd_configs(True) + GN.bwd_configs(False)}
             | {("summary_pool", c["name"]) for c in SP.configs()}
             | {("interaction", c["name"]) for c in IA.configs()})
 
@@ -280,14 +280,20 @@ def jit_kernels():
 # ---------------------------------------------------------------------------
 # Compile and inspect
 # ---------------------------------------------------------------------------
-_LD = re.compile(r"\bld\.global(?:\.[a-z0-9:]+)*\.(?:(v[248])\.)?([busf])(8|16|32|64)\b")
-_ST = re.compile(r"\bst\.global(?:\.[a-z0-9:]+)*\.(?:(v[248])\.)?([busf])(8|16|32|64)\b")
+_ACCESS = re.compile(r"\b(ld|st)\.global[\w.:]*")
 
 
-def _widest(regex, ptx: str) -> int:
+def _widest(kind: str, ptx: str) -> int:
+    """Bits of the widest global load (``kind="ld"``) or store (``"st"``) in ``ptx``:
+    ``ld.global.v4.b32`` is 128, ``ld.global.b16`` 16."""
     best = 0
-    for vec, _kind, bits in regex.findall(ptx):
-        best = max(best, int(bits) * (int(vec[1:]) if vec else 1))
+    for m in _ACCESS.finditer(ptx):
+        if m.group(1) != kind:
+            continue
+        parts = m.group(0).split(".")
+        lanes = next((int(p[1:]) for p in parts if re.fullmatch(r"v[248]", p)), 1)
+        bits = next((int(p[1:]) for p in reversed(parts) if re.fullmatch(r"[busf](8|16|32|64)", p)), 0)
+        best = max(best, lanes * bits)
     return best
 
 
@@ -330,8 +336,8 @@ def compile_variant(v: dict, arch: int) -> dict:
     res["seconds"] = round(time.perf_counter() - t0, 2)
     res.update(_resource_usage(k.asm["cubin"]))
     res["shared"] = int(k.metadata.shared)
-    res["widest_load_bits"] = _widest(_LD, k.asm["ptx"])
-    res["widest_store_bits"] = _widest(_ST, k.asm["ptx"])
+    res["widest_load_bits"] = _widest("ld", k.asm["ptx"])
+    res["widest_store_bits"] = _widest("st", k.asm["ptx"])
     return res
 
 
@@ -458,7 +464,9 @@ def main(argv=None) -> int:
           f"in {time.perf_counter() - t0:.1f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"variants": len(vs), "results": results, "problems": found}, f, indent=1, default=str)
+            json.dump({"variants": len(vs), "results": results, "problems": found,
+                       "checked_against_triton_specialisation": sum(v["native"] is not None for v in variants())},
+                      f, indent=1, default=str)
     if args.table:
         cmd = "python -m vgmr_fast.triton.aot --table " + args.table + " --arch " + args.arch
         with open(args.table, "w") as f:

@@ -269,14 +269,17 @@ def _gn_bwd_kernel(
     cmask = cols < D
     w = tl.load(w_ptr + cols, mask=cmask, other=0.0)
     coef = 2.0 * alpha * (1.0 - beta)
-    acc_w = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-    acc_b = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    # Column accumulators, [BLOCK_D]: each row tile is summed over its rows at once (a tile-
+    # shaped accumulator would hold three more fp32 values per element in registers, which
+    # the AOT compile showed spilling to local memory at 8+ elements per thread).
+    acc_w = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_D], dtype=tl.float32)
     b_start = bg * b_per_prog
     b_end = tl.minimum(b_start + b_per_prog, B)
     t_start = tb * t_per_prog
     t_end = tl.minimum(t_start + t_per_prog, T)
     for b in range(b_start, b_end):
-        acc_z = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+        acc_z = tl.zeros([BLOCK_D], dtype=tl.float32)
         for t0 in range(t_start, t_end, BLOCK_R):
             ts = t0 + tl.arange(0, BLOCK_R)
             rmask = ts < t_end
@@ -286,8 +289,8 @@ def _gn_bwd_kernel(
             x, G, geff, rstd, vhat, g, dvhat = _gn_bwd_terms(
                 dy_ptr, zpre_ptr, bias_ptr, x_ptr, w, rstd_ptr, rowstat_ptr, seed_ptr, rows, bidx, rmask,
                 c0, D, alpha, beta, thresh, keep_div, BLOCK_R, BLOCK_D, SINGLE, HAS_DROPOUT)
-            acc_b += g
-            acc_w += g * vhat
+            acc_b += tl.sum(g, axis=0)
+            acc_w += tl.sum(g * vhat, axis=0)
             if SINGLE:
                 c1 = tl.sum(dvhat, axis=1) / D
                 c2 = tl.sum(dvhat * vhat, axis=1) / D
@@ -297,23 +300,34 @@ def _gn_bwd_kernel(
             dv = rstd[:, None] * (dvhat - c1[:, None] - vhat * c2[:, None])
             dx = dv * geff
             dz = tl.where(msk, dv * x * coef * G * (1.0 - G), 0.0)
-            acc_z += dz
+            acc_z += tl.sum(dz, axis=0)
             offs = rows[:, None] * D + cols[None, :]
             tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=msk)
             tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=msk)
-        tl.store(dbias_ptr + (b * n_tb + tb) * D + cols, tl.sum(acc_z, axis=0), mask=cmask)
+        tl.store(dbias_ptr + (b * n_tb + tb) * D + cols, acc_z, mask=cmask)
     part = bg * n_tb + tb
-    tl.store(dw_part_ptr + part * D + cols, tl.sum(acc_w, axis=0), mask=cmask)
-    tl.store(db_part_ptr + part * D + cols, tl.sum(acc_b, axis=0), mask=cmask)
+    tl.store(dw_part_ptr + part * D + cols, acc_w, mask=cmask)
+    tl.store(db_part_ptr + part * D + cols, acc_b, mask=cmask)
 
 
 # ---------------------------------------------------------------------------
 # Launch configurations: named tables; the launchers choose only from these and aot.py
 # compiles every entry (so a new entry is compiled ahead of time automatically).
 # ---------------------------------------------------------------------------
-def _config(name, single, block_d, block_r, elements_per_row_value):
-    return {"name": name, "SINGLE": single, "BLOCK_D": block_d, "BLOCK_R": block_r,
-            "num_warps": num_warps_for(elements_per_row_value * block_r * block_d)}
+def _config(name, single, block_d, block_r, warps):
+    return {"name": name, "SINGLE": single, "BLOCK_D": block_d, "BLOCK_R": block_r, "num_warps": warps}
+
+
+#: Backward tiles per row alignment: values per thread and the largest single-block / chunk
+#: width.  The backward keeps about a dozen fp32 values per element live (~190 registers at
+#: 8 values per thread).  Aligned rows (D % 16 == 0): 8 values per thread, what a 128-bit
+#: access to bf16/fp16 needs, at most 8 warps (a thread of a 256-thread program may use 255
+#: registers; at 16 warps the cap is 128, and the AOT compile showed those tiles spilling).
+#: Unaligned rows read scalars whose 64-bit per-element addresses cost registers too; the
+#: AOT compile showed them spilling even at 4 values per thread: 2 per thread, rows wider
+#: than 512 tiled in 512-wide chunks.
+_BWD = {True: {"per_thread": 8, "max_single": None, "chunk": None},
+        False: {"per_thread": 2, "max_single": 512, "chunk": 512}}
 
 
 def fwd_configs():
@@ -324,31 +338,47 @@ def fwd_configs():
     top = triton.next_power_of_2(CONFIG["gn_max_single_d"])
     bd = min(MIN_BLOCK_D, top)
     while bd <= top:
-        out.append(_config(f"single_d{bd}", True, bd, max(1, CONFIG["gn_max_tile"] // bd), 1))
+        br = max(1, CONFIG["gn_max_tile"] // bd)
+        out.append(_config(f"single_d{bd}", True, bd, br, num_warps_for(br * bd)))
         bd *= 2
     chunk = max(4, triton.next_power_of_2(CONFIG["gn_chunk_d"]))
-    out.append(_config(f"tiled_d{chunk}", False, chunk, max(1, CONFIG["gn_max_tile"] // chunk), 1))
+    br = max(1, CONFIG["gn_max_tile"] // chunk)
+    out.append(_config(f"tiled_d{chunk}", False, chunk, br, num_warps_for(br * chunk)))
     return out
 
 
-def bwd_configs():
-    """Backward configurations: per power-of-two ``BLOCK_D`` (single block up to
-    ``gn_bwd_max_single_d``, then one tiled chunk width), ``BLOCK_R`` either the tile's
-    full height or 1 (short sequences: a program's rows never straddle a batch, so a tall
-    tile over ``T`` < its height would idle most lanes)."""
+def bwd_configs(aligned: bool = True):
+    """Backward configurations for aligned (``D % 16 == 0``) or unaligned rows: per
+    power-of-two ``BLOCK_D`` (single block up to ``gn_bwd_max_single_d``, then one tiled
+    chunk width; see ``_BWD``), ``BLOCK_R`` either the tile's full height (256 threads'
+    worth of values) or the shortest tile that fills one warp (short sequences: a program's
+    rows never straddle a batch, so a tall tile over ``T`` < its height would idle lanes)."""
+    per = _BWD[aligned]["per_thread"]
+    tag = "" if aligned else "_unaligned"
     out = []
-    top = triton.next_power_of_2(CONFIG["gn_bwd_max_single_d"])
+    top = triton.next_power_of_2(_bwd_max_single())
+    if not aligned and _BWD[False]["max_single"]:
+        top = min(top, _BWD[False]["max_single"])
     bd = min(MIN_BLOCK_D, top)
     while bd <= top:
-        full = max(1, CONFIG["gn_max_tile"] // bd)
-        for br in sorted({full, 1}, reverse=True):
-            out.append(_config(f"single_d{bd}_r{br}", True, bd, br, 2))
+        full = max(1, 8 * 32 * per // bd)
+        for br in sorted({full, min(full, max(1, 32 * per // bd))}, reverse=True):
+            out.append(_config(f"single_d{bd}_r{br}{tag}", True, bd, br, max(1, min(8, br * bd // (32 * per)))))
         bd *= 2
-    chunk = max(4, triton.next_power_of_2(CONFIG["gn_bwd_chunk_d"]))
-    full = max(1, CONFIG["gn_max_tile"] // chunk)
-    for br in sorted({full, 1}, reverse=True):
-        out.append(_config(f"tiled_d{chunk}_r{br}", False, chunk, br, 2))
+    chunk = max(4, triton.next_power_of_2(_bwd_chunk(aligned)))
+    full = max(1, 8 * 32 * per // chunk)
+    for br in sorted({full, min(full, max(1, 32 * per // chunk))}, reverse=True):
+        out.append(_config(f"tiled_d{chunk}_r{br}{tag}", False, chunk, br, max(1, min(8, br * chunk // (32 * per)))))
     return out
+
+
+def _bwd_max_single() -> int:
+    return CONFIG["gn_bwd_max_single_d"]
+
+
+def _bwd_chunk(aligned: bool) -> int:
+    c = CONFIG["gn_bwd_chunk_d"]
+    return c if aligned or not _BWD[False]["chunk"] else min(c, _BWD[False]["chunk"])
 
 
 def _pick_fwd(D: int):
@@ -359,10 +389,13 @@ def _pick_fwd(D: int):
 
 
 def _pick_bwd(D: int, T: int):
-    single = D <= CONFIG["gn_bwd_max_single_d"]
-    cands = [c for c in bwd_configs() if c["SINGLE"] == single and (not single or D <= c["BLOCK_D"])]
+    aligned = D % 16 == 0
+    table = bwd_configs(aligned)
+    top = max(c["BLOCK_D"] for c in table if c["SINGLE"])
+    single = D <= min(CONFIG["gn_bwd_max_single_d"], top)
+    cands = [c for c in table if c["SINGLE"] == single and (not single or D <= c["BLOCK_D"])]
     block_d = cands[0]["BLOCK_D"]
-    cands = [c for c in cands if c["BLOCK_D"] == block_d]  # [full height, 1] (or one entry)
+    cands = [c for c in cands if c["BLOCK_D"] == block_d]  # [full height, short] (or one entry)
     full = cands[0]
     if triton.next_power_of_2(max(T, 1)) >= full["BLOCK_R"]:
         return full

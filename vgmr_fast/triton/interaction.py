@@ -85,8 +85,11 @@ def _ia_bwd_kernel(ds_ptr, du_ptr, s_ptr, D, n_db, M, BLOCK_D: tl.constexpr):
     tl.store(ds_ptr + s_base + m * D + cols, acc.to(ds_ptr.dtype.element_ty), mask=cmask)
 
 
-#: Narrowest D-block: 16 elements, so aligned rows (D % 16 == 0) allow 128-bit accesses.
-MIN_BLOCK_D = 16
+#: Narrowest D-block: 256 elements, one warp with 8 contiguous values per thread, so aligned
+#: rows get 128-bit accesses (a narrower block spreads a warp's 32 threads over fewer values
+#: and Triton then gives each thread one scalar; the AOT resource table showed 32-bit loads).
+#: A short row leaves lanes idle instead: the data moved is the same.
+MIN_BLOCK_D = 256
 
 
 def configs():
