@@ -101,6 +101,9 @@ def _sp_bwd_kernel(
         n = T * 1.0
         valid = tmask
     n = tl.maximum(n, 1.0)
+    # dmean / dmax / argmax are [B, D] vectors in a slice of the tile's layout, read once per
+    # program with scalar loads (the resource table shows 32-bit loads here); the traffic that
+    # matters, the [T, D] tile of dh, is stored with 128-bit vectors for aligned rows.
     dmean = tl.load(dmean_ptr + b * D + cols, mask=cmask, other=0.0).to(tl.float32)
     dmax = tl.load(dmax_ptr + b * D + cols, mask=cmask, other=0.0).to(tl.float32)
     arg = tl.load(arg_ptr + b * D + cols, mask=cmask, other=-1)
