@@ -313,6 +313,20 @@ def _resource_usage(cubin: bytes) -> dict:
     return {"registers": reg, "stack": stack, "static_shared": shared, "local": local}
 
 
+def _ptxas_log_on() -> bool:
+    """Have Triton print ptxas's -v report (spill stores and loads) and compile afresh (a cached
+    kernel runs no ptxas); False where this Triton has no such knobs."""
+    try:
+        from triton import knobs
+    except ImportError:
+        return False
+    if not (hasattr(knobs, "nvidia") and hasattr(knobs.nvidia, "dump_ptxas_log")):
+        return False
+    knobs.nvidia.dump_ptxas_log = True
+    knobs.compilation.always_compile = True
+    return True
+
+
 def compile_variant(v: dict, arch: int) -> dict:
     """Compile one variant for sm_<arch>; returns its resource figures or the error."""
     import importlib
@@ -324,15 +338,24 @@ def compile_variant(v: dict, arch: int) -> dict:
     kernel = getattr(importlib.import_module(v["module"]), v["kernel"])
     attrs = {(int(k),): val for k, val in v["attrs"].items()}
     src = ASTSource(fn=kernel, signature=v["signature"], constexprs=v["constexprs"], attrs=attrs)
+    import contextlib
+    import io
+
+    log = io.StringIO()
+    ptxas_log = _ptxas_log_on()
     t0 = time.perf_counter()
     res = {"kernel": v["kernel"], "arch": arch, "configs": v["configs"], "dtype": v["dtype"],
            "aligned": v["aligned"], "num_warps": v["num_warps"],
            "constexprs": {k: c for k, c in v["constexprs"].items()}}
     try:
-        k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": v["num_warps"]})
+        with contextlib.redirect_stdout(log):
+            k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": v["num_warps"]})
     except Exception as exc:  # noqa: BLE001  (any compiler failure is a finding)
         res["error"] = f"{type(exc).__name__}: {exc}"[:2000]
         return res
+    m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log.getvalue())
+    if ptxas_log and m:  # ptxas's own report of this very compile
+        res["spill_stores"], res["spill_loads"] = int(m.group(2)), int(m.group(3))
     res["seconds"] = round(time.perf_counter() - t0, 2)
     res.update(_resource_usage(k.asm["cubin"]))
     res["shared"] = int(k.metadata.shared)
@@ -384,9 +407,10 @@ def problems(vs, results) -> list[str]:
     for r in results:
         if "error" in r:
             out.append(f"compile error: {r['kernel']} sm_{r['arch']} {r['configs']} {r['dtype']}: {r['error']}")
-        elif r["local"] or r["stack"]:
+        elif r["local"] or r.get("spill_stores", r["stack"]):
+            # ptxas's spill report where Triton shows it, else any stack frame counts
             out.append(f"local memory (spill): {r['kernel']} sm_{r['arch']} {r['configs']} {r['dtype']}: "
-                       f"LOCAL {r['local']} STACK {r['stack']} bytes")
+                       f"LOCAL {r['local']} STACK {r['stack']} spill stores {r.get('spill_stores', '?')} bytes")
     reached = {(op, c) for v in variants() for op in v["ops"] for c in v["configs"]}
     for entry in sorted(table_entries() - reached):
         out.append(f"launcher configuration never reached by a probe: {entry}")
@@ -424,18 +448,26 @@ def table(results, archs, command: str) -> str:
         "Every variant the launchers can choose (their named configuration tables x dtypes x aligned /",
         "unaligned inputs), compiled by `triton.compile` for the target GPU without running it.",
         "registers: per thread; shared: bytes of shared memory per program (Triton's dynamic",
-        "allocation); local: bytes of local memory per thread (spills; must be 0); load / store:",
+        "allocation); spills: bytes of spill stores in ptxas's report of this compile (must be 0);",
+        "stack: the cubin's stack frame per thread (ptxas may keep a small frame without spilling);",
+        "local: local memory per thread; load / store:",
         "the widest global access in the PTX, in bits (128 = one 16-byte vector per thread).",
         "aligned: D % 16 == 0 and 16-byte aligned pointers (Triton's divisibility specialisation);",
         "unaligned: odd D, inputs one element off.",
         f"Triton {__import__('triton').__version__}, torch {torch.__version__}.",
         "",
-        "| arch | kernel | configuration | warps | dtype | aligned | registers | shared | local | load | store |",
-        "|---|---|---|---:|---|---|---:|---:|---:|---:|---:|",
+        "Narrow stores in the stats kernels and summary_pool's forward, and narrow loads in",
+        "summary_pool's backward, are per-row or per-column vectors ([R] statistics, [B, D] pooled",
+        "values) in a slice of the tile's layout; the row data itself moves in 128-bit vectors.",
+        "",
+        "| arch | kernel | configuration | warps | dtype | aligned | registers | shared | spills | stack "
+        "| local | load | store |",
+        "|---|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(f"| sm_{r['arch']} | {r['kernel']} | {_cfg_text(r)} | {r['num_warps']} | {r['dtype']} | "
-                     f"{'yes' if r['aligned'] else 'no'} | {r['registers']} | {r['shared']} | {r['local']} | "
+                     f"{'yes' if r['aligned'] else 'no'} | {r['registers']} | {r['shared']} | "
+                     f"{r.get('spill_stores', '?')} | {r['stack']} | {r['local']} | "
                      f"{r['widest_load_bits']} | {r['widest_store_bits']} |")
     return "\n".join(lines) + "\n"
 

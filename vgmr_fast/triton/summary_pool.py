@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import CONFIG, alloc, check_device, check_float, define_op, launch, num_warps_for, sm_count
+from . import CONFIG, alloc, check_device, check_float, define_op, launch, sm_count
 
 _OP = "vgmr_triton::summary_pool"
 _OP_BWD = "vgmr_triton::summary_pool_backward"
@@ -117,6 +117,15 @@ def _sp_bwd_kernel(
 BLOCK_N = 256
 
 
+def _warps(elements: int, block_d: int) -> int:
+    # 8 values per thread (a 128-bit bf16/fp16 access) and 16 for the narrowest block: what
+    # the AOT compile found free of spills (ptxas 13 spilled 8 bytes of the forward's running
+    # max/argmax/NaN tiles at 80-95 registers for 16 per thread at D-block 64 and for 8 per
+    # thread at D-block 32, bf16).
+    per_thread = 16 if block_d <= 32 else 8
+    return max(1, min(8, elements // (32 * per_thread)))
+
+
 def configs():
     """Named configurations: ``BLOCK_D`` from ``sp_block_d`` halved down to 32 (narrower
     blocks when ``B * D-blocks`` would underfill the GPU), ``BLOCK_T`` filling a tile of
@@ -125,7 +134,7 @@ def configs():
     bd = triton.next_power_of_2(CONFIG["sp_block_d"])
     while True:
         bt = max(1, CONFIG["sp_max_tile"] // bd)
-        out.append({"name": f"d{bd}_t{bt}", "BLOCK_D": bd, "BLOCK_T": bt, "num_warps": num_warps_for(bt * bd)})
+        out.append({"name": f"d{bd}_t{bt}", "BLOCK_D": bd, "BLOCK_T": bt, "num_warps": _warps(bt * bd, bd)})
         if bd <= 32:
             return out
         bd //= 2
