@@ -4,8 +4,13 @@
 //
 // Kernels: CPU in csrc/cpu/<op>.cpp (TORCH_LIBRARY_IMPL(vgmr, CPU) there), CUDA in
 // csrc/cuda/ (TORCH_LIBRARY_IMPL(vgmr, CUDA), built only with VGMR_WITH_CUDA).
+#include <ATen/FuncTorchTLS.h>
 #include <Python.h>
 #include <torch/autograd.h>
+
+#include <initializer_list>
+#include <string>
+#include <vector>
 
 #include "cpu/cpu_common.h"
 #include "vgmr_math.h"
@@ -25,12 +30,22 @@ TORCH_LIBRARY(vgmr, m) {
   m.def("interaction_backward(Tensor du, Tensor s) -> Tensor", tags);
   m.def(
       "gate_norm(Tensor zpre, Tensor bias_row, Tensor x, Tensor ln_weight, Tensor ln_bias, "
-      "float alpha, float beta, float p, int seed) -> (Tensor y, Tensor mean, Tensor rstd)",
+      "float alpha, float beta, float p, Tensor seed) -> (Tensor y, Tensor mean, Tensor rstd)",
       tags);
   m.def(
       "gate_norm_backward(Tensor dy, Tensor zpre, Tensor bias_row, Tensor x, Tensor ln_weight, "
-      "Tensor mean, Tensor rstd, float alpha, float beta, float p, int seed) "
+      "Tensor mean, Tensor rstd, float alpha, float beta, float p, Tensor seed) "
       "-> (Tensor dzpre, Tensor dbias_row, Tensor dx, Tensor dln_weight, Tensor dln_bias)",
+      tags);
+  // All modalities in one call (docs/ops.md): modality m is gate_norm(..., seed = seeds[m]).
+  m.def(
+      "gate_norm_grouped(Tensor[] zpre, Tensor[] bias_row, Tensor[] x, Tensor[] ln_weight, Tensor[] ln_bias, "
+      "float alpha, float beta, float p, Tensor seeds) -> (Tensor[] y, Tensor[] mean, Tensor[] rstd)",
+      tags);
+  m.def(
+      "gate_norm_grouped_backward(Tensor[] dy, Tensor[] zpre, Tensor[] bias_row, Tensor[] x, Tensor[] ln_weight, "
+      "Tensor[] mean, Tensor[] rstd, float alpha, float beta, float p, Tensor seeds) "
+      "-> (Tensor[] dzpre, Tensor[] dbias_row, Tensor[] dx, Tensor[] dln_weight, Tensor[] dln_bias)",
       tags);
   // Debug/test op: the Philox4x32-10 words of csrc/vgmr_math.h for int64 counters
   // ([...] -> [..., 4], int64 holding uint32 values). CPU only.
@@ -79,6 +94,45 @@ c10::TypedOperatorHandle<Sig> vgmr_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
+// What the fused autograd does not support, said once, in the wording of the Python op layer
+// (vgmr_fast.ops.backend.unsupported_message): name the op and point to the reference.
+std::string unsupported(const char* op, const char* what) {
+  const std::string name = std::string(op).substr(std::string(op).rfind(':') + 1);
+  return std::string(op) + ": " + what + " is not supported by the fused kernels; use the plain-torch reference " +
+         "(vgmr_fast.reference." + name + ", or VGMR(backend=\"reference\") for the module)";
+}
+
+// torch.func transforms and forward-mode AD: torch::autograd::Function supports neither, and
+// its own error names no op. Checked before the forward runs (a TLS read when unused).
+void check_transforms(const char* op, std::initializer_list<at::Tensor> inputs) {
+  const auto& functorch_tls = at::functorch::functorchTLSAccessor();
+  if (functorch_tls) {
+    bool ok = true;
+    try {
+      functorch_tls->checkSupportsCppAutogradFunction();
+    } catch (const c10::Error&) {
+      ok = false;
+    }
+    TORCH_CHECK(ok, unsupported(op, "torch.func (grad, vmap, jvp, jacrev, functional_call under a transform, ...)"));
+  }
+  for (const at::Tensor& t : inputs) {
+    TORCH_CHECK(!t.defined() || !t._fw_grad(/*level=*/0).defined(),
+                unsupported(op, "forward-mode AD (torch.autograd.forward_ad dual tensors)"));
+  }
+}
+
+// The fused backward is not differentiable: when it runs with create_graph=True and would
+// build a graph (an input of the backward requires grad), raise instead of returning wrong
+// second derivatives.
+void no_double_backward(const char* op, std::initializer_list<at::Tensor> tensors) {
+  if (!at::GradMode::is_enabled()) return;
+  for (const at::Tensor& t : tensors) {
+    TORCH_CHECK(!t.defined() || !t.requires_grad(),
+                unsupported(op, "double backward (torch.autograd.grad(..., create_graph=True), gradgradcheck, "
+                                "gradient penalties)"));
+  }
+}
+
 using Tuple3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using Tuple5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
@@ -101,6 +155,7 @@ struct SummaryPoolFn : public torch::autograd::Function<SummaryPoolFn> {
     c10::optional<at::Tensor> mask;
     if (ctx->saved_data["has_mask"].toBool()) mask = saved[1];
     at::Tensor dmean = grads[0], dmax = grads[1];
+    no_double_backward("vgmr::summary_pool", {dmean, dmax});
     if (!dmean.defined() && !dmax.defined()) return {at::Tensor(), at::Tensor()};
     if (!dmean.defined()) dmean = at::zeros_like(dmax);
     if (!dmax.defined()) dmax = at::zeros_like(dmean);
@@ -121,6 +176,7 @@ struct InteractionFn : public torch::autograd::Function<InteractionFn> {
     static auto op = vgmr_op<at::Tensor(const at::Tensor&, const at::Tensor&)>("vgmr::interaction_backward");
     if (!grads[0].defined()) return {at::Tensor()};
     auto saved = ctx->get_saved_variables();
+    no_double_backward("vgmr::interaction", {grads[0], saved[0]});
     return {op.call(grads[0].contiguous(), saved[0])};
   }
 };
@@ -128,45 +184,129 @@ struct InteractionFn : public torch::autograd::Function<InteractionFn> {
 struct GateNormFn : public torch::autograd::Function<GateNormFn> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& zpre, const at::Tensor& bias_row,
                                const at::Tensor& x, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
-                               double alpha, double beta, double p, int64_t seed) {
+                               double alpha, double beta, double p, const at::Tensor& seed) {
     static auto op = vgmr_op<Tuple3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                    const at::Tensor&, double, double, double, int64_t)>("vgmr::gate_norm");
+                                    const at::Tensor&, double, double, double, const at::Tensor&)>("vgmr::gate_norm");
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, mean, rstd] = op.call(zpre, bias_row, x, ln_weight, ln_bias, alpha, beta, p, seed);
-    ctx->save_for_backward({zpre, bias_row, x, ln_weight, mean, rstd});
+    // The seed tensor itself is saved (not its value): the backward kernel reads it from
+    // memory like the forward, so nothing here synchronises with the device.
+    ctx->save_for_backward({zpre, bias_row, x, ln_weight, mean, rstd, seed});
     ctx->saved_data["alpha"] = alpha;
     ctx->saved_data["beta"] = beta;
     ctx->saved_data["p"] = p;
-    ctx->saved_data["seed"] = seed;
     ctx->mark_non_differentiable({mean, rstd});
     return {y, mean, rstd};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static auto op = vgmr_op<Tuple5(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                     const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double, double,
-                                    int64_t)>("vgmr::gate_norm_backward");
+                                    const at::Tensor&)>("vgmr::gate_norm_backward");
     const at::Tensor none;
     if (!grads[0].defined()) return {none, none, none, none, none, none, none, none, none};
     auto s = ctx->get_saved_variables();
     at::Tensor dy = grads[0];
+    no_double_backward("vgmr::gate_norm", {dy, s[0], s[1], s[2], s[3]});
     if (dy.scalar_type() != s[2].scalar_type()) dy = dy.to(s[2].scalar_type());
     auto [dzpre, dbias, dx, dw, db] =
         op.call(dy.contiguous(), s[0], s[1], s[2], s[3], s[4], s[5], ctx->saved_data["alpha"].toDouble(),
-                ctx->saved_data["beta"].toDouble(), ctx->saved_data["p"].toDouble(), ctx->saved_data["seed"].toInt());
+                ctx->saved_data["beta"].toDouble(), ctx->saved_data["p"].toDouble(), s[6]);
     return {dzpre, dbias, dx, dw, db, none, none, none, none};
   }
 };
 
+// Grouped gate_norm: one autograd node for all modalities. Inputs are flattened by
+// torch::autograd::Function (each list element is one input), so the backward returns
+// 5M gradients in list order, then none for alpha, beta, p and seeds.
+using Tensors = std::vector<at::Tensor>;
+using Lists3 = std::tuple<Tensors, Tensors, Tensors>;
+using Lists5 = std::tuple<Tensors, Tensors, Tensors, Tensors, Tensors>;
+
+struct GateNormGroupedFn : public torch::autograd::Function<GateNormGroupedFn> {
+  static variable_list forward(AutogradContext* ctx, at::TensorList zpre, at::TensorList bias_row, at::TensorList x,
+                               at::TensorList ln_weight, at::TensorList ln_bias, double alpha, double beta, double p,
+                               const at::Tensor& seeds) {
+    static auto op = vgmr_op<Lists3(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                                    double, double, double, const at::Tensor&)>("vgmr::gate_norm_grouped");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, mean, rstd] = op.call(zpre, bias_row, x, ln_weight, ln_bias, alpha, beta, p, seeds);
+    const size_t M = x.size();
+    variable_list saved;
+    saved.reserve(6 * M + 1);
+    for (at::TensorList l : {zpre, bias_row, x, ln_weight}) saved.insert(saved.end(), l.begin(), l.end());
+    saved.insert(saved.end(), mean.begin(), mean.end());
+    saved.insert(saved.end(), rstd.begin(), rstd.end());
+    saved.push_back(seeds);
+    ctx->save_for_backward(saved);
+    ctx->saved_data["M"] = (int64_t)M;
+    ctx->saved_data["alpha"] = alpha;
+    ctx->saved_data["beta"] = beta;
+    ctx->saved_data["p"] = p;
+    variable_list out;
+    out.reserve(3 * M);
+    out.insert(out.end(), y.begin(), y.end());
+    out.insert(out.end(), mean.begin(), mean.end());
+    out.insert(out.end(), rstd.begin(), rstd.end());
+    ctx->mark_non_differentiable(variable_list(out.begin() + M, out.end()));
+    return out;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto op = vgmr_op<Lists5(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                                    at::TensorList, at::TensorList, double, double, double, const at::Tensor&)>(
+        "vgmr::gate_norm_grouped_backward");
+    const size_t M = (size_t)ctx->saved_data["M"].toInt();
+    auto s = ctx->get_saved_variables();
+    auto part = [&](size_t k) { return Tensors(s.begin() + k * M, s.begin() + (k + 1) * M); };
+    const Tensors zpre = part(0), bias_row = part(1), x = part(2), ln_weight = part(3), mean = part(4),
+                  rstd = part(5);
+    Tensors dy(M);
+    for (size_t m = 0; m < M; ++m) {
+      const at::Tensor& g = grads[m];
+      // an unused output: zeros (its modality's input gradients are then zero, as in M separate ops)
+      dy[m] = g.defined() ? (g.scalar_type() == x[m].scalar_type() ? g : g.to(x[m].scalar_type())).contiguous()
+                          : at::zeros_like(x[m]);
+    }
+    std::vector<at::Tensor> check(dy.begin(), dy.end());
+    check.insert(check.end(), s.begin(), s.begin() + 4 * M);
+    for (const at::Tensor& t : check) no_double_backward("vgmr::gate_norm_grouped", {t});
+    auto [dz, dbias, dx, dw, db] =
+        op.call(dy, zpre, bias_row, x, ln_weight, mean, rstd, ctx->saved_data["alpha"].toDouble(),
+                ctx->saved_data["beta"].toDouble(), ctx->saved_data["p"].toDouble(), s[6 * M]);
+    variable_list out;
+    out.reserve(5 * M + 4);
+    for (const Tensors& l : {dz, dbias, dx, dw, db}) out.insert(out.end(), l.begin(), l.end());
+    for (int i = 0; i < 4; ++i) out.emplace_back();
+    return out;
+  }
+};
+
+Lists3 gate_norm_grouped_autograd(at::TensorList zpre, at::TensorList bias_row, at::TensorList x,
+                                  at::TensorList ln_weight, at::TensorList ln_bias, double alpha, double beta,
+                                  double p, const at::Tensor& seeds) {
+  std::vector<at::Tensor> inputs;
+  for (at::TensorList l : {zpre, bias_row, x, ln_weight, ln_bias}) inputs.insert(inputs.end(), l.begin(), l.end());
+  for (const at::Tensor& t : inputs) check_transforms("vgmr::gate_norm_grouped", {t});
+  auto out = GateNormGroupedFn::apply(zpre, bias_row, x, ln_weight, ln_bias, alpha, beta, p, seeds);
+  const size_t M = x.size();
+  return {Tensors(out.begin(), out.begin() + M), Tensors(out.begin() + M, out.begin() + 2 * M),
+          Tensors(out.begin() + 2 * M, out.end())};
+}
+
 Tuple3 summary_pool_autograd(const at::Tensor& h, const c10::optional<at::Tensor>& mask) {
+  check_transforms("vgmr::summary_pool", {h});
   auto out = SummaryPoolFn::apply(h, mask);
   return {out[0], out[1], out[2]};
 }
 
-at::Tensor interaction_autograd(const at::Tensor& s) { return InteractionFn::apply(s); }
+at::Tensor interaction_autograd(const at::Tensor& s) {
+  check_transforms("vgmr::interaction", {s});
+  return InteractionFn::apply(s);
+}
 
 Tuple3 gate_norm_autograd(const at::Tensor& zpre, const at::Tensor& bias_row, const at::Tensor& x,
                           const at::Tensor& ln_weight, const at::Tensor& ln_bias, double alpha, double beta, double p,
-                          int64_t seed) {
+                          const at::Tensor& seed) {
+  check_transforms("vgmr::gate_norm", {zpre, bias_row, x, ln_weight, ln_bias});
   auto out = GateNormFn::apply(zpre, bias_row, x, ln_weight, ln_bias, alpha, beta, p, seed);
   return {out[0], out[1], out[2]};
 }
@@ -177,6 +317,7 @@ TORCH_LIBRARY_IMPL(vgmr, Autograd, m) {
   m.impl("summary_pool", &summary_pool_autograd);
   m.impl("interaction", &interaction_autograd);
   m.impl("gate_norm", &gate_norm_autograd);
+  m.impl("gate_norm_grouped", &gate_norm_grouped_autograd);
 }
 
 // ---- the Python module --------------------------------------------------------------

@@ -15,6 +15,12 @@
 namespace vgmr {
 
 // ---- Philox4x32-10 -------------------------------------------------------
+// The one C++ definition of the generator's constants and round (Random123); the scalar
+// philox4x32_10 below and the CPU kernels' SIMD version (csrc/cpu/gate_norm.cpp, a vector
+// lane type U and its own MulHiLo) are both philox10 over this round.
+constexpr uint32_t kPhiloxM0 = 0xD2511F53u, kPhiloxM1 = 0xCD9E8D57u;  // round multipliers
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u, kPhiloxW1 = 0xBB67AE85u;  // key schedule (Weyl)
+
 struct U32x4 { uint32_t w[4]; };
 
 VGMR_HD void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
@@ -23,19 +29,40 @@ VGMR_HD void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
   lo = (uint32_t)p;
 }
 
+// mulhilo32 as a function object (the scalar lane type of philox_round).
+struct MulHiLo32 {
+  VGMR_HD void operator()(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) const { mulhilo32(a, b, hi, lo); }
+};
+
+// One round on counters (c0, c1, c2, c3) of lane type U (uint32_t, or a vector of them) under
+// key (k0, k1); mul(a, b, hi, lo) is the 32x32 -> 64-bit multiply for U.
+template <typename U, typename MulHiLo>
+VGMR_HD void philox_round(U& c0, U& c1, U& c2, U& c3, uint32_t k0, uint32_t k1, MulHiLo mul) {
+  U hi0, lo0, hi1, lo1;
+  mul(kPhiloxM0, c0, hi0, lo0);
+  mul(kPhiloxM1, c2, hi1, lo1);
+  const U n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
+  c0 = n0;
+  c1 = lo1;
+  c2 = n2;
+  c3 = lo0;
+}
+
+// Ten rounds with the key schedule: the words of counters (c0, c1, c2, c3) under key seed.
+template <typename U, typename MulHiLo>
+VGMR_HD void philox10(U& c0, U& c1, U& c2, U& c3, uint64_t seed, MulHiLo mul) {
+  uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    philox_round(c0, c1, c2, c3, k0, k1, mul);
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+}
+
 // Four 32-bit words for counter n under key seed (both 64-bit, split lo/hi).
 VGMR_HD U32x4 philox4x32_10(uint64_t seed, uint64_t n) {
   uint32_t c0 = (uint32_t)n, c1 = (uint32_t)(n >> 32), c2 = 0u, c3 = 0u;
-  uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
-  for (int round = 0; round < 10; ++round) {
-    uint32_t hi0, lo0, hi1, lo1;
-    mulhilo32(0xD2511F53u, c0, hi0, lo0);
-    mulhilo32(0xCD9E8D57u, c2, hi1, lo1);
-    uint32_t n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
-    c0 = n0; c1 = lo1; c2 = n2; c3 = lo0;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
+  philox10(c0, c1, c2, c3, seed, MulHiLo32{});
   U32x4 r;
   r.w[0] = c0; r.w[1] = c1; r.w[2] = c2; r.w[3] = c3;
   return r;
@@ -90,11 +117,17 @@ VGMR_HD float gate_lin_c0(double alpha, double beta) { return (float)(beta + (1.
 VGMR_HD float gate_lin_c1(double alpha, double beta) { return (float)(2.0 * alpha * (1.0 - beta)); }
 
 // ---- LayerNorm row step (SPEC §5, docs/ops.md) --------------------------------
-// Forward, per row of D values v: mean = sum(v)/D, var = sum((v-mean)^2)/D (biased),
-// rstd = 1/sqrt(var + eps); y = (v - mean) * rstd * w + b.
+// Forward, per row of D values v (the row statistics of docs/ops.md, on every backend):
+// shift K = v[0]; mean_s = sum(v - K)/D; var = sum((v - K - mean_s)^2)/D (biased);
+// rstd = 1/sqrt(var + eps); vhat = ((v - K) - mean_s) * rstd; y = vhat * w + b; the saved
+// mean is K + mean_s. A row constant along D gives v - K = 0 exactly, so y = b exactly.
+// Overflow: var = +inf (a row whose (v - K)^2 overflows) would give rstd = 0 and a silent
+// y = b; rstd is NaN instead, so the row's outputs and gradients are NaN, as in eager.
 template <typename acc_t>
 VGMR_HD acc_t ln_rstd(acc_t var, acc_t eps) {
-  return (acc_t)1 / sqrt(var + eps);
+  const acc_t r = (acc_t)1 / sqrt(var + eps);
+  // r == 0 only for var = +inf (var + eps >= eps otherwise); NaN var stays NaN
+  return r > (acc_t)0 ? r : (acc_t)NAN;
 }
 
 // Backward, per element, with vhat = (v - mean) * rstd, dvhat = g * w and the row

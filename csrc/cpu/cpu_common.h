@@ -8,6 +8,8 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include "op_checks.h"
+
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -59,26 +61,15 @@ inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opt
 
 inline const char* device_name(const at::Tensor& t) { return t.is_cpu() ? "cpu" : "non-cpu"; }
 
-// Argument checks (raise ValueError / TypeError in Python via TORCH_CHECK_VALUE / _TYPE).
+// Argument checks: csrc/op_checks.h (shared with the CUDA binding); the CPU-only one here.
 inline void check_cpu_float(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK_VALUE(t.defined(), op, ": ", name, " is undefined");
+  checks::defined(t, op, name);
   TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor for the CPU kernel, got ",
                     t.device());
   TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble ||
                        t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16,
                    op, ": ", name, " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous (the op layer makes it so)");
-}
-
-inline void check_dim(const at::Tensor& t, int64_t dim, const char* op, const char* name, const char* shape) {
-  TORCH_CHECK_VALUE(t.dim() == dim, op, ": ", name, " must have shape ", shape, " (", dim, " dims), got ",
-                    t.sizes());
-}
-
-inline void check_same_dtype(const at::Tensor& a, const at::Tensor& b, const char* op, const char* na,
-                             const char* nb) {
-  TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), op, ": ", nb, " must have the dtype of ", na, " (",
-                   a.scalar_type(), "), got ", b.scalar_type());
+  checks::contiguous(t, op, name);
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -13,6 +13,10 @@
 //     and fold with a fixed tree, so the arithmetic (and its rounding) is the same in every
 //     ISA clone (AVX-512, AVX2, SSE2). Half inputs are converted per block to fp32 scratch.
 //   - float64 (gradcheck): plain scalar loops with libm exp.
+#include <string>
+#include <utility>
+#include <vector>
+
 #include "cpu_common.h"
 #include "vgmr_math.h"
 
@@ -52,44 +56,13 @@ VGMR_ALWAYS_INLINE void prefetch_run(const T* p, int64_t n) {
 
 // ---- dropout: Philox words for a run of consecutive counters ---------------------------
 // Rows r .. r+k-1 of a [R, D] tensor use the consecutive counters r*q .. (r+k)*q - 1
-// (q = ceil(D/4)), so a block of rows is one run. The Philox4x32-10 of vgmr_math.h on 16
-// counters at a time (structure of arrays); out[4*i + w] is word w of counter n0 + i, i.e.
-// out[j*4q + c] decides column c of row r + j.
-VGMR_ALWAYS_INLINE void philox_run(uint64_t seed, uint64_t n0, int64_t count, uint32_t* __restrict__ out) {
-  constexpr int NB = 16;
-  const uint32_t key0 = (uint32_t)seed, key1 = (uint32_t)(seed >> 32);
-  for (int64_t k0 = 0; k0 < count; k0 += NB) {
-    uint32_t c0[NB], c1[NB], c2[NB], c3[NB];
-    for (int i = 0; i < NB; ++i) {
-      const uint64_t n = n0 + (uint64_t)(k0 + i);
-      c0[i] = (uint32_t)n;
-      c1[i] = (uint32_t)(n >> 32);
-      c2[i] = 0u;
-      c3[i] = 0u;
-    }
-    uint32_t k_0 = key0, k_1 = key1;
-    for (int round = 0; round < 10; ++round) {
-      for (int i = 0; i < NB; ++i) {
-        const uint64_t p0 = (uint64_t)0xD2511F53u * (uint64_t)c0[i];
-        const uint64_t p1 = (uint64_t)0xCD9E8D57u * (uint64_t)c2[i];
-        const uint32_t n0w = (uint32_t)(p1 >> 32) ^ c1[i] ^ k_0;
-        const uint32_t n2w = (uint32_t)(p0 >> 32) ^ c3[i] ^ k_1;
-        c1[i] = (uint32_t)p1;
-        c3[i] = (uint32_t)p0;
-        c0[i] = n0w;
-        c2[i] = n2w;
-      }
-      k_0 += 0x9E3779B9u;
-      k_1 += 0xBB67AE85u;
-    }
-    const int64_t m = std::min<int64_t>(NB, count - k0);
-    uint32_t* __restrict__ o = out + 4 * k0;
-    for (int64_t i = 0; i < m; ++i) {
-      o[4 * i + 0] = c0[i];
-      o[4 * i + 1] = c1[i];
-      o[4 * i + 2] = c2[i];
-      o[4 * i + 3] = c3[i];
-    }
+// (q = ceil(D/4)), so a block of rows is one run; out[4*i + w] is word w of counter n0 + i,
+// i.e. out[j*4q + c] decides column c of row r + j. Scalar (the float64 path); the float
+// path's vector version is simd::philox_run_v. Both are vgmr::philox10 of vgmr_math.h.
+inline void philox_run(uint64_t seed, uint64_t n0, int64_t count, uint32_t* __restrict__ out) {
+  for (int64_t i = 0; i < count; ++i) {
+    const vgmr::U32x4 w = vgmr::philox4x32_10(seed, n0 + (uint64_t)i);
+    for (int j = 0; j < 4; ++j) out[4 * i + j] = w.w[j];
   }
 }
 
@@ -198,6 +171,16 @@ VGMR_ALWAYS_INLINE typename V<W>::vf sigmoid(typename V<W>::vf z) {
   return 1.0f / (1.0f + exp<W>(-z));
 }
 
+// Mean of v[0..D) - K over a row (masked full vectors, fixed tree): the shifted mean of the
+// row statistics (docs/ops.md). One function for the forward and the backward, so the
+// backward recomputes mean_s with the forward's bits.
+template <int W>
+VGMR_ALWAYS_INLINE float shifted_mean(const float* __restrict__ v, int64_t D, float K, float invD) {
+  typename V<W>::vf acc = splat<W>(0.0f);
+  for (int64_t d = 0; d < D; d += W) acc += keep_if<W>(lanes_below<W>(D - d), load<W>(v + d) - K);
+  return hsum<W>(acc) * invD;
+}
+
 // Gate in linear form: Geff = c0 + c1 G, dGeff/dz = c1 G (1 - G), with
 // c1 = 2 alpha (1 - beta), c0 = beta + (1 - beta)(1 - alpha) (SPEC §5, expanded).
 struct Gate {
@@ -205,33 +188,32 @@ struct Gate {
   explicit Gate(const Params& P) : c0(vgmr::gate_lin_c0(P.alpha, P.beta)), c1(vgmr::gate_lin_c1(P.alpha, P.beta)) {}
 };
 
-// Philox4x32-10 (vgmr_math.h) on W counters at a time: words of the counters n0 .. n0+count-1,
-// out[4*i + w] = word w of counter n0 + i (the layout of the scalar philox_run above).
+// vgmr::mulhilo32 on W lanes: 32x32 -> 64-bit products of a constant and each lane.
+template <int W>
+struct VecMulHiLo {
+  using vu = typename V<W>::vu;
+  using vu64 = typename V<W>::vu64;
+  VGMR_ALWAYS_INLINE void operator()(uint32_t a, vu b, vu& hi, vu& lo) const {
+    const vu64 p = __builtin_convertvector(b, vu64) * (uint64_t)a;
+    hi = __builtin_convertvector(p >> 32, vu);
+    lo = __builtin_convertvector(p, vu);
+  }
+};
+
+// Philox4x32-10 (vgmr::philox10 of vgmr_math.h) on W counters at a time: words of the
+// counters n0 .. n0+count-1, out[4*i + w] = word w of counter n0 + i (as philox_run).
 template <int W>
 VGMR_ALWAYS_INLINE void philox_run_v(uint64_t seed, uint64_t n0, int64_t count, uint32_t* __restrict__ out) {
   using vu = typename V<W>::vu;
   using vu64 = typename V<W>::vu64;
   vu64 iota;
   for (int l = 0; l < W; ++l) iota[l] = (uint64_t)l;
-  const uint32_t key0 = (uint32_t)seed, key1 = (uint32_t)(seed >> 32);
   for (int64_t k0 = 0; k0 < count; k0 += W) {
     const vu64 n = iota + (n0 + (uint64_t)k0);
     vu c0 = __builtin_convertvector(n, vu);
     vu c1 = __builtin_convertvector(n >> 32, vu);
     vu c2 = vu{}, c3 = vu{};
-    uint32_t k_0 = key0, k_1 = key1;
-    for (int round = 0; round < 10; ++round) {
-      const vu64 p0 = __builtin_convertvector(c0, vu64) * (uint64_t)0xD2511F53u;
-      const vu64 p1 = __builtin_convertvector(c2, vu64) * (uint64_t)0xCD9E8D57u;
-      const vu n0w = __builtin_convertvector(p1 >> 32, vu) ^ c1 ^ k_0;
-      const vu n2w = __builtin_convertvector(p0 >> 32, vu) ^ c3 ^ k_1;
-      c1 = __builtin_convertvector(p1, vu);
-      c3 = __builtin_convertvector(p0, vu);
-      c0 = n0w;
-      c2 = n2w;
-      k_0 += 0x9E3779B9u;
-      k_1 += 0xBB67AE85u;
-    }
+    vgmr::philox10(c0, c1, c2, c3, seed, VecMulHiLo<W>{});
     const int64_t m = std::min<int64_t>(W, count - k0);
     uint32_t* __restrict__ o = out + 4 * k0;
     for (int64_t i = 0; i < m; ++i) {
@@ -273,47 +255,37 @@ VGMR_ALWAYS_INLINE void fwd_block(const float* __restrict__ zr, const float* __r
   const Gate G(P);
   const int64_t n = k * D;
   const bool drop = P.p > 0.0;
-  // 1. gate and product, flat over the block (one row: the row sum on the way; a zero-filled
-  //    tail gives v = 0 there, so the sum is the same as the masked one of step 2)
-  vf acc1 = splat<W>(0.0f);
+  // 1. gate and product, flat over the block
   int64_t i = 0;
   for (; i + W <= n; i += W) {
     const vf g = sigmoid<W>(load<W>(zr + i) + load<W>(bp + i));
-    const vf v = (G.c0 + G.c1 * g) * load<W>(xr + i);
-    store<W>(vbuf + i, v);
-    acc1 += v;
+    store<W>(vbuf + i, (G.c0 + G.c1 * g) * load<W>(xr + i));
   }
   if (i < n) {
     const int64_t m = n - i;
     const vf g = sigmoid<W>(load_n<W>(zr + i, m) + load_n<W>(bp + i, m));
-    const vf v = (G.c0 + G.c1 * g) * load_n<W>(xr + i, m);
-    store<W>(vbuf + i, v);
-    acc1 += v;
+    store<W>(vbuf + i, (G.c0 + G.c1 * g) * load_n<W>(xr + i, m));
   }
   if (drop) keep_flat<W>(words, r, k, D, P, kbuf);
   const float invD = 1.0f / (float)D;
   const float eps = (float)kEps;
-  // 2. per row: two-pass mean / variance, then y
+  // 2. per row: the row statistics of docs/ops.md (shift by K = v[0], two passes), then y
   for (int64_t j = 0; j < k; ++j) {
     const float* __restrict__ v = vbuf + j * D;
-    vf acc = acc1;
-    if (k > 1) {
-      acc = splat<W>(0.0f);
-      for (int64_t d = 0; d < D; d += W) acc += keep_if<W>(lanes_below<W>(D - d), load<W>(v + d));
-    }
-    const float mean = hsum<W>(acc) * invD;
+    const float K = v[0];
+    const float ms = shifted_mean<W>(v, D, K, invD);
     vf acc2 = splat<W>(0.0f);
     for (int64_t d = 0; d < D; d += W) {
-      const vf c = keep_if<W>(lanes_below<W>(D - d), load<W>(v + d) - mean);
+      const vf c = keep_if<W>(lanes_below<W>(D - d), (load<W>(v + d) - K) - ms);
       acc2 += c * c;
     }
     const float rstd = vgmr::ln_rstd<float>(hsum<W>(acc2) * invD, eps);
-    mean_out[j] = mean;
+    mean_out[j] = K + ms;
     rstd_out[j] = rstd;
     float* __restrict__ y = yr + j * D;
     const float* __restrict__ kr = kbuf + j * D;
     for (int64_t d = 0; d < D; d += W) {  // w, bln padded: full loads are safe
-      vf o = ((load<W>(v + d) - mean) * rstd) * load<W>(w + d) + load<W>(bln + d);
+      vf o = (((load<W>(v + d) - K) - ms) * rstd) * load<W>(w + d) + load<W>(bln + d);
       if (drop) o = o * load<W>(kr + d);
       if (d + W <= D) {
         store<W>(y + d, o);
@@ -329,10 +301,10 @@ VGMR_ALWAYS_INLINE void fwd_block(const float* __restrict__ zr, const float* __r
 template <int W>
 VGMR_ALWAYS_INLINE void bwd_block(const float* __restrict__ zr, const float* __restrict__ xr,
                                   const float* __restrict__ dyr, const float* __restrict__ bp,
-                                  const float* __restrict__ wpad, const float* __restrict__ mean_in,
-                                  const float* __restrict__ rstd_in, float* __restrict__ dzr, float* __restrict__ dxr,
-                                  float* __restrict__ part_w, float* __restrict__ part_b,
-                                  float* __restrict__ part_bias, int64_t r, int64_t k, int64_t D, const Params& P,
+                                  const float* __restrict__ wpad, const float* __restrict__ rstd_in,
+                                  float* __restrict__ dzr, float* __restrict__ dxr, float* __restrict__ part_w,
+                                  float* __restrict__ part_b, float* __restrict__ part_bias, int64_t r, int64_t k,
+                                  int64_t D, const Params& P,
                                   float* __restrict__ vbuf, float* __restrict__ gebuf, float* __restrict__ xgbuf,
                                   float* __restrict__ gybuf, float* __restrict__ kbuf, uint32_t* __restrict__ words) {
   VGMR_VEC_TYPES
@@ -341,52 +313,6 @@ VGMR_ALWAYS_INLINE void bwd_block(const float* __restrict__ zr, const float* __r
   const bool drop = P.p > 0.0;
   if (drop) keep_flat<W>(words, r, k, D, P, kbuf);
   const float invD = 1.0f / (float)D;
-  if (k == 1) {
-    // One row: gate, v-hat, the row sums and the dln partials in one pass (buffers hold
-    // Geff, x dGeff/dz, v-hat, d v-hat), then the outputs. Same arithmetic and order as the
-    // block path below.
-    const float mean = mean_in[0], rstd = rstd_in[0];
-    float* __restrict__ vhbuf = vbuf;
-    float* __restrict__ dvbuf = gybuf;
-    vf va = splat<W>(0.0f), vc = splat<W>(0.0f);
-    for (int64_t d = 0; d < D; d += W) {
-      const bool full = d + W <= D;
-      const int64_t m = D - d;
-      const vf z = full ? load<W>(zr + d) + load<W>(bp + d) : load_n<W>(zr + d, m) + load_n<W>(bp + d, m);
-      const vf xv = full ? load<W>(xr + d) : load_n<W>(xr + d, m);
-      vf gy = full ? load<W>(dyr + d) : load_n<W>(dyr + d, m);
-      const vf g = sigmoid<W>(z);
-      const vf ge = G.c0 + G.c1 * g;
-      vf vh = (ge * xv - mean) * rstd;
-      if (!full) vh = keep_if<W>(lanes_below<W>(m), vh);
-      if (drop) gy = gy * load<W>(kbuf + d);
-      const vf dvh = gy * load<W>(wpad + d);
-      store<W>(gebuf + d, ge);
-      store<W>(xgbuf + d, xv * (G.c1 * g * (1.0f - g)));
-      store<W>(vhbuf + d, vh);
-      store<W>(dvbuf + d, dvh);
-      store<W>(part_b + d, load<W>(part_b + d) + gy);
-      store<W>(part_w + d, load<W>(part_w + d) + gy * vh);
-      va += dvh;
-      vc += dvh * vh;
-    }
-    const float a = hsum<W>(va) * invD, c = hsum<W>(vc) * invD;
-    for (int64_t d = 0; d < D; d += W) {
-      const vf dv = rstd * ((load<W>(dvbuf + d) - a) - load<W>(vhbuf + d) * c);
-      const vf gdx = dv * load<W>(gebuf + d);
-      vf gdz = dv * load<W>(xgbuf + d);
-      if (d + W <= D) {
-        store<W>(dxr + d, gdx);
-        store<W>(dzr + d, gdz);
-      } else {
-        store_n<W>(dxr + d, gdx, D - d);
-        store_n<W>(dzr + d, gdz, D - d);
-        gdz = keep_if<W>(lanes_below<W>(D - d), gdz);
-      }
-      store<W>(part_bias + d, load<W>(part_bias + d) + gdz);
-    }
-    return;
-  }
   // 1. recompute the gate, flat over the block: v = Geff x, Geff, x dGeff/dz, g = dy keep
   for (int64_t i = 0; i < n; i += W) {
     const bool full = i + W <= n;
@@ -404,12 +330,16 @@ VGMR_ALWAYS_INLINE void bwd_block(const float* __restrict__ zr, const float* __r
   }
   for (int64_t j = 0; j < k; ++j) {
     const int64_t o = j * D;
-    const float mean = mean_in[j], rstd = rstd_in[j];
+    // v-hat exactly as the forward rounded it: the same shift K and shifted mean, recomputed
+    // from the row (the saved mean K + mean_s is not enough to get mean_s back bit for bit)
+    const float K = vbuf[o];
+    const float ms = shifted_mean<W>(vbuf + o, D, K, invD);
+    const float rstd = rstd_in[j];
     // 2. LayerNorm backward row sums, and the chunk's dln_weight / dln_bias partials
     vf va = splat<W>(0.0f), vc = splat<W>(0.0f);
     for (int64_t d = 0; d < D; d += W) {
       const vi on = lanes_below<W>(D - d);
-      const vf vh = keep_if<W>(on, (load<W>(vbuf + o + d) - mean) * rstd);
+      const vf vh = keep_if<W>(on, ((load<W>(vbuf + o + d) - K) - ms) * rstd);
       const vf gy = keep_if<W>(on, load<W>(gybuf + o + d));
       const vf dvh = gy * load<W>(wpad + d);
       store<W>(part_b + d, load<W>(part_b + d) + gy);
@@ -422,7 +352,7 @@ VGMR_ALWAYS_INLINE void bwd_block(const float* __restrict__ zr, const float* __r
     float* __restrict__ dz = dzr + o;
     float* __restrict__ dx = dxr + o;
     for (int64_t d = 0; d < D; d += W) {
-      const vf vh = (load<W>(vbuf + o + d) - mean) * rstd;
+      const vf vh = ((load<W>(vbuf + o + d) - K) - ms) * rstd;
       const vf dvh = load<W>(gybuf + o + d) * load<W>(wpad + d);
       const vf dv = rstd * ((dvh - a) - vh * c);
       const vf gdx = dv * load<W>(gebuf + o + d);
@@ -445,13 +375,12 @@ VGMR_ALWAYS_INLINE void bwd_block(const float* __restrict__ zr, const float* __r
       float *rstd_out, int64_t r, int64_t k, int64_t D, const Params &P, float *vbuf, float *kbuf, uint32_t *words
 #define VGMR_FWD_BLOCK_PASS zr, xr, bp, w, bln, yr, mean_out, rstd_out, r, k, D, P, vbuf, kbuf, words
 #define VGMR_BWD_BLOCK_ARGS                                                                                    \
-  const float *zr, const float *xr, const float *dyr, const float *bp, const float *wpad, const float *mean_in, \
-      const float *rstd_in, float *dzr, float *dxr, float *part_w, float *part_b, float *part_bias, int64_t r,  \
-      int64_t k, int64_t D, const Params &P, float *vbuf, float *gebuf, float *xgbuf, float *gybuf, float *kbuf, \
-      uint32_t *words
+  const float *zr, const float *xr, const float *dyr, const float *bp, const float *wpad, const float *rstd_in, \
+      float *dzr, float *dxr, float *part_w, float *part_b, float *part_bias, int64_t r, int64_t k, int64_t D,     \
+      const Params &P, float *vbuf, float *gebuf, float *xgbuf, float *gybuf, float *kbuf, uint32_t *words
 #define VGMR_BWD_BLOCK_PASS                                                                                      \
-  zr, xr, dyr, bp, wpad, mean_in, rstd_in, dzr, dxr, part_w, part_b, part_bias, r, k, D, P, vbuf, gebuf, xgbuf, \
-      gybuf, kbuf, words
+  zr, xr, dyr, bp, wpad, rstd_in, dzr, dxr, part_w, part_b, part_bias, r, k, D, P, vbuf, gebuf, xgbuf, gybuf, \
+      kbuf, words
 
 #if defined(VGMR_X86_MULTIVERSION)
 // 16 lanes on AVX-512 ...
@@ -595,7 +524,7 @@ void fwd_range_vec(const scalar_t* zp, const scalar_t* xp, const float* bias, co
 // Backward over one chunk of rows [r0, r0 + nrows) of one batch row; partials overwritten.
 template <typename scalar_t>
 void bwd_chunk_vec(const scalar_t* dyp, const scalar_t* zp, const scalar_t* xp, const float* bias, const float* wpad,
-                   const float* mean_in, const float* rstd_in, scalar_t* dzp, scalar_t* dxp, float* part_w,
+                   const float* rstd_in, scalar_t* dzp, scalar_t* dxp, float* part_w,
                    float* part_b, float* part_bias, int64_t Dp, int64_t r0, int64_t nrows, int64_t T, int64_t D,
                    const Params& P, WorkF& work) {
   constexpr bool F32 = std::is_same_v<scalar_t, float>;
@@ -621,7 +550,7 @@ void bwd_chunk_vec(const scalar_t* dyp, const scalar_t* zp, const scalar_t* xp, 
       prefetch_run(dyp + off + n, nn);
     }
     if constexpr (F32) {
-      simd::bwd_block_f32(zp + off, xp + off, dyp + off, bp, wpad, mean_in + r, rstd_in + r, dzp + off, dxp + off,
+      simd::bwd_block_f32(zp + off, xp + off, dyp + off, bp, wpad, rstd_in + r, dzp + off, dxp + off,
                           part_w, part_b, part_bias, r, k, D, P, work.buf(0), work.buf(1), work.buf(2), work.buf(3),
                           work.buf(4), work.words());
     } else {
@@ -633,7 +562,7 @@ void bwd_chunk_vec(const scalar_t* dyp, const scalar_t* zp, const scalar_t* xp, 
       to_float(zp + off, n, zf);
       to_float(xp + off, n, xf);
       to_float(dyp + off, n, dyf);
-      simd::bwd_block_f32(zf, xf, dyf, bp, wpad, mean_in + r, rstd_in + r, dzf, dxf, part_w, part_b, part_bias, r, k,
+      simd::bwd_block_f32(zf, xf, dyf, bp, wpad, rstd_in + r, dzf, dxf, part_w, part_b, part_bias, r, k,
                           D, P, work.buf(0), work.buf(1), work.buf(2), work.buf(3), work.buf(4), work.words());
       from_float(dzf, n, dzp + off);
       from_float(dxf, n, dxp + off);
@@ -646,6 +575,13 @@ void bwd_chunk_vec(const scalar_t* dyp, const scalar_t* zp, const scalar_t* xp, 
 // ============================================================================================
 // float64 path (gradcheck): scalar loops, libm exp, the SPEC's gate arithmetic
 // ============================================================================================
+// Mean of v[0..D) - K, in order: the shifted mean of the float64 forward and backward.
+double shifted_mean_f64(const double* v, int64_t D, double K) {
+  double sum = 0.0;
+  for (int64_t d = 0; d < D; ++d) sum += v[d] - K;
+  return sum / (double)D;
+}
+
 void fwd_range_f64(const double* zp, const double* xp, const double* bias, const double* w, const double* bln,
                    double* yp, double* mean_out, double* rstd_out, int64_t r0, int64_t r1, int64_t T, int64_t D,
                    const Params& P) {
@@ -656,21 +592,19 @@ void fwd_range_f64(const double* zp, const double* xp, const double* bias, const
     const double* zr = zp + r * D;
     const double* xr = xp + r * D;
     const double* br = bias + (r / T) * D;
-    double sum = 0.0;
-    for (int64_t d = 0; d < D; ++d) {
-      v[d] = vgmr::gate_eff_d(vgmr::sigmoid_d(zr[d] + br[d]), P.alpha, P.beta) * xr[d];
-      sum += v[d];
-    }
-    const double mean = sum / (double)D;
+    for (int64_t d = 0; d < D; ++d) v[d] = vgmr::gate_eff_d(vgmr::sigmoid_d(zr[d] + br[d]), P.alpha, P.beta) * xr[d];
+    // the row statistics of docs/ops.md: shift K = v[0], two passes
+    const double K = v[0];
+    const double ms = shifted_mean_f64(v.data(), D, K);
     double sq = 0.0;
-    for (int64_t d = 0; d < D; ++d) sq += (v[d] - mean) * (v[d] - mean);
+    for (int64_t d = 0; d < D; ++d) sq += ((v[d] - K) - ms) * ((v[d] - K) - ms);
     const double rstd = vgmr::ln_rstd<double>(sq / (double)D, kEps);
-    mean_out[r] = mean;
+    mean_out[r] = K + ms;
     rstd_out[r] = rstd;
     if (P.p > 0.0) philox_run(P.seed, (uint64_t)r * (uint64_t)q, q, words.data());
     double* yr = yp + r * D;
     for (int64_t d = 0; d < D; ++d) {
-      double o = (v[d] - mean) * rstd * w[d] + bln[d];
+      double o = ((v[d] - K) - ms) * rstd * w[d] + bln[d];
       if (P.p > 0.0) o = words[d] >= P.thr ? o * P.scale : 0.0;
       yr[d] = o;
     }
@@ -678,10 +612,10 @@ void fwd_range_f64(const double* zp, const double* xp, const double* bias, const
 }
 
 void bwd_chunk_f64(const double* dyp, const double* zp, const double* xp, const double* bias, const double* w,
-                   const double* mean_in, const double* rstd_in, double* dzp, double* dxp, double* part_w,
+                   const double* rstd_in, double* dzp, double* dxp, double* part_w,
                    double* part_b, double* part_bias, int64_t r0, int64_t nrows, int64_t T, int64_t D,
                    const Params& P) {
-  std::vector<double> g(D), vh(D), dvh(D);
+  std::vector<double> g(D), vh(D), dvh(D), v(D);
   std::vector<uint32_t> words(4 * ((D + 3) / 4) + 16);
   const int64_t q = (D + 3) / 4;
   for (int64_t d = 0; d < D; ++d) part_w[d] = part_b[d] = part_bias[d] = 0.0;
@@ -690,13 +624,17 @@ void bwd_chunk_f64(const double* dyp, const double* zp, const double* xp, const 
     const double* zr = zp + r * D;
     const double* xr = xp + r * D;
     const double* dyr = dyp + r * D;
-    const double mean = mean_in[r], rstd = rstd_in[r];
+    const double rstd = rstd_in[r];
     if (P.p > 0.0) philox_run(P.seed, (uint64_t)r * (uint64_t)q, q, words.data());
-    double a = 0.0, c = 0.0;
     for (int64_t d = 0; d < D; ++d) {
       g[d] = vgmr::sigmoid_d(zr[d] + br[d]);
-      const double v = vgmr::gate_eff_d(g[d], P.alpha, P.beta) * xr[d];
-      vh[d] = (v - mean) * rstd;
+      v[d] = vgmr::gate_eff_d(g[d], P.alpha, P.beta) * xr[d];
+    }
+    const double K = v[0];  // the forward's shift and shifted mean, recomputed
+    const double ms = shifted_mean_f64(v.data(), D, K);
+    double a = 0.0, c = 0.0;
+    for (int64_t d = 0; d < D; ++d) {
+      vh[d] = ((v[d] - K) - ms) * rstd;
       const double gy = P.p > 0.0 ? (words[d] >= P.thr ? dyr[d] * P.scale : 0.0) : dyr[d];
       dvh[d] = gy * w[d];
       part_b[d] += gy;
@@ -731,15 +669,14 @@ void fwd_range(const scalar_t* zp, const scalar_t* xp, const at::opmath_type<sca
 // Chunks [c0, c1) of the backward (cpb chunks of tc rows per batch row).
 template <typename scalar_t>
 void bwd_chunks(const scalar_t* dyp, const scalar_t* zp, const scalar_t* xp, const at::opmath_type<scalar_t>* bias,
-                const at::opmath_type<scalar_t>* w, const at::opmath_type<scalar_t>* mean_in,
-                const at::opmath_type<scalar_t>* rstd_in, scalar_t* dzp, scalar_t* dxp, at::opmath_type<scalar_t>* pp,
-                int64_t Dp, int64_t c0, int64_t c1, int64_t cpb, int64_t tc, int64_t T, int64_t D, const Params& P,
-                float* ws) {
+                const at::opmath_type<scalar_t>* w, const at::opmath_type<scalar_t>* rstd_in, scalar_t* dzp,
+                scalar_t* dxp, at::opmath_type<scalar_t>* pp, int64_t Dp, int64_t c0, int64_t c1, int64_t cpb,
+                int64_t tc, int64_t T, int64_t D, const Params& P, float* ws) {
   if constexpr (std::is_same_v<scalar_t, double>) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t b = c / cpb, t0 = (c % cpb) * tc, nt = std::min<int64_t>(tc, T - t0);
       double* pc = pp + c * 3 * Dp;
-      bwd_chunk_f64(dyp, zp, xp, bias, w, mean_in, rstd_in, dzp, dxp, pc, pc + Dp, pc + 2 * Dp, b * T + t0, nt, T, D,
+      bwd_chunk_f64(dyp, zp, xp, bias, w, rstd_in, dzp, dxp, pc, pc + Dp, pc + 2 * Dp, b * T + t0, nt, T, D,
                     P);
     }
   } else {
@@ -750,7 +687,7 @@ void bwd_chunks(const scalar_t* dyp, const scalar_t* zp, const scalar_t* xp, con
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t b = c / cpb, t0 = (c % cpb) * tc, nt = std::min<int64_t>(tc, T - t0);
       float* pc = pp + c * 3 * Dp;
-      bwd_chunk_vec<scalar_t>(dyp, zp, xp, bias, wpad, mean_in, rstd_in, dzp, dxp, pc, pc + Dp, pc + 2 * Dp,
+      bwd_chunk_vec<scalar_t>(dyp, zp, xp, bias, wpad, rstd_in, dzp, dxp, pc, pc + Dp, pc + 2 * Dp,
                               Dp, b * T + t0, nt, T, D, P, work);
     }
   }
@@ -770,14 +707,14 @@ void check_param(const at::Tensor& t, at::ScalarType want, at::IntArrayRef shape
   TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
-Params make_params(double alpha, double beta, double p, int64_t seed, const char* op) {
-  TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, op, ": dropout probability p must be in [0, 1), got ", p);
-  TORCH_CHECK_VALUE(seed >= 0, op, ": seed must be a non-negative int64, got ", seed);
+// `seed`: the int64 Philox key in memory, read only when p > 0 (docs/ops.md: p == 0 never reads it).
+Params make_params(double alpha, double beta, double p, const int64_t* seed, const char* op) {
+  checks::dropout_p(p, op);
   Params P;
   P.alpha = alpha;
   P.beta = beta;
   P.p = p;
-  P.seed = (uint64_t)seed;
+  P.seed = p > 0.0 ? checks::seed_value(*seed, op) : 0u;
   P.thr = vgmr::dropout_threshold(p);
   P.scale = vgmr::dropout_scale(p);
   return P;
@@ -786,9 +723,9 @@ Params make_params(double alpha, double beta, double p, int64_t seed, const char
 void check_main(const at::Tensor& zpre, const at::Tensor& bias_row, const at::Tensor& x, const at::Tensor& ln_weight,
                 const char* op) {
   check_cpu_float(x, op, "x");
-  check_dim(x, 3, op, "x", "[B, T, D]");
+  checks::dim(x, 3, op, "x", "[B, T, D]");
   check_cpu_float(zpre, op, "zpre");
-  check_same_dtype(x, zpre, op, "x", "zpre");
+  checks::same_dtype(zpre, x, op, "zpre", "x");
   TORCH_CHECK_VALUE(zpre.sizes() == x.sizes(), op, ": zpre must have the shape of x ", x.sizes(), ", got ",
                     zpre.sizes());
   TORCH_CHECK_VALUE(x.size(2) >= 1, op, ": x must have D >= 1 features, got ", x.sizes());
@@ -797,11 +734,11 @@ void check_main(const at::Tensor& zpre, const at::Tensor& bias_row, const at::Te
   check_param(ln_weight, pt, {x.size(2)}, op, "ln_weight", "[D]");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_norm_cpu(const at::Tensor& zpre, const at::Tensor& bias_row,
+// One gate_norm over one modality; `seed` points at its int64 key (checked by the caller).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_norm_one(const at::Tensor& zpre, const at::Tensor& bias_row,
                                                              const at::Tensor& x, const at::Tensor& ln_weight,
                                                              const at::Tensor& ln_bias, double alpha, double beta,
-                                                             double p, int64_t seed) {
-  const char* op = "vgmr::gate_norm";
+                                                             double p, const int64_t* seed, const char* op) {
   check_main(zpre, bias_row, x, ln_weight, op);
   check_param(ln_bias, param_dtype(x.scalar_type()), {x.size(2)}, op, "ln_bias", "[D]");
   const Params P = make_params(alpha, beta, p, seed, op);
@@ -840,14 +777,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_norm_cpu(const at::Tensor& z
   return {y, mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm_backward_one(
     const at::Tensor& dy, const at::Tensor& zpre, const at::Tensor& bias_row, const at::Tensor& x,
     const at::Tensor& ln_weight, const at::Tensor& mean, const at::Tensor& rstd, double alpha, double beta, double p,
-    int64_t seed) {
-  const char* op = "vgmr::gate_norm_backward";
+    const int64_t* seed, const char* op) {
   check_main(zpre, bias_row, x, ln_weight, op);
   check_cpu_float(dy, op, "dy");
-  check_same_dtype(x, dy, op, "x", "dy");
+  checks::same_dtype(dy, x, op, "dy", "x");
   TORCH_CHECK_VALUE(dy.sizes() == x.sizes(), op, ": dy must have the shape of x ", x.sizes(), ", got ", dy.sizes());
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
   const at::ScalarType pt = param_dtype(x.scalar_type());
@@ -886,7 +822,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const acc_t* bp = bias_row.const_data_ptr<acc_t>();
     const acc_t* wp = ln_weight.const_data_ptr<acc_t>();
-    const acc_t* mp = mean.const_data_ptr<acc_t>();
     const acc_t* rp = rstd.const_data_ptr<acc_t>();
     scalar_t* dzp = dzpre.mutable_data_ptr<scalar_t>();
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
@@ -894,7 +829,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm
     float* wsp = ws.mutable_data_ptr<float>();
     at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> spare;  // only if the pool grew since ws was sized
-      bwd_chunks<scalar_t>(dyp, zp, xp, bp, wp, mp, rp, dzp, dxp, pp, Dp, begin, end, cpb, tc, T, D, P,
+      bwd_chunks<scalar_t>(dyp, zp, xp, bp, wp, rp, dzp, dxp, pp, Dp, begin, end, cpb, tc, T, D, P,
                            thread_workspace(wsp, nthreads, per_thread, spare));
     });
     // One ordered reduction over the chunks.
@@ -931,6 +866,66 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm
   return {dzpre, dbias, dx, dw, db};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_norm_cpu(const at::Tensor& zpre, const at::Tensor& bias_row,
+                                                             const at::Tensor& x, const at::Tensor& ln_weight,
+                                                             const at::Tensor& ln_bias, double alpha, double beta,
+                                                             double p, const at::Tensor& seed) {
+  const char* op = "vgmr::gate_norm";
+  checks::seed_tensor(seed, x, op, "x");
+  return gate_norm_one(zpre, bias_row, x, ln_weight, ln_bias, alpha, beta, p, seed.const_data_ptr<int64_t>(), op);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm_backward_cpu(
+    const at::Tensor& dy, const at::Tensor& zpre, const at::Tensor& bias_row, const at::Tensor& x,
+    const at::Tensor& ln_weight, const at::Tensor& mean, const at::Tensor& rstd, double alpha, double beta, double p,
+    const at::Tensor& seed) {
+  const char* op = "vgmr::gate_norm_backward";
+  checks::seed_tensor(seed, x, op, "x");
+  return gate_norm_backward_one(dy, zpre, bias_row, x, ln_weight, mean, rstd, alpha, beta, p,
+                                seed.const_data_ptr<int64_t>(), op);
+}
+
+// ---- grouped over modalities (docs/ops.md): one dispatch, the modalities in order inside ----
+// Modality m runs exactly gate_norm(..., seed = seeds[m]): the same kernels, so the results are
+// bit-identical to M separate calls, for one operator call and one autograd node.
+using Tensors = std::vector<at::Tensor>;
+
+std::tuple<Tensors, Tensors, Tensors> gate_norm_grouped_cpu(at::TensorList zpre, at::TensorList bias_row,
+                                                            at::TensorList x, at::TensorList ln_weight,
+                                                            at::TensorList ln_bias, double alpha, double beta,
+                                                            double p, const at::Tensor& seeds) {
+  const char* op = "vgmr::gate_norm_grouped";
+  const size_t M = checks::grouped_count(
+      {{x, "x"}, {zpre, "zpre"}, {bias_row, "bias_row"}, {ln_weight, "ln_weight"}, {ln_bias, "ln_bias"}}, seeds, op);
+  const int64_t* sp = seeds.const_data_ptr<int64_t>();
+  Tensors y(M), mean(M), rstd(M);
+  for (size_t m = 0; m < M; ++m) {
+    const std::string opm = checks::modality_op(op, m);
+    checks::same_batch(x[m], x[0], opm);
+    std::tie(y[m], mean[m], rstd[m]) =
+        gate_norm_one(zpre[m], bias_row[m], x[m], ln_weight[m], ln_bias[m], alpha, beta, p, sp + m, opm.c_str());
+  }
+  return {y, mean, rstd};
+}
+
+std::tuple<Tensors, Tensors, Tensors, Tensors, Tensors> gate_norm_grouped_backward_cpu(
+    at::TensorList dy, at::TensorList zpre, at::TensorList bias_row, at::TensorList x, at::TensorList ln_weight,
+    at::TensorList mean, at::TensorList rstd, double alpha, double beta, double p, const at::Tensor& seeds) {
+  const char* op = "vgmr::gate_norm_grouped_backward";
+  const size_t M = checks::grouped_count({{x, "x"}, {dy, "dy"}, {zpre, "zpre"}, {bias_row, "bias_row"},
+                                                {ln_weight, "ln_weight"}, {mean, "mean"}, {rstd, "rstd"}},
+                                               seeds, op);
+  const int64_t* sp = seeds.const_data_ptr<int64_t>();
+  Tensors dz(M), dbias(M), dx(M), dw(M), db(M);
+  for (size_t m = 0; m < M; ++m) {
+    const std::string opm = checks::modality_op(op, m);
+    checks::same_batch(x[m], x[0], opm);
+    std::tie(dz[m], dbias[m], dx[m], dw[m], db[m]) = gate_norm_backward_one(
+        dy[m], zpre[m], bias_row[m], x[m], ln_weight[m], mean[m], rstd[m], alpha, beta, p, sp + m, opm.c_str());
+  }
+  return {dz, dbias, dx, dw, db};
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace vgmr
@@ -938,4 +933,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm
 TORCH_LIBRARY_IMPL(vgmr, CPU, m) {
   m.impl("gate_norm", &vgmr::cpu::gate_norm_cpu);
   m.impl("gate_norm_backward", &vgmr::cpu::gate_norm_backward_cpu);
+  m.impl("gate_norm_grouped", &vgmr::cpu::gate_norm_grouped_cpu);
+  m.impl("gate_norm_grouped_backward", &vgmr::cpu::gate_norm_grouped_backward_cpu);
 }

@@ -122,7 +122,7 @@ void interaction_bwd_row(const scalar_t* du, const scalar_t* s, int64_t M, int64
 
 std::pair<int64_t, int64_t> check_s(const at::Tensor& s, const char* op, const char* name) {
   check_cpu_float(s, op, name);
-  check_dim(s, 3, op, name, "[B, M, D]");
+  checks::dim(s, 3, op, name, "[B, M, D]");
   const int64_t M = s.size(1);
   TORCH_CHECK_VALUE(M >= 2, op, ": ", name, " needs M >= 2 modalities (dim 1), got ", M);
   return {M, s.size(2)};
@@ -154,7 +154,7 @@ at::Tensor interaction_backward_cpu(const at::Tensor& du, const at::Tensor& s) {
   const char* op = "vgmr::interaction_backward";
   auto [M, D] = check_s(s, op, "s");
   check_cpu_float(du, op, "du");
-  check_dim(du, 3, op, "du", "[B, M, (3M-1)*D]");
+  checks::dim(du, 3, op, "du", "[B, M, (3M-1)*D]");
   const int64_t B = s.size(0);
   const int64_t W = (3 * M - 1) * D;
   TORCH_CHECK_VALUE(du.size(0) == B && du.size(1) == M && du.size(2) == W, op, ": du must have shape [", B, ", ", M,

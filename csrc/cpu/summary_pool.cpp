@@ -127,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> summary_pool_cpu(const at::Tensor
                                                                 const c10::optional<at::Tensor>& mask) {
   const char* op = "vgmr::summary_pool";
   check_cpu_float(h, op, "h");
-  check_dim(h, 3, op, "h", "[B, T, D]");
+  checks::dim(h, 3, op, "h", "[B, T, D]");
   const int64_t B = h.size(0), T = h.size(1), D = h.size(2);
   TORCH_CHECK_VALUE(T < (int64_t)std::numeric_limits<int32_t>::max(), op, ": T must fit the int32 argmax, got ",
                     T);
@@ -166,8 +166,8 @@ at::Tensor summary_pool_backward_cpu(const at::Tensor& dmean, const at::Tensor& 
   const char* op = "vgmr::summary_pool_backward";
   check_cpu_float(dmean, op, "dmean");
   check_cpu_float(dmax, op, "dmax");
-  check_dim(dmean, 2, op, "dmean", "[B, D]");
-  check_same_dtype(dmean, dmax, op, "dmean", "dmax");
+  checks::dim(dmean, 2, op, "dmean", "[B, D]");
+  checks::same_dtype(dmax, dmean, op, "dmax", "dmean");
   TORCH_CHECK_VALUE(dmax.sizes() == dmean.sizes(), op, ": dmax must have the shape of dmean ", dmean.sizes(),
                     ", got ", dmax.sizes());
   TORCH_CHECK_VALUE(argmax.device().is_cpu(), op, ": argmax must be a CPU tensor");

@@ -14,10 +14,15 @@
 #include <atomic>
 #include <cstdint>
 #include <limits>
+#include <initializer_list>
 #include <optional>
+#include <string>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include "cuda/kernels.h"
+#include "op_checks.h"
 #include "vgmr_math.h"
 
 namespace vgmr {
@@ -52,17 +57,13 @@ at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
   return t;
 }
 
+// Argument checks: csrc/op_checks.h (shared with the CPU kernels); the CUDA-only one here.
 void check_cuda(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK_VALUE(t.defined(), op, ": ", name, " is undefined");
+  vgmr::checks::defined(t, op, name);
   TORCH_CHECK_VALUE(t.is_cuda(), op, ": ", name, " must be a CUDA tensor for the CUDA kernel, got ", t.device());
-  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous (the op layer makes it so)");
+  vgmr::checks::contiguous(t, op, name);
 }
 
-void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name,
-                       const char* ref_name) {
-  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",
-                    ref.device());
-}
 
 DType element_dtype(const at::Tensor& t, const char* op, const char* name) {
   switch (t.scalar_type()) {
@@ -79,20 +80,8 @@ DType element_dtype(const at::Tensor& t, const char* op, const char* name) {
   return DType::kFloat32;  // unreachable
 }
 
-void check_dtype(const at::Tensor& t, at::ScalarType want, const char* op, const char* name, const char* why) {
-  TORCH_CHECK_TYPE(t.scalar_type() == want, op, ": ", name, " must be ", want, why, ", got ", t.scalar_type());
-}
 
-void check_shape(const at::Tensor& t, at::IntArrayRef want, const char* op, const char* name,
-                 const char* shape_name) {
-  TORCH_CHECK_VALUE(t.sizes() == want, op, ": ", name, " must have shape ", shape_name, " = ", want, ", got ",
-                    t.sizes());
-}
 
-void check_dim(const at::Tensor& t, int64_t dim, const char* op, const char* name, const char* shape_name) {
-  TORCH_CHECK_VALUE(t.dim() == dim, op, ": ", name, " must have shape ", shape_name, " (", dim, " dims), got ",
-                    t.sizes());
-}
 
 // Optional [B, T] bool mask on h's device; returns its data (nullptr when absent).
 const uint8_t* mask_ptr(const std::optional<at::Tensor>& mask, const at::Tensor& ref, int64_t B, int64_t T,
@@ -100,27 +89,28 @@ const uint8_t* mask_ptr(const std::optional<at::Tensor>& mask, const at::Tensor&
   if (!mask.has_value() || !mask->defined()) return nullptr;
   const at::Tensor& m = *mask;
   check_cuda(m, op, "mask");
-  check_same_device(m, ref, op, "mask", "the features");
-  check_dtype(m, at::kBool, op, "mask", " (True = valid step)");
-  check_shape(m, {B, T}, op, "mask", "[B, T]");
+  vgmr::checks::same_device(m, ref, op, "mask", "the features");
+  vgmr::checks::dtype(m, at::kBool, op, "mask", " (True = valid step)");
+  vgmr::checks::shape(m, {B, T}, op, "mask", "[B, T]");
   return reinterpret_cast<const uint8_t*>(m.const_data_ptr<bool>());
 }
 
 struct DropoutArgs {
   uint32_t threshold;
   float scale;
-  uint64_t seed;
+  const int64_t* seed;  // device pointer: the kernels read the value (no host sync)
   bool on;
 };
 
-DropoutArgs dropout_args(double p, int64_t seed, const char* op) {
-  TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, op, ": dropout probability p must be in [0, 1), got ", p);
-  TORCH_CHECK_VALUE(seed >= 0, op, ": seed must be a non-negative int64, got ", seed);
+// The seed's value cannot be range-checked here without a device sync; the kernels use its
+// 64 bits as the Philox key (the op layer checks a Python int against [0, 2^63)).
+DropoutArgs dropout_args(double p, const int64_t* seed, const char* op) {
+  vgmr::checks::dropout_p(p, op);
   DropoutArgs d;
   d.on = p > 0.0;
   d.threshold = vgmr::dropout_threshold(p);
   d.scale = (float)vgmr::dropout_scale(p);
-  d.seed = (uint64_t)seed;
+  d.seed = seed;
   return d;
 }
 
@@ -129,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> summary_pool_cuda(const at::Tenso
                                                                  const std::optional<at::Tensor>& mask) {
   const char* op = "vgmr::summary_pool";
   check_cuda(h, op, "h");
-  check_dim(h, 3, op, "h", "[B, T, D]");
+  vgmr::checks::dim(h, 3, op, "h", "[B, T, D]");
   const DType dt = element_dtype(h, op, "h");
   const int64_t B = h.size(0), T = h.size(1), D = h.size(2);
   TORCH_CHECK_VALUE(T <= std::numeric_limits<int32_t>::max(), op, ": T = ", T,
@@ -150,19 +140,19 @@ at::Tensor summary_pool_backward_cuda(const at::Tensor& dmean, const at::Tensor&
                                       const std::optional<at::Tensor>& mask, const at::Tensor& argmax, int64_t T) {
   const char* op = "vgmr::summary_pool_backward";
   check_cuda(dmean, op, "dmean");
-  check_dim(dmean, 2, op, "dmean", "[B, D]");
+  vgmr::checks::dim(dmean, 2, op, "dmean", "[B, D]");
   const DType dt = element_dtype(dmean, op, "dmean");
   const int64_t B = dmean.size(0), D = dmean.size(1);
   TORCH_CHECK_VALUE(T >= 0 && T <= std::numeric_limits<int32_t>::max(), op, ": T must be in [0, 2^31), got ", T);
   check_cuda(dmax, op, "dmax");
-  check_same_device(dmax, dmean, op, "dmax", "dmean");
+  vgmr::checks::same_device(dmax, dmean, op, "dmax", "dmean");
   TORCH_CHECK_TYPE(dmax.scalar_type() == dmean.scalar_type(), op, ": dmax must have the dtype of dmean (",
                    dmean.scalar_type(), "), got ", dmax.scalar_type());
-  check_shape(dmax, {B, D}, op, "dmax", "[B, D]");
+  vgmr::checks::shape(dmax, {B, D}, op, "dmax", "[B, D]");
   check_cuda(argmax, op, "argmax");
-  check_same_device(argmax, dmean, op, "argmax", "dmean");
-  check_dtype(argmax, at::kInt, op, "argmax", " (int32, from the forward)");
-  check_shape(argmax, {B, D}, op, "argmax", "[B, D]");
+  vgmr::checks::same_device(argmax, dmean, op, "argmax", "dmean");
+  vgmr::checks::dtype(argmax, at::kInt, op, "argmax", " (int32, from the forward)");
+  vgmr::checks::shape(argmax, {B, D}, op, "argmax", "[B, D]");
   const c10::cuda::CUDAGuard guard(dmean.device());
   const uint8_t* mp = mask_ptr(mask, dmean, B, T, op);
   at::Tensor dh = new_output({B, T, D}, dmean.options());
@@ -181,7 +171,7 @@ at::Tensor summary_pool_backward_cuda(const at::Tensor& dmean, const at::Tensor&
 at::Tensor interaction_cuda(const at::Tensor& s) {
   const char* op = "vgmr::interaction";
   check_cuda(s, op, "s");
-  check_dim(s, 3, op, "s", "[B, M, D]");
+  vgmr::checks::dim(s, 3, op, "s", "[B, M, D]");
   const DType dt = element_dtype(s, op, "s");
   const int64_t B = s.size(0), M = s.size(1), D = s.size(2);
   TORCH_CHECK_VALUE(M >= 2, op, ": s needs M >= 2 modalities, got M = ", M);
@@ -195,15 +185,15 @@ at::Tensor interaction_cuda(const at::Tensor& s) {
 at::Tensor interaction_backward_cuda(const at::Tensor& du, const at::Tensor& s) {
   const char* op = "vgmr::interaction_backward";
   check_cuda(s, op, "s");
-  check_dim(s, 3, op, "s", "[B, M, D]");
+  vgmr::checks::dim(s, 3, op, "s", "[B, M, D]");
   const int64_t B = s.size(0), M = s.size(1), D = s.size(2);
   TORCH_CHECK_VALUE(M >= 2, op, ": s needs M >= 2 modalities, got M = ", M);
   check_cuda(du, op, "du");
-  check_same_device(du, s, op, "du", "s");
+  vgmr::checks::same_device(du, s, op, "du", "s");
   const DType dt = element_dtype(du, op, "du");
   TORCH_CHECK_TYPE(du.scalar_type() == s.scalar_type(), op, ": du must have the dtype of s (", s.scalar_type(),
                    "), got ", du.scalar_type());
-  check_shape(du, {B, M, (3 * M - 1) * D}, op, "du", "[B, M, (3M-1) D]");
+  vgmr::checks::shape(du, {B, M, (3 * M - 1) * D}, op, "du", "[B, M, (3M-1) D]");
   const c10::cuda::CUDAGuard guard(s.device());
   at::Tensor ds = new_output({B, M, D}, du.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -217,38 +207,38 @@ at::Tensor interaction_backward_cuda(const at::Tensor& du, const at::Tensor& s) 
 DType check_gate_inputs(const at::Tensor& zpre, const at::Tensor& bias_row, const at::Tensor& x,
                         const at::Tensor& ln_weight, const char* op) {
   check_cuda(x, op, "x");
-  check_dim(x, 3, op, "x", "[B, T, D]");
+  vgmr::checks::dim(x, 3, op, "x", "[B, T, D]");
   const DType dt = element_dtype(x, op, "x");
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
   TORCH_CHECK_VALUE(D >= 1, op, ": x must have D >= 1 features, got D = ", D);
   check_cuda(zpre, op, "zpre");
-  check_same_device(zpre, x, op, "zpre", "x");
+  vgmr::checks::same_device(zpre, x, op, "zpre", "x");
   TORCH_CHECK_TYPE(zpre.scalar_type() == x.scalar_type(), op, ": zpre must have the dtype of x (", x.scalar_type(),
                    "), got ", zpre.scalar_type());
-  check_shape(zpre, {B, T, D}, op, "zpre", "[B, T, D]");
+  vgmr::checks::shape(zpre, {B, T, D}, op, "zpre", "[B, T, D]");
   const char* f32 = " (float32 for float32/half inputs; the op layer casts it)";
   check_cuda(bias_row, op, "bias_row");
-  check_same_device(bias_row, x, op, "bias_row", "x");
-  check_dtype(bias_row, at::kFloat, op, "bias_row", f32);
-  check_shape(bias_row, {B, D}, op, "bias_row", "[B, D]");
+  vgmr::checks::same_device(bias_row, x, op, "bias_row", "x");
+  vgmr::checks::dtype(bias_row, at::kFloat, op, "bias_row", f32);
+  vgmr::checks::shape(bias_row, {B, D}, op, "bias_row", "[B, D]");
   check_cuda(ln_weight, op, "ln_weight");
-  check_same_device(ln_weight, x, op, "ln_weight", "x");
-  check_dtype(ln_weight, at::kFloat, op, "ln_weight", f32);
-  check_shape(ln_weight, {D}, op, "ln_weight", "[D]");
+  vgmr::checks::same_device(ln_weight, x, op, "ln_weight", "x");
+  vgmr::checks::dtype(ln_weight, at::kFloat, op, "ln_weight", f32);
+  vgmr::checks::shape(ln_weight, {D}, op, "ln_weight", "[D]");
   return dt;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_norm_cuda(const at::Tensor& zpre, const at::Tensor& bias_row,
-                                                              const at::Tensor& x, const at::Tensor& ln_weight,
-                                                              const at::Tensor& ln_bias, double alpha, double beta,
-                                                              double p, int64_t seed) {
-  const char* op = "vgmr::gate_norm";
+// One modality; `seed`: device pointer to its int64 key (checked by the caller).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_norm_one(const at::Tensor& zpre, const at::Tensor& bias_row,
+                                                             const at::Tensor& x, const at::Tensor& ln_weight,
+                                                             const at::Tensor& ln_bias, double alpha, double beta,
+                                                             double p, const int64_t* seed, const char* op) {
   const DType dt = check_gate_inputs(zpre, bias_row, x, ln_weight, op);
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
   check_cuda(ln_bias, op, "ln_bias");
-  check_same_device(ln_bias, x, op, "ln_bias", "x");
-  check_dtype(ln_bias, at::kFloat, op, "ln_bias", " (float32 for float32/half inputs; the op layer casts it)");
-  check_shape(ln_bias, {D}, op, "ln_bias", "[D]");
+  vgmr::checks::same_device(ln_bias, x, op, "ln_bias", "x");
+  vgmr::checks::dtype(ln_bias, at::kFloat, op, "ln_bias", " (float32 for float32/half inputs; the op layer casts it)");
+  vgmr::checks::shape(ln_bias, {D}, op, "ln_bias", "[D]");
   const DropoutArgs drop = dropout_args(p, seed, op);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = new_output({B, T, D}, x.options());
@@ -263,27 +253,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_norm_cuda(const at::Tensor& 
   return {y, mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm_backward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm_backward_one(
     const at::Tensor& dy, const at::Tensor& zpre, const at::Tensor& bias_row, const at::Tensor& x,
     const at::Tensor& ln_weight, const at::Tensor& mean, const at::Tensor& rstd, double alpha, double beta, double p,
-    int64_t seed) {
-  const char* op = "vgmr::gate_norm_backward";
+    const int64_t* seed, const char* op) {
   const DType dt = check_gate_inputs(zpre, bias_row, x, ln_weight, op);
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
   check_cuda(dy, op, "dy");
-  check_same_device(dy, x, op, "dy", "x");
+  vgmr::checks::same_device(dy, x, op, "dy", "x");
   TORCH_CHECK_TYPE(dy.scalar_type() == x.scalar_type(), op, ": dy must have the dtype of x (", x.scalar_type(),
                    "), got ", dy.scalar_type());
-  check_shape(dy, {B, T, D}, op, "dy", "[B, T, D]");
+  vgmr::checks::shape(dy, {B, T, D}, op, "dy", "[B, T, D]");
   const char* saved = " (saved by the forward)";
   check_cuda(mean, op, "mean");
-  check_same_device(mean, x, op, "mean", "x");
-  check_dtype(mean, at::kFloat, op, "mean", saved);
-  check_shape(mean, {B, T}, op, "mean", "[B, T]");
+  vgmr::checks::same_device(mean, x, op, "mean", "x");
+  vgmr::checks::dtype(mean, at::kFloat, op, "mean", saved);
+  vgmr::checks::shape(mean, {B, T}, op, "mean", "[B, T]");
   check_cuda(rstd, op, "rstd");
-  check_same_device(rstd, x, op, "rstd", "x");
-  check_dtype(rstd, at::kFloat, op, "rstd", saved);
-  check_shape(rstd, {B, T}, op, "rstd", "[B, T]");
+  vgmr::checks::same_device(rstd, x, op, "rstd", "x");
+  vgmr::checks::dtype(rstd, at::kFloat, op, "rstd", saved);
+  vgmr::checks::shape(rstd, {B, T}, op, "rstd", "[B, T]");
   const DropoutArgs drop = dropout_args(p, seed, op);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::TensorOptions f32 = x.options().dtype(at::kFloat);
@@ -305,6 +294,74 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm
   return {dzpre, dbias_row, dx, dw, db};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_norm_cuda(const at::Tensor& zpre, const at::Tensor& bias_row,
+                                                              const at::Tensor& x, const at::Tensor& ln_weight,
+                                                              const at::Tensor& ln_bias, double alpha, double beta,
+                                                              double p, const at::Tensor& seed) {
+  const char* op = "vgmr::gate_norm";
+  check_cuda(x, op, "x");
+  vgmr::checks::seed_tensor(seed, x, op, "x");
+  return gate_norm_one(zpre, bias_row, x, ln_weight, ln_bias, alpha, beta, p, seed.const_data_ptr<int64_t>(), op);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm_backward_cuda(
+    const at::Tensor& dy, const at::Tensor& zpre, const at::Tensor& bias_row, const at::Tensor& x,
+    const at::Tensor& ln_weight, const at::Tensor& mean, const at::Tensor& rstd, double alpha, double beta, double p,
+    const at::Tensor& seed) {
+  const char* op = "vgmr::gate_norm_backward";
+  check_cuda(x, op, "x");
+  vgmr::checks::seed_tensor(seed, x, op, "x");
+  return gate_norm_backward_one(dy, zpre, bias_row, x, ln_weight, mean, rstd, alpha, beta, p,
+                                seed.const_data_ptr<int64_t>(), op);
+}
+
+// ---- gate_norm_grouped: one operator call, one launch (pair) per modality ----------------------
+// Modality m is exactly gate_norm(..., seed = seeds[m]) (its kernel reads seeds + m), so the
+// results are bit-identical to M separate calls.
+using Tensors = std::vector<at::Tensor>;
+
+std::tuple<Tensors, Tensors, Tensors> gate_norm_grouped_cuda(at::TensorList zpre, at::TensorList bias_row,
+                                                             at::TensorList x, at::TensorList ln_weight,
+                                                             at::TensorList ln_bias, double alpha, double beta,
+                                                             double p, const at::Tensor& seeds) {
+  const char* op = "vgmr::gate_norm_grouped";
+  const size_t M = vgmr::checks::grouped_count(
+      {{x, "x"}, {zpre, "zpre"}, {bias_row, "bias_row"}, {ln_weight, "ln_weight"}, {ln_bias, "ln_bias"}}, seeds, op);
+  check_cuda(seeds, op, "seeds");
+  const int64_t* sp = seeds.const_data_ptr<int64_t>();
+  Tensors y(M), mean(M), rstd(M);
+  for (size_t m = 0; m < M; ++m) {
+    const std::string opm = vgmr::checks::modality_op(op, m);
+    check_cuda(x[m], opm.c_str(), "x");
+    vgmr::checks::same_device(x[m], x[0], opm.c_str(), "x", "x[0]");
+    vgmr::checks::same_batch(x[m], x[0], opm);
+    std::tie(y[m], mean[m], rstd[m]) =
+        gate_norm_one(zpre[m], bias_row[m], x[m], ln_weight[m], ln_bias[m], alpha, beta, p, sp + m, opm.c_str());
+  }
+  return {y, mean, rstd};
+}
+
+std::tuple<Tensors, Tensors, Tensors, Tensors, Tensors> gate_norm_grouped_backward_cuda(
+    at::TensorList dy, at::TensorList zpre, at::TensorList bias_row, at::TensorList x, at::TensorList ln_weight,
+    at::TensorList mean, at::TensorList rstd, double alpha, double beta, double p, const at::Tensor& seeds) {
+  const char* op = "vgmr::gate_norm_grouped_backward";
+  const size_t M = vgmr::checks::grouped_count({{x, "x"}, {dy, "dy"}, {zpre, "zpre"}, {bias_row, "bias_row"},
+                                                {ln_weight, "ln_weight"}, {mean, "mean"}, {rstd, "rstd"}},
+                                               seeds, op);
+  check_cuda(seeds, op, "seeds");
+  const int64_t* sp = seeds.const_data_ptr<int64_t>();
+  Tensors dz(M), dbias(M), dx(M), dw(M), db(M);
+  for (size_t m = 0; m < M; ++m) {
+    const std::string opm = vgmr::checks::modality_op(op, m);
+    check_cuda(x[m], opm.c_str(), "x");
+    vgmr::checks::same_device(x[m], x[0], opm.c_str(), "x", "x[0]");
+    vgmr::checks::same_batch(x[m], x[0], opm);
+    std::tie(dz[m], dbias[m], dx[m], dw[m], db[m]) = gate_norm_backward_one(
+        dy[m], zpre[m], bias_row[m], x[m], ln_weight[m], mean[m], rstd[m], alpha, beta, p, sp + m, opm.c_str());
+  }
+  return {dz, dbias, dx, dw, db};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(vgmr, CUDA, m) {
@@ -314,6 +371,8 @@ TORCH_LIBRARY_IMPL(vgmr, CUDA, m) {
   m.impl("interaction_backward", &interaction_backward_cuda);
   m.impl("gate_norm", &gate_norm_cuda);
   m.impl("gate_norm_backward", &gate_norm_backward_cuda);
+  m.impl("gate_norm_grouped", &gate_norm_grouped_cuda);
+  m.impl("gate_norm_grouped_backward", &gate_norm_grouped_backward_cuda);
 }
 
 #endif  // VGMR_WITH_CUDA

@@ -1,7 +1,9 @@
 // gate_norm (SPEC §5, docs/ops.md) on CUDA, raw pointers only.
 //   forward : z = zpre + bias_row[b]; G = sigmoid(z); Geff = beta + (1-beta)(1 + alpha(2G-1));
 //             v = Geff x; y = Dropout(LayerNorm_D(v) * w + b); saves mean, rstd [B, T] (fp32)
-//   backward: recomputes G, Geff, vhat and the keep mask; dzpre, dx [B, T, D] (dtype),
+//   row statistics (docs/ops.md): shift K = v[0], mean_s = mean(v - K), var = mean((v - K -
+//             mean_s)^2), vhat = ((v - K) - mean_s) rstd; saved mean = K + mean_s
+//   backward: recomputes G, Geff, K, mean_s, vhat and the keep mask; dzpre, dx [B, T, D] (dtype),
 //             dbias_row [B, D], dln_weight, dln_bias [D] (fp32, deterministic)
 //
 // Two code paths per direction, chosen on the host:
@@ -54,7 +56,7 @@ struct FwdArgs {
   float alpha, beta;
   uint32_t thr;
   float scale;
-  uint64_t seed;
+  const int64_t* __restrict__ seed;  // device pointer, read when dropout
   bool dropout;
 };
 
@@ -65,7 +67,7 @@ struct BwdArgs {
   const float* __restrict__ bias_row;
   const S* __restrict__ x;
   const float* __restrict__ w;
-  const float* __restrict__ mean;
+  const float* __restrict__ mean;  // not read: the kernels recompute the row shift and mean_s
   const float* __restrict__ rstd;
   S* __restrict__ dzpre;
   S* __restrict__ dx;
@@ -76,7 +78,7 @@ struct BwdArgs {
   float alpha, beta;
   uint32_t thr;
   float scale;
-  uint64_t seed;
+  const int64_t* __restrict__ seed;  // device pointer, read when dropout
   bool dropout;
 };
 
@@ -98,15 +100,34 @@ __device__ __forceinline__ float2 row_sum2(float2 v, float2* red) {
   }
 }
 
+// Broadcast a value of the row team's first thread (lane 0 of the warp, or thread 0 of the
+// block) to the team: the row shift K = v[0] of the row statistics. Block mode: the leading
+// barrier lets the previous reduction's readers of `red` finish; the next reduction's leading
+// barrier lets every thread read the value before `red` is rewritten.
+template <bool WARP>
+__device__ __forceinline__ float row_first(float x, float2* red) {
+  if constexpr (WARP) {
+    return __shfl_sync(0xffffffffu, x, 0);
+  } else {
+    __syncthreads();
+    if (threadIdx.x == 0) red[0].x = x;
+    __syncthreads();
+    return red[0].x;
+  }
+}
+
 // v = Geff * x, rounded once and never contracted into an FMA with what follows: the
-// backward recomputes v - mean and must get the forward's bits (an FMA there would shift
-// vhat by an ulp of v, which rstd amplifies; e.g. D = 1, where v - mean is exactly 0).
+// backward recomputes (v - K) - mean_s and must get the forward's bits (an FMA there would
+// shift vhat by an ulp of v, which rstd amplifies; e.g. D = 1, where v - K is exactly 0).
 __device__ __forceinline__ float gated(float geff, float x) { return __fmul_rn(geff, x); }
 
-// Keep factors (scale or 0) of the 4 columns c0 .. c0+3 (c0 % 4 == 0) of row r.
-__device__ __forceinline__ void keep4(uint64_t seed, int64_t r, int64_t c0, int64_t D, uint32_t thr, float scale,
-                                      float (&kf)[4]) {
-  const U32x4 wd = philox4x32_10(seed, philox_counter(r, c0, D));
+// Keep factors (scale or 0) of the 4 columns c0 .. c0+3 (c0 % 4 == 0) of row r. The Philox
+// key is the int64 at `seed`, read from device memory (never by the host, so a replayed CUDA
+// graph sees the seed tensor's current value) at each use: an L1 hit, and no two registers
+// held across the row loop (the bf16 warp backward would spill them).
+__device__ __forceinline__ void keep4(const int64_t* __restrict__ seed, int64_t r, int64_t c0, int64_t D,
+                                      uint32_t thr, float scale, float (&kf)[4]) {
+  const U32x4 wd = philox4x32_10((uint64_t)__ldg(seed), philox_counter(r, c0, D));
 #pragma unroll
   for (int j = 0; j < 4; ++j) kf[j] = dropout_keep(wd.w[j], thr) ? scale : 0.f;
 }
@@ -144,7 +165,6 @@ __global__ void __launch_bounds__(kMaxThreads) gn_fwd_vec(FwdArgs<T> a) {
     const T* __restrict__ xr = a.x + r * D;
     const float* __restrict__ bsr = a.bias_row + bi * D;
     float v[NV][VEC];
-    float s = 0.f;
 #pragma unroll
     for (int k = 0; k < NV; ++k) {
       const int i = lane + k * tpr;
@@ -154,20 +174,27 @@ __global__ void __launch_bounds__(kMaxThreads) gn_fwd_vec(FwdArgs<T> a) {
         load_pack<T, VEC>(xr + i * VEC, xx);
         load_pack<float, VEC>(bsr + i * VEC, bs);
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          v[k][j] = gated(gate_eff(sigmoidf_(z[j] + bs[j]), a.alpha, a.beta), xx[j]);
-          s += v[k][j];
-        }
+        for (int j = 0; j < VEC; ++j) v[k][j] = gated(gate_eff(sigmoidf_(z[j] + bs[j]), a.alpha, a.beta), xx[j]);
       }
     }
-    const float mu = row_sum<WARP>(s, red) * invD;
+    // row statistics (docs/ops.md): shift K = v[0] (lane 0's first element), two passes
+    const float K = row_first<WARP>(v[0][0], red);
+    float s = 0.f;
+#pragma unroll
+    for (int k = 0; k < NV; ++k) {
+      if (lane + k * tpr < nvec) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) s += v[k][j] - K;
+      }
+    }
+    const float ms = row_sum<WARP>(s, red) * invD;
     float q = 0.f;
 #pragma unroll
     for (int k = 0; k < NV; ++k) {
       if (lane + k * tpr < nvec) {
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          const float dlt = v[k][j] - mu;
+          const float dlt = (v[k][j] - K) - ms;
           q += dlt * dlt;
         }
       }
@@ -181,7 +208,7 @@ __global__ void __launch_bounds__(kMaxThreads) gn_fwd_vec(FwdArgs<T> a) {
       if (i < nvec) {
         float o[VEC];
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) o[j] = ((v[k][j] - mu) * rs) * wr[k][j] + br[k][j];
+        for (int j = 0; j < VEC; ++j) o[j] = (((v[k][j] - K) - ms) * rs) * wr[k][j] + br[k][j];
         if (a.dropout) {
 #pragma unroll
           for (int g = 0; g < VEC / 4; ++g) {
@@ -195,7 +222,7 @@ __global__ void __launch_bounds__(kMaxThreads) gn_fwd_vec(FwdArgs<T> a) {
       }
     }
     if (lane == 0) {
-      a.mean[r] = mu;
+      a.mean[r] = K + ms;
       a.rstd[r] = rs;
     }
   }
@@ -275,17 +302,39 @@ __global__ void __launch_bounds__(kMaxThreads) gn_bwd_vec(BwdArgs<T> a) {
       const int64_t r = bi * a.T + t;
       const int64_t off = r * D;
       if constexpr (WARP) load_raw_row<T, VEC, NV>(a, off, lane, tpr, nvec, rdy, rz, rx);
-      const float mu = a.mean[r], rs = a.rstd[r];
+      const float rs = a.rstd[r];
       float G[NV][VEC], xv[NV][VEC], dvh[NV][VEC];
+      // the gate, then the forward's row shift K = v[0] and shifted mean, recomputed from the
+      // row (the saved mean K + mean_s does not give mean_s back bit for bit)
+#pragma unroll
+      for (int k = 0; k < NV; ++k) {
+        const int i = lane + k * tpr;
+        if (i < nvec) {
+          float z[VEC], bs[VEC];
+          unpack<T, VEC>(rz[k], z);
+          unpack<T, VEC>(rx[k], xv[k]);
+          load_pack<float, VEC>(bsr + i * VEC, bs);
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) G[k][j] = sigmoidf_(z[j] + bs[j]);
+        }
+      }
+      const float K = row_first<WARP>(gated(gate_eff(G[0][0], a.alpha, a.beta), xv[0][0]), red);
+      float s0 = 0.f;
+#pragma unroll
+      for (int k = 0; k < NV; ++k) {
+        if (lane + k * tpr < nvec) {
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) s0 += gated(gate_eff(G[k][j], a.alpha, a.beta), xv[k][j]) - K;
+        }
+      }
+      const float ms = row_sum<WARP>(s0, red) * invD;
       float s1 = 0.f, s2 = 0.f;
 #pragma unroll
       for (int k = 0; k < NV; ++k) {
         const int i = lane + k * tpr;
         if (i < nvec) {
-          float dyv[VEC], z[VEC];
+          float dyv[VEC];
           unpack<T, VEC>(rdy[k], dyv);
-          unpack<T, VEC>(rz[k], z);
-          unpack<T, VEC>(rx[k], xv[k]);
           if (a.dropout) {
 #pragma unroll
             for (int g = 0; g < VEC / 4; ++g) {
@@ -297,16 +346,13 @@ __global__ void __launch_bounds__(kMaxThreads) gn_bwd_vec(BwdArgs<T> a) {
           }
           // ln_weight and this batch row's bias_row: re-read per row (L1/L2 hits), not
           // held in registers across rows
-          float wv[VEC], bs[VEC], cw[VEC], cb[VEC];
+          float wv[VEC], cw[VEC], cb[VEC];
           load_pack<float, VEC>(a.w + i * VEC, wv);
-          load_pack<float, VEC>(bsr + i * VEC, bs);
           load_pack<float, VEC>(acc_w + i * VEC, cw);
           load_pack<float, VEC>(acc_b + i * VEC, cb);
 #pragma unroll
           for (int j = 0; j < VEC; ++j) {
-            const float g = sigmoidf_(z[j] + bs[j]);
-            const float vh = (gated(gate_eff(g, a.alpha, a.beta), xv[k][j]) - mu) * rs;
-            G[k][j] = g;
+            const float vh = ((gated(gate_eff(G[k][j], a.alpha, a.beta), xv[k][j]) - K) - ms) * rs;
             cb[j] += dyv[j];
             cw[j] += dyv[j] * vh;
             const float d = dyv[j] * wv[j];
@@ -332,7 +378,7 @@ __global__ void __launch_bounds__(kMaxThreads) gn_bwd_vec(BwdArgs<T> a) {
           for (int j = 0; j < VEC; ++j) {
             const float g = G[k][j];
             const float ge = gate_eff(g, a.alpha, a.beta);
-            const float vh = (gated(ge, xv[k][j]) - mu) * rs;
+            const float vh = ((gated(ge, xv[k][j]) - K) - ms) * rs;
             const float dv = ln_bwd_dv<float>(dvh[k][j], vh, ma, mc, rs);
             dxo[j] = dv * ge;
             dzo[j] = dv * xv[k][j] * gate_eff_grad(g, a.alpha, a.beta);
@@ -386,6 +432,8 @@ __global__ void __launch_bounds__(kMaxThreads) gn_fwd_generic(FwdArgs<T> a, int 
     const T* __restrict__ zr = a.zpre + r * D;
     const T* __restrict__ xr = a.x + r * D;
     const float* __restrict__ bsr = a.bias_row + bi * D;
+    // row statistics (docs/ops.md): shift K = v[0], then two passes over v - K
+    const float K = row_first<false>(threadIdx.x == 0 ? gn_v(a, zr, xr, bsr, 0) : 0.f, red);
     float s = 0.f;
     for (int64_t g = threadIdx.x; g < ngroups; g += blockDim.x) {
 #pragma unroll
@@ -394,18 +442,18 @@ __global__ void __launch_bounds__(kMaxThreads) gn_fwd_generic(FwdArgs<T> a, int 
         if (c < D) {
           const float v = gn_v(a, zr, xr, bsr, c);
           if (cache) vc[c] = v;
-          s += v;
+          s += v - K;
         }
       }
     }
-    const float mu = block_sum(s, red) * invD;
+    const float ms = block_sum(s, red) * invD;
     float q = 0.f;
     for (int64_t g = threadIdx.x; g < ngroups; g += blockDim.x) {
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int64_t c = 4 * g + j;
         if (c < D) {
-          const float dlt = (cache ? vc[c] : gn_v(a, zr, xr, bsr, c)) - mu;
+          const float dlt = ((cache ? vc[c] : gn_v(a, zr, xr, bsr, c)) - K) - ms;
           q += dlt * dlt;
         }
       }
@@ -421,14 +469,14 @@ __global__ void __launch_bounds__(kMaxThreads) gn_fwd_generic(FwdArgs<T> a, int 
         const int64_t c = 4 * g + j;
         if (c < D) {
           const float v = cache ? vc[c] : gn_v(a, zr, xr, bsr, c);
-          float o = ((v - mu) * rs) * a.w[c] + a.b[c];
+          float o = (((v - K) - ms) * rs) * a.w[c] + a.b[c];
           if (a.dropout) o *= kf[j];
           yr[c] = from_f<T>(o);
         }
       }
     }
     if (threadIdx.x == 0) {
-      a.mean[r] = mu;
+      a.mean[r] = K + ms;
       a.rstd[r] = rs;
     }
   }
@@ -439,13 +487,20 @@ struct BwdElem {
   float g, xv, vh, gy;
 };
 
+// v = Geff x of element c, as the forward computed it (gn_v).
+template <typename T>
+__device__ __forceinline__ float gn_bwd_v(const BwdArgs<T>& a, int64_t off, const float* __restrict__ bsr,
+                                          int64_t c) {
+  return gated(gate_eff(sigmoidf_(to_f<T>(a.zpre[off + c]) + bsr[c]), a.alpha, a.beta), to_f<T>(a.x[off + c]));
+}
+
 template <typename T>
 __device__ __forceinline__ BwdElem gn_bwd_elem(const BwdArgs<T>& a, int64_t off, const float* __restrict__ bsr,
-                                               int64_t c, float mu, float rs, float kf) {
+                                               int64_t c, float K, float ms, float rs, float kf) {
   BwdElem e;
   e.g = sigmoidf_(to_f<T>(a.zpre[off + c]) + bsr[c]);
   e.xv = to_f<T>(a.x[off + c]);
-  e.vh = (gated(gate_eff(e.g, a.alpha, a.beta), e.xv) - mu) * rs;
+  e.vh = ((gated(gate_eff(e.g, a.alpha, a.beta), e.xv) - K) - ms) * rs;
   e.gy = to_f<T>(a.dy[off + c]);
   if (a.dropout) e.gy *= kf;
   return e;
@@ -478,7 +533,17 @@ __global__ void __launch_bounds__(kMaxThreads) gn_bwd_generic(BwdArgs<T> a) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r = bi * a.T + t;
       const int64_t off = r * D;
-      const float mu = a.mean[r], rs = a.rstd[r];
+      const float rs = a.rstd[r];
+      // the forward's row shift K = v[0] and shifted mean, recomputed from the row
+      const float K = row_first<false>(threadIdx.x == 0 ? gn_bwd_v(a, off, bsr, 0) : 0.f, red);
+      float s0 = 0.f;
+      for (int64_t c = threadIdx.x * 4; c < D; c += (int64_t)blockDim.x * 4) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          if (c + j < D) s0 += gn_bwd_v(a, off, bsr, c + j) - K;
+        }
+      }
+      const float ms = block_sum(s0, red) * invD;
       float s1 = 0.f, s2 = 0.f;
       for (int64_t g = threadIdx.x; g < ngroups; g += blockDim.x) {
         float kf[4] = {1.f, 1.f, 1.f, 1.f};
@@ -487,7 +552,7 @@ __global__ void __launch_bounds__(kMaxThreads) gn_bwd_generic(BwdArgs<T> a) {
         for (int j = 0; j < 4; ++j) {
           const int64_t c = 4 * g + j;
           if (c < D) {
-            const BwdElem e = gn_bwd_elem(a, off, bsr, c, mu, rs, kf[j]);
+            const BwdElem e = gn_bwd_elem(a, off, bsr, c, K, ms, rs, kf[j]);
             pb[c] += e.gy;
             pw[c] += e.gy * e.vh;
             const float d = e.gy * a.w[c];
@@ -505,7 +570,7 @@ __global__ void __launch_bounds__(kMaxThreads) gn_bwd_generic(BwdArgs<T> a) {
         for (int j = 0; j < 4; ++j) {
           const int64_t c = 4 * g + j;
           if (c < D) {
-            const BwdElem e = gn_bwd_elem(a, off, bsr, c, mu, rs, kf[j]);
+            const BwdElem e = gn_bwd_elem(a, off, bsr, c, K, ms, rs, kf[j]);
             const float dv = ln_bwd_dv<float>(e.gy * a.w[c], e.vh, ma, mc, rs);
             const float dz = dv * e.xv * gate_eff_grad(e.g, a.alpha, a.beta);
             a.dx[off + c] = from_f<T>(dv * gate_eff(e.g, a.alpha, a.beta));
@@ -727,7 +792,7 @@ cudaError_t launch_reduce(const float* part, float* out, int64_t nbatch, int64_t
 cudaError_t gate_norm_fwd_launch(DType dtype, const void* zpre, const float* bias_row, const void* x,
                                  const float* w, const float* b, void* y, float* mean, float* rstd, int64_t B,
                                  int64_t T, int64_t D, float alpha, float beta, uint32_t keep_threshold,
-                                 float keep_scale, uint64_t seed, bool dropout, cudaStream_t stream) {
+                                 float keep_scale, const int64_t* seed, bool dropout, cudaStream_t stream) {
   if (B < 0 || T < 0 || D < 1) return cudaErrorInvalidValue;
   const int64_t R = B * T;
   if (R == 0) return cudaSuccess;
@@ -763,7 +828,7 @@ cudaError_t gate_norm_bwd_launch(DType dtype, const void* dy, const void* zpre, 
                                  const void* x, const float* w, const float* mean, const float* rstd, void* dzpre,
                                  float* dbias_row, void* dx, float* dw, float* db, float* workspace,
                                  int64_t workspace_floats, int64_t B, int64_t T, int64_t D, float alpha, float beta,
-                                 uint32_t keep_threshold, float keep_scale, uint64_t seed, bool dropout,
+                                 uint32_t keep_threshold, float keep_scale, const int64_t* seed, bool dropout,
                                  cudaStream_t stream) {
   if (B < 0 || T < 0 || D < 1) return cudaErrorInvalidValue;
   cudaError_t e;

@@ -51,11 +51,13 @@ cudaError_t interaction_bwd_launch(DType dtype, const void* du, const void* s, v
 // ---- gate_norm (SPEC §5) -----------------------------------------------------------------
 // zpre, x, y [B, T, D] (dtype); bias_row [B, D], w, b [D], mean, rstd [B, T] float32.
 // Dropout (if `dropout`): element (r = b*T + t, c) kept iff Philox word >= keep_threshold,
-// kept values scaled by keep_scale (csrc/vgmr_math.h).
+// kept values scaled by keep_scale (csrc/vgmr_math.h). `seed`: device pointer to one int64,
+// the Philox key, read by the kernels (never by the host: graph replays see its new value);
+// not read at all when !dropout (may then be nullptr).
 cudaError_t gate_norm_fwd_launch(DType dtype, const void* zpre, const float* bias_row, const void* x,
                                  const float* w, const float* b, void* y, float* mean, float* rstd, int64_t B,
                                  int64_t T, int64_t D, float alpha, float beta, uint32_t keep_threshold,
-                                 float keep_scale, uint64_t seed, bool dropout, cudaStream_t stream);
+                                 float keep_scale, const int64_t* seed, bool dropout, cudaStream_t stream);
 
 // Scratch (floats) for gate_norm_bwd_launch with these sizes on the current device
 // (per-block partials of dln_weight/dln_bias and, when T is split, of dbias_row).
@@ -67,7 +69,7 @@ cudaError_t gate_norm_bwd_launch(DType dtype, const void* dy, const void* zpre, 
                                  const void* x, const float* w, const float* mean, const float* rstd, void* dzpre,
                                  float* dbias_row, void* dx, float* dw, float* db, float* workspace,
                                  int64_t workspace_floats, int64_t B, int64_t T, int64_t D, float alpha, float beta,
-                                 uint32_t keep_threshold, float keep_scale, uint64_t seed, bool dropout,
+                                 uint32_t keep_threshold, float keep_scale, const int64_t* seed, bool dropout,
                                  cudaStream_t stream);
 
 }  // namespace gpu

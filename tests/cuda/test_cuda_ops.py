@@ -34,6 +34,13 @@ pytestmark = [
 ]
 
 DEV = "cuda"
+
+
+def _seed(v: int) -> torch.Tensor:
+    """The raw ops' dropout seed: a one-element int64 tensor on the device (docs/ops.md)."""
+    return torch.tensor(v, dtype=torch.int64, device=DEV)
+
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DT_IDS = ["fp32", "fp16", "bf16"]
 D_SWEEP = [1, 3, 35, 74, 1023, 1500, 4096, 5000]
@@ -361,7 +368,7 @@ def test_gate_norm_backward_is_deterministic(shape):
 def test_gate_norm_saved_stats():
     B, T, D = 3, 4, 300
     args, _ = _gn_make(B, T, D, torch.bfloat16, seed=0)
-    y, mean, rstd = torch.ops.vgmr.gate_norm(*args, ALPHA, BETA, 0.0, 0)
+    y, mean, rstd = torch.ops.vgmr.gate_norm(*args, ALPHA, BETA, 0.0, _seed(0))
     assert mean.dtype == torch.float32 and rstd.dtype == torch.float32 and mean.shape == (B, T)
     zpre, bias_row, x, _, _ = [a.double() for a in args]
     v = ref.gate_transform(zpre + bias_row[:, None, :], ALPHA, BETA) * x
@@ -371,10 +378,10 @@ def test_gate_norm_saved_stats():
 
 def test_gate_norm_empty():
     args, dy = _gn_make(3, 0, 8, torch.float32, seed=0)
-    y, mean, rstd = torch.ops.vgmr.gate_norm(*args, ALPHA, BETA, 0.0, 0)
+    y, mean, rstd = torch.ops.vgmr.gate_norm(*args, ALPHA, BETA, 0.0, _seed(0))
     assert y.shape == (3, 0, 8) and mean.shape == (3, 0)
     dz, dbias, dx, dw, db = torch.ops.vgmr.gate_norm_backward(dy, args[0], args[1], args[2], args[3], mean, rstd,
-                                                              ALPHA, BETA, 0.0, 0)
+                                                              ALPHA, BETA, 0.0, _seed(0))
     assert dz.shape == (3, 0, 8) and bool((dbias == 0).all()) and bool((dw == 0).all()) and bool((db == 0).all())
 
 
@@ -386,20 +393,23 @@ def test_binding_checks():
     zpre, bias_row, x, w, b = args
     op = torch.ops.vgmr.gate_norm
     with pytest.raises((ValueError, RuntimeError), match="bias_row"):
-        op(zpre, bias_row.cpu(), x, w, b, ALPHA, BETA, 0.0, 0)
+        op(zpre, bias_row.cpu(), x, w, b, ALPHA, BETA, 0.0, _seed(0))
     with pytest.raises((TypeError, RuntimeError), match="x"):
-        op(zpre.double(), bias_row, x.double(), w, b, ALPHA, BETA, 0.0, 0)
+        op(zpre.double(), bias_row, x.double(), w, b, ALPHA, BETA, 0.0, _seed(0))
     with pytest.raises((TypeError, RuntimeError), match="ln_weight"):
-        op(zpre, bias_row, x, w.half(), b, ALPHA, BETA, 0.0, 0)
+        op(zpre, bias_row, x, w.half(), b, ALPHA, BETA, 0.0, _seed(0))
     with pytest.raises((ValueError, RuntimeError), match="contiguous"):
-        op(zpre.transpose(0, 1), bias_row, x.transpose(0, 1), w, b, ALPHA, BETA, 0.0, 0)
+        op(zpre.transpose(0, 1), bias_row, x.transpose(0, 1), w, b, ALPHA, BETA, 0.0, _seed(0))
     with pytest.raises((ValueError, RuntimeError), match="p must be"):
-        op(zpre, bias_row, x, w, b, ALPHA, BETA, 1.0, 0)
+        op(zpre, bias_row, x, w, b, ALPHA, BETA, 1.0, _seed(0))
+    with pytest.raises((TypeError, RuntimeError), match="seed"):
+        op(zpre, bias_row, x, w, b, ALPHA, BETA, 0.1, _seed(1).int())
     with pytest.raises((ValueError, RuntimeError), match="seed"):
-        op(zpre, bias_row, x, w, b, ALPHA, BETA, 0.1, -1)
-    y, mean, rstd = op(zpre, bias_row, x, w, b, ALPHA, BETA, 0.0, 0)
+        op(zpre, bias_row, x, w, b, ALPHA, BETA, 0.1, _seed(1).cpu())
+    y, mean, rstd = op(zpre, bias_row, x, w, b, ALPHA, BETA, 0.0, _seed(0))
     with pytest.raises((ValueError, RuntimeError), match="rstd"):
-        torch.ops.vgmr.gate_norm_backward(dy, zpre, bias_row, x, w, mean, rstd[:1].contiguous(), ALPHA, BETA, 0.0, 0)
+        torch.ops.vgmr.gate_norm_backward(dy, zpre, bias_row, x, w, mean, rstd[:1].contiguous(), ALPHA, BETA, 0.0,
+                                          _seed(0))
     h = torch.randn(2, 3, 4, device=DEV)
     with pytest.raises((TypeError, RuntimeError), match="mask"):
         torch.ops.vgmr.summary_pool(h, torch.ones(2, 3, device=DEV))
@@ -532,7 +542,7 @@ def test_gate_norm_forward_beyond_2_31_elements(dtype, D):
     w = 1 + 0.3 * torch.randn(D, generator=g, device=DEV)
     b = 0.3 * torch.randn(D, generator=g, device=DEV)
     p, seed = 0.1, BIG_SEED
-    y, mean, rstd = torch.ops.vgmr.gate_norm(zpre, bias_row, x, w, b, ALPHA, BETA, p, seed)
+    y, mean, rstd = torch.ops.vgmr.gate_norm(zpre, bias_row, x, w, b, ALPHA, BETA, p, _seed(seed))
     rows = [(0, 0), (0, T - 1), (1, 0), (1, T // 2), (1, T - 1)]  # the last rows lie beyond 2^31
     _rows_check(y, mean, rstd, [zpre, bias_row, x, w, b], rows, p, seed)
     assert not bool(torch.isnan(mean).any()) and not bool(torch.isnan(rstd).any())
@@ -553,14 +563,14 @@ def test_gate_norm_backward_beyond_2_31_elements(D):
     bias_row = torch.randn(B, D, generator=g, device=DEV)
     w = 1 + 0.3 * torch.randn(D, generator=g, device=DEV)
     b = 0.3 * torch.randn(D, generator=g, device=DEV)
-    y, mean, rstd = torch.ops.vgmr.gate_norm(zpre, bias_row, x, w, b, ALPHA, BETA, 0.0, 0)
+    y, mean, rstd = torch.ops.vgmr.gate_norm(zpre, bias_row, x, w, b, ALPHA, BETA, 0.0, _seed(0))
     del y
     rows = [(0, 1), (1, T - 2), (1, T - 1)]
     dy = torch.zeros(B, T, D, device=DEV, dtype=dtype)
     for bi, ti in rows:
         dy[bi, ti] = torch.randn(D, generator=g, device=DEV).to(dtype)
     dz, dbias, dx, dw, db = torch.ops.vgmr.gate_norm_backward(dy, zpre, bias_row, x, w, mean, rstd, ALPHA, BETA,
-                                                              0.0, 0)
+                                                              0.0, _seed(0))
 
     def per_row(truth: bool):
         """[y, dzpre, dbias_row, dx, dln_weight, dln_bias] lists over `rows`, reference on each row

@@ -208,7 +208,7 @@ def test_backward_deterministic_across_thread_counts():
 def test_saved_stats_are_fp32():
     args, _ = make(2, 3, 8, torch.bfloat16, seed=0)
     zpre, bias_row, x, w, b = args
-    y, mean, rstd = torch.ops.vgmr.gate_norm(zpre, bias_row, x, w, b, ALPHA, BETA, 0.0, 0)
+    y, mean, rstd = torch.ops.vgmr.gate_norm(zpre, bias_row, x, w, b, ALPHA, BETA, 0.0, torch.tensor(0))
     assert y.dtype == torch.bfloat16 and mean.dtype == torch.float32 and rstd.dtype == torch.float32
     assert mean.shape == (2, 3) and rstd.shape == (2, 3)
 
@@ -256,22 +256,23 @@ def test_bad_arguments(mutate, kw, exc, match):
 def test_cpp_checks_raise_not_crash():
     zpre, bias_row, x, w, b = _good()
     op = torch.ops.vgmr.gate_norm
+    s0 = torch.tensor(0)  # the raw ops take the seed as a one-element int64 tensor
     with pytest.raises((ValueError, RuntimeError), match="bias_row"):
-        op(zpre, bias_row[:, :3].contiguous(), x, w, b, ALPHA, BETA, 0.0, 0)
+        op(zpre, bias_row[:, :3].contiguous(), x, w, b, ALPHA, BETA, 0.0, s0)
     with pytest.raises((TypeError, RuntimeError), match="ln_weight"):
-        op(zpre, bias_row, x, w.double(), b, ALPHA, BETA, 0.0, 0)
+        op(zpre, bias_row, x, w.double(), b, ALPHA, BETA, 0.0, s0)
     with pytest.raises((ValueError, RuntimeError), match="contiguous"):
-        op(zpre.transpose(0, 1), bias_row, x.transpose(0, 1), w, b, ALPHA, BETA, 0.0, 0)
+        op(zpre.transpose(0, 1), bias_row, x.transpose(0, 1), w, b, ALPHA, BETA, 0.0, s0)
     with pytest.raises((ValueError, RuntimeError), match="p must be"):
-        op(zpre, bias_row, x, w, b, ALPHA, BETA, 1.5, 0)
+        op(zpre, bias_row, x, w, b, ALPHA, BETA, 1.5, s0)
     with pytest.raises((ValueError, RuntimeError), match="seed"):
-        op(zpre, bias_row, x, w, b, ALPHA, BETA, 0.1, -3)
-    y, mean, rstd = op(zpre, bias_row, x, w, b, ALPHA, BETA, 0.0, 0)
+        op(zpre, bias_row, x, w, b, ALPHA, BETA, 0.1, torch.tensor(-3))
+    y, mean, rstd = op(zpre, bias_row, x, w, b, ALPHA, BETA, 0.0, s0)
     bwd = torch.ops.vgmr.gate_norm_backward
     with pytest.raises((ValueError, RuntimeError), match="mean"):
-        bwd(y, zpre, bias_row, x, w, mean[:1].contiguous(), rstd, ALPHA, BETA, 0.0, 0)
+        bwd(y, zpre, bias_row, x, w, mean[:1].contiguous(), rstd, ALPHA, BETA, 0.0, s0)
     with pytest.raises((TypeError, RuntimeError), match="dy"):
-        bwd(y.double(), zpre, bias_row, x, w, mean, rstd, ALPHA, BETA, 0.0, 0)
+        bwd(y.double(), zpre, bias_row, x, w, mean, rstd, ALPHA, BETA, 0.0, s0)
 
 
 # ---- torch.compile -----------------------------------------------------------------------------

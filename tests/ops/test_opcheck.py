@@ -32,7 +32,7 @@ def _gate_args(B, T, D, dtype, grad, p, seed=3):
         0.5,
         0.2,
         p,
-        seed,
+        torch.tensor(seed, dtype=torch.int64),
     )
 
 

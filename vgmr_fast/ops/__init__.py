@@ -3,6 +3,8 @@
 - :func:`summary_pool` ``(h, mask=None) -> (mean, max)`` (SPEC §1)
 - :func:`interaction` ``(s) -> u`` (SPEC §2)
 - :func:`gate_norm` ``(zpre, bias_row, x, ln_weight, ln_bias, *, alpha, beta, p, seed) -> y`` (SPEC §5)
+- :func:`gate_norm_grouped` ``(zpres, bias_rows, xs, ln_weights, ln_biases, *, alpha, beta, p, seeds) -> ys``
+  (every modality in one call)
 
 Each takes ``backend="auto" | "cpu" | "cuda" | "triton"`` (see :mod:`.backend`). Importing this
 package loads ``vgmr_fast._C`` when it is built (the ``torch.ops.vgmr`` operators) but never
@@ -10,7 +12,7 @@ requires it: the pure-torch dropout stream (:mod:`.dropout`) works without it.
 """
 from . import backend, dropout  # noqa: F401  (backend loads vgmr_fast._C defensively)
 from .backend import BACKENDS, GPU_AUTO, available_backends, resolve  # noqa: F401
-from .gate_norm import gate_norm
+from .gate_norm import gate_norm, gate_norm_grouped
 from .interaction import interaction
 from .summary_pool import summary_pool
 
@@ -18,6 +20,7 @@ __all__ = [
     "summary_pool",
     "interaction",
     "gate_norm",
+    "gate_norm_grouped",
     "backend",
     "dropout",
     "BACKENDS",

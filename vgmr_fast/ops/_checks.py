@@ -1,6 +1,7 @@
 """Argument checks shared by the public ops: ValueError / TypeError naming the argument."""
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -54,6 +55,16 @@ def real(v, name: str) -> float:
     return v if isinstance(v, torch.SymFloat) else float(v)
 
 
+def finite_real(v, name: str) -> float:
+    """A real number that is finite (NaN / inf rejected: they make every output NaN)."""
+    if type(v) is float and math.isfinite(v):  # fast path
+        return v
+    v = real(v, name)
+    if not isinstance(v, torch.SymFloat) and not math.isfinite(v):
+        raise ValueError(f"{name}: expected a finite real number, got {v}")
+    return v
+
+
 def probability(p, name: str = "p") -> float:
     if type(p) is float and 0.0 <= p < 1.0:  # fast path
         return p
@@ -69,11 +80,47 @@ def seed(s, name: str = "seed") -> int:
     if type(s) is int and 0 <= s < 9223372036854775808:  # fast path
         return s
     if isinstance(s, bool) or not isinstance(s, (numbers.Integral, torch.SymInt)):
-        raise TypeError(f"{name}: expected a non-negative int, got {type(s).__name__}")
+        raise TypeError(f"{name}: expected a non-negative int or a one-element int64 tensor, "
+                        f"got {type(s).__name__}")
     if isinstance(s, torch.SymInt):
         torch._check(s >= 0, lambda: f"{name}: expected a non-negative int64")
         return s
     s = int(s)
     if not (0 <= s < 2**63):
-        raise ValueError(f"{name}: expected a non-negative int64, got {s}")
+        raise ValueError(f"{name}: expected an int in [0, 2**63), got {s}")
     return s
+
+
+# One never-written int64 zero per device: the seed tensor passed when p == 0 (the kernels
+# then never read it), so inference costs no extra tensor per call.
+_UNUSED_SEED: dict = {}
+
+
+def _capturing(dev: torch.device) -> bool:
+    return dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def seed_tensor(s, ref: torch.Tensor, p, name: str = "seed") -> torch.Tensor:
+    """The dropout seed as the raw ops take it (docs/ops.md): a one-element int64 tensor on
+    ``ref``'s device. ``s``: a Python int in ``[0, 2**63)`` (ValueError / TypeError naming
+    ``name`` otherwise) or such a tensor (checked: int64, one element, ``ref``'s device; its
+    value is not read here, the kernels read it)."""
+    if isinstance(s, torch.Tensor):
+        if s.dtype != torch.int64:
+            raise TypeError(f"{name}: expected an int64 tensor (or a Python int), got dtype {s.dtype}")
+        if s.numel() != 1:
+            raise ValueError(f"{name}: expected a tensor with exactly one element, got shape {tuple(s.shape)}")
+        if s.device != ref.device:
+            raise ValueError(f"{name}: on {s.device}, but x is on {ref.device} (the kernels read the seed there)")
+        return s
+    s = seed(s, name)
+    dev = ref.device
+    if type(p) is float and p == 0.0 and type(ref) is torch.Tensor and not torch.compiler.is_compiling():
+        t = _UNUSED_SEED.get(dev)
+        if t is None:
+            with torch.inference_mode(False):  # a normal tensor: autograd may save it
+                t = torch.zeros((), dtype=torch.int64, device=dev)
+            if not _capturing(dev):  # not from a CUDA graph's private memory pool
+                _UNUSED_SEED[dev] = t
+        return t
+    return torch.full((), s, dtype=torch.int64, device=dev)

@@ -8,6 +8,8 @@ Backends:
   CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
 - ``"auto"``: ``"cpu"`` for CPU tensors, :data:`GPU_AUTO` for CUDA tensors; when that one is
   unavailable it falls back to the other GPU backend with a one-time warning.
+- Meta tensors: every backend whose ops are defined runs them as shape inference (fake
+  kernels), so a model can be built and traced on ``device="meta"``.
 
 Nothing here imports triton or queries CUDA at import time; ``vgmr_fast.triton`` is imported
 on first need, defensively: a missing or broken triton never breaks the CPU path.
@@ -74,6 +76,40 @@ def set_debug_nan_fill(on: bool) -> bool:
     if _C is None:
         return False
     return bool(_C.set_debug_nan_fill(bool(on)))
+
+
+# ---- what the fused autograd does not support: a clear error naming the op --------------
+def unsupported_message(op: str, what: str) -> str:
+    """The one wording of "this fused op cannot do <what>" (the C++ autograd of csrc/ops.cpp says the same)."""
+    name = op.split("::")[-1]
+    return (f"{op}: {what} is not supported by the fused kernels; use the plain-torch reference "
+            f"(vgmr_fast.reference.{name}, or VGMR(backend=\"reference\") for the module)")
+
+
+def no_double_backward(op: str, *tensors) -> None:
+    """Raise when the backward of ``op`` runs with ``create_graph=True`` and would build a graph
+    (any input of the backward requires grad): the fused backward is not differentiable, and a
+    silent graph through it would return wrong second derivatives."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise RuntimeError(unsupported_message(
+            op, "double backward (torch.autograd.grad(..., create_graph=True), gradgradcheck, gradient penalties)"))
+
+
+def check_transforms(op: str, *tensors) -> None:
+    """For ops whose autograd is registered in Python (``vgmr_triton::``): raise under torch.func
+    transforms and forward-mode AD, which that autograd would silently get wrong (zero or
+    missing tangents). The C++ autograd of ``vgmr::`` does the same check itself. Skipped while
+    torch.compile traces (no graph break; dynamo handles transforms around the op itself)."""
+    if torch.compiler.is_compiling():
+        return
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        raise RuntimeError(unsupported_message(
+            op, "torch.func (grad, vmap, jvp, jacrev, functional_call under a transform, ...)"))
+    from torch.autograd import forward_ad
+
+    if forward_ad._current_level >= 0 and any(
+            t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        raise RuntimeError(unsupported_message(op, "forward-mode AD (torch.autograd.forward_ad dual tensors)"))
 
 
 # ---- per-op registration (fake + autograd), one function per op for both namespaces -----
@@ -220,6 +256,8 @@ def resolve(backend: str, tensor, op: str | None = None) -> str:
 def _resolve_slow(backend, dev: str, device, op: str | None) -> str:
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if dev == "meta":
+        return _resolve_meta(backend, op)
     if backend == "auto":
         if dev == "cpu":
             order = ["cpu", "triton"] if triton_usable_on_cpu() else ["cpu"]
@@ -252,6 +290,18 @@ def _resolve_slow(backend, dev: str, device, op: str | None) -> str:
     if not ok:
         raise RuntimeError(f"vgmr_fast.ops: backend={backend!r} requested but {why}")
     return backend
+
+
+def _resolve_meta(backend: str, op: str | None) -> str:
+    """Meta tensors (a model built on ``device="meta"`` first): shape inference only, through the
+    fake kernels every op namespace registers. ``"auto"`` uses the C++ ops' namespace when the
+    extension is loaded, else Triton's; an explicit backend needs its own ops to be defined."""
+    if backend in ("auto", "cpu", "cuda") and has_cpp():
+        return "cpu" if backend == "auto" else backend
+    if backend in ("auto", "triton") and _load_triton() and (op is None or op in _TRITON_STATE.get("ops", ())):
+        return "triton"
+    ok, why = _available("cpu" if backend == "auto" else backend, op)
+    raise RuntimeError(f"vgmr_fast.ops: backend={backend!r} on meta tensors needs its ops to be defined, but {why}")
 
 
 def namespace(backend: str):

@@ -19,7 +19,10 @@ def interaction(s: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     C.rank(s, 3, "s", "[B, M, D]")
     if s.shape[1] < 2:
         raise ValueError(f"s: expected M >= 2 modalities in dim 1, got shape {tuple(s.shape)}")
-    ns = _backend.namespace(_backend.resolve(backend, s, "interaction"))
+    be = _backend.resolve(backend, s, "interaction")
+    if be == "triton":
+        _backend.check_transforms("vgmr_triton::interaction", s)
+    ns = _backend.namespace(be)
     return ns.interaction(s.contiguous())
 
 
@@ -44,6 +47,7 @@ def _register(ns: str, needs_fake: bool) -> None:
 
     def backward(ctx, du):
         (s,) = ctx.saved_tensors
+        _backend.no_double_backward(f"{ns}::interaction", du, s)
         return ops.interaction_backward(du.contiguous(), s)
 
     if _backend.autograd_in_cpp(ns):

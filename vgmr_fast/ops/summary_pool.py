@@ -25,7 +25,10 @@ def summary_pool(h: torch.Tensor, mask: torch.Tensor | None = None, *, backend: 
         C.shape(mask, h.shape[:2], "mask", "[B, T]")
         C.same_device(h, "h", mask=mask)
         mask = mask.contiguous()
-    ns = _backend.namespace(_backend.resolve(backend, h, "summary_pool"))
+    be = _backend.resolve(backend, h, "summary_pool")
+    if be == "triton":
+        _backend.check_transforms("vgmr_triton::summary_pool", h)
+    ns = _backend.namespace(be)
     mean, mx, _ = ns.summary_pool(h.contiguous(), mask)
     return mean, mx
 
@@ -57,6 +60,7 @@ def _register(ns: str, needs_fake: bool) -> None:
 
     def backward(ctx, dmean, dmax, _dargmax):
         saved, argmax = ctx.saved_tensors
+        _backend.no_double_backward(f"{ns}::summary_pool", dmean, dmax)
         mask = saved if ctx.has_mask else None
         if dmean is None:
             dmean = argmax.new_zeros(argmax.shape, dtype=ctx.h_dtype)
