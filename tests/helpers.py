@@ -84,6 +84,15 @@ def interp_slack(backend: str, dtype: torch.dtype, truth: torch.Tensor) -> torch
     return 0.0
 
 
+def kernel_cast(backend: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` (float32) cast to ``dtype`` the way ``backend``'s kernels cast their outputs: the
+    Triton interpreter's fp32 -> bf16 cast truncates (the GPU's rounds to nearest even, as torch)."""
+    if backend == "triton" and TRITON_INTERPRETED and dtype == torch.bfloat16 and t.dtype == torch.float32:
+        bits = t.contiguous().view(torch.int32) & -65536  # keep the upper 16 bits
+        return bits.view(torch.float32).to(dtype)
+    return t.to(dtype)
+
+
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
