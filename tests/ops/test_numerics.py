@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import BACKENDS, cap, device_of, gen
+from helpers import BACKENDS, cap, device_of, gen, kernel_cast
 from vgmr_fast import ops
 from vgmr_fast import reference as ref
 
@@ -47,7 +47,7 @@ def test_row_constant_along_D_gives_exactly_ln_bias(backend, dtype, magnitude, D
     args = _constant_rows(B, T, D, magnitude, dtype, dev)
     args = [a.requires_grad_(True) for a in args]
     y = ops.gate_norm(*args, alpha=ALPHA, beta=BETA, backend=backend)
-    want = args[4].detach().to(dtype).expand(B, T, D)
+    want = kernel_cast(backend, args[4].detach(), dtype).expand(B, T, D)
     assert torch.equal(y.detach(), want), (y.detach() - want).abs().max()
     # the saved mean is the row's value itself and the backward is finite (vhat = 0 exactly)
     pdt = torch.float64 if dtype == torch.float64 else torch.float32

@@ -22,9 +22,10 @@ Module attributes the op layer reads:
     layer must register fake kernels.
 
 Schemas: ``triton_op`` infers the schema from the annotations and maps Python
-``int`` to ``SymInt``, so under it ``T`` and ``seed`` read ``SymInt`` where the
+``int`` to ``SymInt``, so under it ``T`` reads ``SymInt`` where the
 native ``vgmr::`` schemas say ``int`` (same eager behaviour; ``SymInt`` is the more
-permissive type for tracing).  The ``custom_op`` path (``VGMR_TRITON_CUSTOM_OP=1``)
+permissive type for tracing); ``seed`` is a one-element int64 tensor the kernels
+load (CONTRACT: no ``.item()`` on the host).  The ``custom_op`` path (``VGMR_TRITON_CUSTOM_OP=1``)
 uses the exact ``vgmr::`` schema strings below.
 ``AVAILABLE``
     Triton is importable and the kernels can run here: ``TRITON_INTERPRET=1`` was
@@ -39,7 +40,8 @@ import os
 
 import torch
 
-__all__ = ["AVAILABLE", "NEEDS_FAKE", "INTERPRET", "CONFIG", "is_available", "unavailable_reason"]
+__all__ = ["AVAILABLE", "NEEDS_FAKE", "INTERPRET", "CONFIG", "is_available", "unavailable_reason", "launch",
+           "recording"]
 
 # Triton decides between compiling and interpreting when a kernel is decorated,
 # from the environment at that moment: read it once, here, for the same answer.
@@ -75,8 +77,9 @@ CONFIG = {
     # the row is tiled in chunks of gn_chunk_d (a stats kernel, then an elementwise one).
     "gn_max_single_d": 8192,
     "gn_chunk_d": 4096,
-    # the backward keeps ~3x more live values per element: smaller single-block limit
-    "gn_bwd_max_single_d": 4096,
+    # the backward keeps ~3x more live values per element: smaller single-block limit (at
+    # 4096 a row needs 16 values per thread at 8 warps, and the AOT compile showed it spilling)
+    "gn_bwd_max_single_d": 2048,
     "gn_bwd_chunk_d": 2048,
     # elements per program tile when several short rows share one program
     "gn_max_tile": 4096,
@@ -123,25 +126,76 @@ def num_warps_for(elements: int) -> int:
     return w
 
 
-def check_device(*tensors: torch.Tensor) -> None:
-    """The kernels run on CUDA tensors, or on CPU tensors under the interpreter."""
-    for t in tensors:
-        if t.device.type == "cuda":
-            continue
-        if t.device.type == "cpu" and INTERPRET:
-            continue
+def check_device(op: str, ref_name: str, ref: torch.Tensor, **others) -> None:
+    """The kernels run on CUDA tensors (or CPU tensors under the interpreter, or while
+    :func:`recording` launches), every argument on ``ref``'s device: errors name the argument."""
+    dev = ref.device
+    if not (dev.type == "cuda" or (dev.type == "cpu" and (INTERPRET or _RECORDER is not None))):
         raise RuntimeError(
-            f"vgmr_triton ops need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set "
-            f"before triton is imported); got a tensor on {t.device}"
+            f"{op}: {ref_name} must be a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1 set "
+            f"before triton is imported), got a tensor on {dev}"
         )
+    for name, t in others.items():
+        if t is not None and t.device != dev:
+            raise ValueError(f"{op}: {name} is on {t.device}, but {ref_name} is on {dev} (mixed devices)")
+
+
+def check_dtype(op: str, name: str, t: torch.Tensor, want: torch.dtype, why: str = "") -> None:
+    """No silent casts: a side input of the wrong dtype is an error naming it (as in the C++ ops)."""
+    if t.dtype != want:
+        raise TypeError(f"{op}: {name} must be {want}{why}, got {t.dtype}")
+
+
+def check_seed(op: str, seed: torch.Tensor, ref: torch.Tensor) -> None:
+    """``seed``: a one-element int64 tensor on ``ref``'s device; the kernels load it (no host sync)."""
+    if not isinstance(seed, torch.Tensor):
+        raise TypeError(f"{op}: seed must be a one-element int64 tensor, got {type(seed).__name__}")
+    if seed.dtype != torch.int64:
+        raise TypeError(f"{op}: seed must be an int64 tensor, got {seed.dtype}")
+    if seed.numel() != 1:
+        raise ValueError(f"{op}: seed must have exactly one element, got shape {tuple(seed.shape)}")
+    if seed.device != ref.device:
+        raise ValueError(f"{op}: seed is on {seed.device}, but x is on {ref.device}")
+
+
+# ---------------------------------------------------------------------------
+# Launching, and recording launches for the ahead-of-time compile (aot.py)
+# ---------------------------------------------------------------------------
+_RECORDER = None
+
+
+def launch(kernel, grid, *args, **meta) -> None:
+    """``wrap_triton(kernel)[grid](*args, **meta)``; while :func:`recording`, only record it."""
+    if _RECORDER is not None:
+        _RECORDER.append((kernel, grid, args, meta))
+        return
+    wrap_triton(kernel)[grid](*args, **meta)
+
+
+class recording:
+    """Run launchers without launching: every launch's (kernel, grid, args, meta) is appended to
+    the list this context yields.  CPU tensors are accepted (probe inputs for aot.py)."""
+
+    def __enter__(self):
+        global _RECORDER
+        self._old = _RECORDER
+        _RECORDER = []
+        return _RECORDER
+
+    def __exit__(self, *exc):
+        global _RECORDER
+        _RECORDER = self._old
+        return False
 
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def check_float(name: str, t: torch.Tensor) -> None:
+def check_float(op: str, name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
     if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"vgmr_triton: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+        raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
 
 
 def define_op(name: str):
@@ -163,11 +217,11 @@ _SCHEMAS = {
     "interaction_backward": "(Tensor du, Tensor s) -> Tensor",
     "gate_norm": (
         "(Tensor zpre, Tensor bias_row, Tensor x, Tensor ln_weight, Tensor ln_bias, "
-        "float alpha, float beta, float p, int seed) -> (Tensor, Tensor, Tensor)"
+        "float alpha, float beta, float p, Tensor seed) -> (Tensor, Tensor, Tensor)"
     ),
     "gate_norm_backward": (
         "(Tensor dy, Tensor zpre, Tensor bias_row, Tensor x, Tensor ln_weight, Tensor mean, "
-        "Tensor rstd, float alpha, float beta, float p, int seed) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+        "Tensor rstd, float alpha, float beta, float p, Tensor seed) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
 }
 

@@ -5,7 +5,7 @@ its counter block is 32-bit; given an int64 counter it switches to Philox4x64 wi
 key ``(seed, 0)``, which is a different stream.  Our counters
 ``n = r * ceil(D / 4) + c // 4`` pass 2**32 on large tensors, so the generator is
 written here in uint32 arithmetic (``tl.umulhi`` + wrapping ``*``) with the counter
-``(lo32(n), hi32(n), 0, 0)``; ``tests/triton/test_philox.py`` proves it against the
+``(lo32(n), hi32(n), 0, 0)``; ``tests/backend_triton/test_philox.py`` proves it against the
 test vectors of CONVENTIONS.md and against ``vgmr_fast.ops.dropout.philox4x32``.
 
 Triton APIs: ``tl.umulhi``, ``tl.static_range``, ``tl.join``, ``tl.reshape`` (all in
@@ -16,10 +16,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-_PHILOX_M0 = tl.constexpr(0xD2511F53)
-_PHILOX_M1 = tl.constexpr(0xCD9E8D57)
-_PHILOX_W0 = tl.constexpr(0x9E3779B9)
-_PHILOX_W1 = tl.constexpr(0xBB67AE85)
+from vgmr_fast import philox_constants as _K
+
+_PHILOX_M0 = tl.constexpr(_K.PHILOX_M0)
+_PHILOX_M1 = tl.constexpr(_K.PHILOX_M1)
+_PHILOX_W0 = tl.constexpr(_K.PHILOX_W0)
+_PHILOX_W1 = tl.constexpr(_K.PHILOX_W1)
 
 
 @triton.jit
@@ -51,11 +53,16 @@ def philox4x32(k0, k1, n):
 
 
 @triton.jit
-def seed_key(seed_lo, seed_hi):
-    """The uint32 Philox key from the two halves of the seed passed as ints in [0, 2**32)."""
-    k0 = tl.full((1,), 0, tl.int64) + seed_lo
-    k1 = tl.full((1,), 0, tl.int64) + seed_hi
-    return k0.to(tl.uint32), k1.to(tl.uint32)
+def seed_key(seed_ptr):
+    """The uint32 Philox key ``(lo32(seed), hi32(seed))`` of the int64 seed at ``seed_ptr``.
+
+    Read from device memory (CONTRACT: no ``.item()`` on the host, a CUDA graph replays with
+    the seed tensor's current value); shaped ``(1,)`` so it broadcasts over any block.
+    """
+    seed = tl.load(seed_ptr + tl.zeros((1,), dtype=tl.int32))
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    return k0, k1
 
 
 @triton.jit
@@ -78,14 +85,14 @@ def keep_block(k0, k1, rows, col0, D, thresh, BLOCK_R: tl.constexpr, BLOCK_D: tl
     return w >= thresh
 
 
-@triton.jit
-def _philox_words_kernel(out_ptr, n_ptr, N, seed_lo, seed_hi, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["N"])
+def _philox_words_kernel(out_ptr, n_ptr, N, seed_ptr, BLOCK: tl.constexpr):
     # Test helper: words 0..3 of counter n_ptr[i] into out_ptr[4 i .. 4 i + 3] (int64, uint32 values).
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     m = offs < N
     n = tl.load(n_ptr + offs, mask=m, other=0)
-    k0, k1 = seed_key(seed_lo, seed_hi)
+    k0, k1 = seed_key(seed_ptr)
     w0, w1, w2, w3 = philox4x32(k0, k1, n)
     tl.store(out_ptr + 4 * offs + 0, w0.to(tl.int64), mask=m)
     tl.store(out_ptr + 4 * offs + 1, w1.to(tl.int64), mask=m)
@@ -93,15 +100,15 @@ def _philox_words_kernel(out_ptr, n_ptr, N, seed_lo, seed_hi, BLOCK: tl.constexp
     tl.store(out_ptr + 4 * offs + 3, w3.to(tl.int64), mask=m)
 
 
-@triton.jit
-def _keep_mask_kernel(out_ptr, R, D, row0, seed_lo, seed_hi, thresh,
+@triton.jit(do_not_specialize=["R", "row0", "thresh"])
+def _keep_mask_kernel(out_ptr, R, D, row0, seed_ptr, thresh: tl.int64,
                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     # Test helper: rows row0 .. row0 + R - 1 of the keep mask of a [*, D] tensor (int8, [R, D]),
     # drawn with keep_block as gate_norm draws it, one row tile per program.
     pid = tl.program_id(0).to(tl.int64)
     local = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rows = local + row0
-    k0, k1 = seed_key(seed_lo, seed_hi)
+    k0, k1 = seed_key(seed_ptr)
     th = (tl.full((1,), 0, tl.int64) + thresh).to(tl.uint32)
     for c0 in range(0, D, BLOCK_D):
         cols = c0 + tl.arange(0, BLOCK_D)
@@ -110,40 +117,58 @@ def _keep_mask_kernel(out_ptr, R, D, row0, seed_lo, seed_hi, thresh,
         tl.store(out_ptr + local[:, None] * D + cols[None, :], keep.to(tl.int8), mask=m)
 
 
-def split_seed(seed: int):
-    """``(lo32, hi32)`` of a non-negative int64 seed, as Python ints (host side, no sync)."""
+def keep_threshold(p: float) -> int:
+    """Keep threshold ``min(2**32 - 1, floor(p * 2**32))`` (CONVENTIONS.md), computed on the host
+    in double; ``ValueError`` naming ``p`` outside [0, 1).  The same rule as
+    ``vgmr_fast.ops.dropout.threshold`` (kernels do not import the op layer; a test compares them)."""
+    p = float(p)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"p: dropout probability must be in [0, 1), got {p}")
+    return min(_K.MASK32, int(p * 4294967296.0))
+
+
+def seed_tensor(seed, device) -> "torch.Tensor":
+    """A one-element int64 tensor for a Python int seed in [0, 2**63) (test helpers)."""
+    import torch
+
+    if isinstance(seed, torch.Tensor):
+        return seed
     seed = int(seed)
     if not 0 <= seed < 2**63:
         raise ValueError(f"seed must be a non-negative int64, got {seed}")
-    return seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+    return torch.tensor([seed], dtype=torch.int64, device=device)
 
 
-def philox_words(seed: int, counters):
-    """Words ``[N, 4]`` (int64 holding uint32) of Philox4x32-10 for int64 ``counters`` (a tensor)."""
+def philox_words(seed, counters):
+    """Words ``[N, 4]`` (int64 holding uint32) of Philox4x32-10 for int64 ``counters`` (a tensor);
+    ``seed``: an int or a one-element int64 tensor."""
     import torch
 
     n = counters.reshape(-1).to(torch.int64).contiguous()
     out = torch.empty((n.numel(), 4), dtype=torch.int64, device=n.device)
+    seed_t = seed_tensor(seed, n.device)
     if n.numel():
-        lo, hi = split_seed(seed)
         BLOCK = 64
-        _philox_words_kernel[(triton.cdiv(n.numel(), BLOCK),)](out, n, n.numel(), lo, hi, BLOCK=BLOCK)
+        from . import launch
+
+        launch(_philox_words_kernel, (triton.cdiv(n.numel(), BLOCK),), out, n, n.numel(), seed_t, BLOCK=BLOCK)
     return out
 
 
-def keep_mask(seed: int, rows: int, cols: int, p: float, device="cpu", block_d: int | None = None,
+def keep_mask(seed, rows: int, cols: int, p: float, device="cpu", block_d: int | None = None,
               row0: int = 0):
     """Rows ``row0 .. row0 + rows - 1`` of the keep mask of a ``[*, cols]`` tensor, as the
     Triton kernels draw it (for tests; ``block_d`` forces the column chunk width)."""
     import torch
 
-    from vgmr_fast.ops.dropout import threshold
-
     out = torch.empty((rows, cols), dtype=torch.int8, device=device)
+    seed_t = seed_tensor(seed, device)
+    thresh = keep_threshold(p)
     if rows and cols:
-        lo, hi = split_seed(seed)
         BLOCK_D = block_d or max(4, triton.next_power_of_2(cols))
         BLOCK_R = 4
-        _keep_mask_kernel[(triton.cdiv(rows, BLOCK_R),)](
-            out, rows, cols, int(row0), lo, hi, threshold(p), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D)
+        from . import launch
+
+        launch(_keep_mask_kernel, (triton.cdiv(rows, BLOCK_R),),
+               out, rows, cols, int(row0), seed_t, thresh, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D)
     return out.bool()

@@ -9,6 +9,8 @@ first NaN wins (as ``torch.max``).  A row with no valid step gets
 Backward: one program per ``(b, T-block, D-block)``:
 ``dh[b,t] = mask[b,t] * dmean[b] / max(1, n_b) + (t == argmax[b]) * dmax[b]``,
 ``n_b`` recounted from the mask in the program (no host sync, no extra launch).
+
+Tiles come from the named table :func:`configs` (``aot.py`` compiles every entry).
 """
 
 from typing import Optional, Tuple
@@ -17,12 +19,17 @@ import torch
 import triton
 import triton.language as tl
 
-from . import CONFIG, alloc, check_device, check_float, define_op, num_warps_for, sm_count, wrap_triton
+from . import CONFIG, alloc, check_device, check_float, define_op, launch, sm_count
+
+_OP = "vgmr_triton::summary_pool"
+_OP_BWD = "vgmr_triton::summary_pool_backward"
+#: T must fit the int32 argmax with -1 as the "no valid step" sentinel (as vgmr::summary_pool).
+_T_MAX = 2**31 - 1
 
 _BIG = tl.constexpr(2147483647)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "n_db"])
 def _sp_fwd_kernel(
     mean_ptr, max_ptr, arg_ptr, h_ptr, mask_ptr,
     T, D, n_db,
@@ -67,7 +74,7 @@ def _sp_fwd_kernel(
     tl.store(arg_ptr + out, run_idx, mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "n_tb", "n_db"])
 def _sp_bwd_kernel(
     dh_ptr, dmean_ptr, dmax_ptr, mask_ptr, arg_ptr,
     T, D, n_tb, n_db,
@@ -94,6 +101,9 @@ def _sp_bwd_kernel(
         n = T * 1.0
         valid = tmask
     n = tl.maximum(n, 1.0)
+    # dmean / dmax / argmax are [B, D] vectors in a slice of the tile's layout, read once per
+    # program with scalar loads (the resource table shows 32-bit loads here); the traffic that
+    # matters, the [T, D] tile of dh, is stored with 128-bit vectors for aligned rows.
     dmean = tl.load(dmean_ptr + b * D + cols, mask=cmask, other=0.0).to(tl.float32)
     dmax = tl.load(dmax_ptr + b * D + cols, mask=cmask, other=0.0).to(tl.float32)
     arg = tl.load(arg_ptr + b * D + cols, mask=cmask, other=-1)
@@ -103,49 +113,77 @@ def _sp_bwd_kernel(
     tl.store(dh_ptr + (b * T + ts)[:, None] * D + cols[None, :], dh.to(dh_ptr.dtype.element_ty), mask=m2)
 
 
-def _blocks(B: int, T: int, D: int, device: torch.device):
-    block_d = min(max(1, triton.next_power_of_2(D)), triton.next_power_of_2(CONFIG["sp_block_d"]))
-    # the forward has one program per (b, D-block): narrow the blocks while that underfills the GPU
-    while block_d > 32 and B * triton.cdiv(D, block_d) < 2 * sm_count(device):
-        block_d //= 2
-    block_t = max(1, min(triton.next_power_of_2(max(T, 1)), CONFIG["sp_max_tile"] // block_d))
-    block_t = triton.next_power_of_2(block_t)
-    return block_t, block_d
+#: Rows of the mask counted per step of the backward's count loop.
+BLOCK_N = 256
 
 
-def _mask_arg(mask: Optional[torch.Tensor], B: int, T: int, like: torch.Tensor):
+def _warps(elements: int, block_d: int) -> int:
+    # 8 values per thread (a 128-bit bf16/fp16 access) and 16 for the narrowest block: what
+    # the AOT compile found free of spills (ptxas 13 spilled 8 bytes of the forward's running
+    # max/argmax/NaN tiles at 80-95 registers for 16 per thread at D-block 64 and for 8 per
+    # thread at D-block 32, bf16).
+    per_thread = 16 if block_d <= 32 else 8
+    return max(1, min(8, elements // (32 * per_thread)))
+
+
+def configs():
+    """Named configurations: ``BLOCK_D`` from ``sp_block_d`` halved down to 32 (narrower
+    blocks when ``B * D-blocks`` would underfill the GPU), ``BLOCK_T`` filling a tile of
+    ``sp_max_tile`` elements, ``num_warps`` for that tile."""
+    out = []
+    bd = triton.next_power_of_2(CONFIG["sp_block_d"])
+    while True:
+        bt = max(1, CONFIG["sp_max_tile"] // bd)
+        out.append({"name": f"d{bd}_t{bt}", "BLOCK_D": bd, "BLOCK_T": bt, "num_warps": _warps(bt * bd, bd)})
+        if bd <= 32:
+            return out
+        bd //= 2
+
+
+def _pick(B: int, D: int, device: torch.device):
+    table = configs()
+    for cfg in table[:-1]:
+        if D <= cfg["BLOCK_D"] // 2:
+            continue  # a narrower block covers the row
+        # the forward has one program per (b, D-block): narrower blocks while that underfills the GPU
+        if B * triton.cdiv(D, cfg["BLOCK_D"]) >= 2 * sm_count(device):
+            return cfg
+    return table[-1]
+
+
+def _mask_arg(op: str, mask: Optional[torch.Tensor], B: int, T: int, like: torch.Tensor):
     if mask is None:
         return like, False
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{op}: mask must be bool (True = valid step), got {mask.dtype}")
     if tuple(mask.shape) != (B, T):
-        raise ValueError(f"vgmr_triton.summary_pool: mask must be [B, T] = {(B, T)}, got {tuple(mask.shape)}")
-    check_device(mask)
-    mask = mask.contiguous()
-    if mask.dtype == torch.bool:
-        mask = mask.view(torch.uint8)
-    return mask, True
+        raise ValueError(f"{op}: mask must be [B, T] = {(B, T)}, got {tuple(mask.shape)}")
+    check_device(op, "h" if op == _OP else "dmean", like, mask=mask)
+    return mask.contiguous().view(torch.uint8), True
 
 
 @define_op("summary_pool")
 def summary_pool(
     h: torch.Tensor, mask: Optional[torch.Tensor]
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    check_float("h", h)
+    check_float(_OP, "h", h)
     if h.dim() != 3:
-        raise ValueError(f"vgmr_triton.summary_pool: h must be [B, T, D], got {tuple(h.shape)}")
-    check_device(h)
+        raise ValueError(f"{_OP}: h must be [B, T, D], got {tuple(h.shape)}")
+    check_device(_OP, "h", h)
     B, T, D = h.shape
+    if T >= _T_MAX:
+        raise ValueError(f"{_OP}: T must fit the int32 argmax (T < 2**31 - 1), got {T}")
+    mask_t, has_mask = _mask_arg(_OP, mask, B, T, h)
     h = h.contiguous()
-    mask_t, has_mask = _mask_arg(mask, B, T, h)
     mean = alloc((B, D), h.dtype, h.device)
     mx = alloc((B, D), h.dtype, h.device)
     arg = alloc((B, D), torch.int32, h.device)
     if B * D == 0:
         return mean, mx, arg
-    block_t, block_d = _blocks(B, T, D, h.device)
-    n_db = triton.cdiv(D, block_d)
-    wrap_triton(_sp_fwd_kernel)[(B * n_db,)](
-        mean, mx, arg, h, mask_t, T, D, n_db,
-        HAS_MASK=has_mask, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps_for(block_t * block_d))
+    cfg = _pick(B, D, h.device)
+    n_db = triton.cdiv(D, cfg["BLOCK_D"])
+    launch(_sp_fwd_kernel, (B * n_db,), mean, mx, arg, h, mask_t, T, D, n_db,
+           HAS_MASK=has_mask, BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
     return mean, mx, arg
 
 
@@ -153,28 +191,36 @@ def summary_pool(
 def summary_pool_backward(
     dmean: torch.Tensor, dmax: torch.Tensor, mask: Optional[torch.Tensor], argmax: torch.Tensor, T: int
 ) -> torch.Tensor:
-    check_float("dmean", dmean)
-    check_float("dmax", dmax)
-    if dmean.dim() != 2 or dmax.shape != dmean.shape or argmax.shape != dmean.shape:
-        raise ValueError("vgmr_triton.summary_pool_backward: dmean, dmax and argmax must be [B, D] of one shape")
+    check_float(_OP_BWD, "dmean", dmean)
+    check_float(_OP_BWD, "dmax", dmax)
+    if dmean.dim() != 2:
+        raise ValueError(f"{_OP_BWD}: dmean must be [B, D], got {tuple(dmean.shape)}")
+    if dmax.dtype != dmean.dtype:
+        raise TypeError(f"{_OP_BWD}: dmax must have the dtype of dmean ({dmean.dtype}), got {dmax.dtype}")
+    if dmax.shape != dmean.shape:
+        raise ValueError(f"{_OP_BWD}: dmax must have the shape of dmean {tuple(dmean.shape)}, got {tuple(dmax.shape)}")
     if argmax.dtype != torch.int32:
-        raise TypeError(f"vgmr_triton.summary_pool_backward: argmax must be int32, got {argmax.dtype}")
-    check_device(dmean, dmax, argmax)
+        raise TypeError(f"{_OP_BWD}: argmax must be int32, got {argmax.dtype}")
+    if argmax.shape != dmean.shape:
+        raise ValueError(f"{_OP_BWD}: argmax must have the shape of dmean {tuple(dmean.shape)}, "
+                         f"got {tuple(argmax.shape)}")
+    check_device(_OP_BWD, "dmean", dmean, dmax=dmax, argmax=argmax)
     B, D = dmean.shape
     T = int(T)
+    if not 0 <= T < _T_MAX:
+        raise ValueError(f"{_OP_BWD}: T must be a non-negative int32 below 2**31 - 1 (the argmax "
+                         f"sentinel is -1), got {T}")
     dmean = dmean.contiguous()
     dmax = dmax.contiguous()
     argmax = argmax.contiguous()
-    mask_t, has_mask = _mask_arg(mask, B, T, dmean)
+    mask_t, has_mask = _mask_arg(_OP_BWD, mask, B, T, dmean)
     dh = alloc((B, T, D), dmean.dtype, dmean.device)
     if B * T * D == 0:
         return dh
-    block_t, block_d = _blocks(B, T, D, dmean.device)
-    n_db = triton.cdiv(D, block_d)
-    n_tb = triton.cdiv(T, block_t)
-    block_n = min(1024, triton.next_power_of_2(T))
-    wrap_triton(_sp_bwd_kernel)[(B * n_tb * n_db,)](
-        dh, dmean, dmax, mask_t, argmax, T, D, n_tb, n_db,
-        HAS_MASK=has_mask, BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_N=block_n,
-        num_warps=num_warps_for(block_t * block_d))
+    cfg = _pick(B, D, dmean.device)
+    n_db = triton.cdiv(D, cfg["BLOCK_D"])
+    n_tb = triton.cdiv(T, cfg["BLOCK_T"])
+    launch(_sp_bwd_kernel, (B * n_tb * n_db,), dh, dmean, dmax, mask_t, argmax, T, D, n_tb, n_db,
+           HAS_MASK=has_mask, BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"], BLOCK_N=BLOCK_N,
+           num_warps=cfg["num_warps"])
     return dh

@@ -115,13 +115,39 @@ def test_same_as_tl_randint4x_on_32_bit_counters():
         assert torch.equal(out.view(-1, 4).cpu(), dropout.philox4x32(seed, n.cpu())), seed
 
 
-def test_seed_checks():
-    from vgmr_fast.triton.philox import split_seed
+def test_seed_tensor_checks():
+    from vgmr_fast.triton.philox import seed_tensor
 
-    assert split_seed(1099511627779) == (3, 256)
-    for bad in (-1, 2**63):
-        with pytest.raises(ValueError):
-            split_seed(bad)
+    t = seed_tensor(1099511627779, DEVICE)
+    assert t.dtype == torch.int64 and t.numel() == 1 and int(t) == 1099511627779
+    for bad in (-1, 2**63, 2**64):
+        with pytest.raises(ValueError, match="seed"):
+            seed_tensor(bad, DEVICE)
+
+
+def test_keep_threshold_is_the_op_layers():
+    # The kernels do not import the op layer; the two definitions of the threshold must agree.
+    from vgmr_fast.triton.philox import keep_threshold
+
+    for p in (0.0, 1e-12, 0.1, 0.25, 0.5, 0.5 + 2**-33, 0.9, 1 - 2**-30, 1 - 2**-53):
+        assert keep_threshold(p) == dropout.threshold(p), p
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="p"):
+            keep_threshold(bad)
+
+
+def test_seed_is_read_from_memory():
+    # The kernels load the seed from its tensor: changing the tensor's value in place changes
+    # the stream (what a CUDA graph replay with a fresh seed relies on).
+    from vgmr_fast.triton.philox import philox_words
+
+    seed = torch.tensor([20261123], dtype=torch.int64, device=DEVICE)
+    n = torch.tensor([1, 4294967301], device=DEVICE)
+    a = philox_words(seed, n).cpu()
+    seed.fill_(1099511627779)
+    b = philox_words(seed, n).cpu()
+    assert torch.equal(a, dropout.philox4x32(20261123, n.cpu()))
+    assert torch.equal(b, dropout.philox4x32(1099511627779, n.cpu()))
 
 
 # ---------------------------------------------------------------------------

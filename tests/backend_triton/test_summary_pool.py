@@ -17,7 +17,7 @@ from vgmr_fast import reference as ref
 
 pytestmark = pytest.mark.skipif(not VT.AVAILABLE, reason=f"Triton unavailable: {VT.unavailable_reason()}")
 
-from rules import DEVICE, DTYPES, atol_for, check, interp_slack  # noqa: F401
+from rules import DEVICE, DTYPES, check  # noqa: E402
 
 
 def expected_argmax(h, mask):
@@ -154,11 +154,31 @@ def test_noncontiguous_and_mask_dtypes():
 
 
 def test_argument_errors():
+    # What vgmr::summary_pool checks, with the argument named.
+    sp, spb = torch.ops.vgmr_triton.summary_pool, torch.ops.vgmr_triton.summary_pool_backward
     h = torch.randn(2, 3, 4, device=DEVICE)
-    with pytest.raises(ValueError):
-        torch.ops.vgmr_triton.summary_pool(h, torch.ones(2, 4, dtype=torch.bool, device=DEVICE))
-    with pytest.raises(TypeError):
-        torch.ops.vgmr_triton.summary_pool(h.to(torch.int32), None)
+    with pytest.raises(ValueError, match="mask"):
+        sp(h, torch.ones(2, 4, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(TypeError, match="h"):
+        sp(h.to(torch.int32), None)
+    for dt in (torch.uint8, torch.float32, torch.int64):  # no silent reinterpretation of the mask
+        with pytest.raises(TypeError, match="mask must be bool"):
+            sp(h, torch.ones(2, 3, dtype=dt, device=DEVICE))
+    # T must fit the int32 argmax with its -1 sentinel (an expanded view: no memory)
+    huge = torch.zeros(1, 1, 1, device=DEVICE).expand(1, 2**31 - 1, 1)
+    with pytest.raises(ValueError, match="T must fit the int32 argmax"):
+        sp(huge, None)
+    mean, mx, arg = sp(h, None)
+    with pytest.raises(ValueError, match="T"):
+        spb(mean, mx, None, arg, 2**31 - 1)
+    with pytest.raises(ValueError, match="T"):
+        spb(mean, mx, None, arg, -1)
+    with pytest.raises(TypeError, match="argmax must be int32"):
+        spb(mean, mx, None, arg.long(), 3)
+    with pytest.raises(TypeError, match="dmax must have the dtype of dmean"):
+        spb(mean, mx.half(), None, arg, 3)
+    with pytest.raises(TypeError, match="mask must be bool"):
+        spb(mean, mx, torch.ones(2, 3, dtype=torch.uint8, device=DEVICE), arg, 3)
 
 
 # ---------------------------------------------------------------------------

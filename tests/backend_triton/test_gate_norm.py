@@ -22,8 +22,14 @@ from vgmr_fast.ops import dropout
 
 pytestmark = pytest.mark.skipif(not VT.AVAILABLE, reason=f"Triton unavailable: {VT.unavailable_reason()}")
 
-from rules import DEVICE, DTYPES, atol_for, check, interp_slack  # noqa: F401
+from rules import DEVICE, DTYPES, check  # noqa: E402
 ALPHA, BETA = 0.5, 0.2
+
+
+def S(seed):
+    """The raw ops take the seed as a one-element int64 tensor on the inputs' device (CONTRACT)."""
+    return torch.tensor([seed], dtype=torch.int64, device=DEVICE)
+
 BIG_SEED = 1099511627779  # > 2**32: both key words non-zero
 
 
@@ -60,11 +66,11 @@ def reference_run(inputs, dy, p, seed, dtype, alpha=ALPHA, beta=BETA):
 
 def run_and_check(B, T, D, dtype, p, seed=BIG_SEED, noncontig=False, alpha=ALPHA, beta=BETA):
     inputs, dy = make_inputs(B, T, D, dtype, seed=B * 1000 + T * 10 + D, noncontig=noncontig)
-    y, mean, rstd = torch.ops.vgmr_triton.gate_norm(*inputs, alpha, beta, p, seed)
+    y, mean, rstd = torch.ops.vgmr_triton.gate_norm(*inputs, alpha, beta, p, S(seed))
     assert y.dtype == dtype and y.shape == (B, T, D)
     assert mean.dtype == torch.float32 and rstd.dtype == torch.float32 and mean.shape == (B, T)
     grads = torch.ops.vgmr_triton.gate_norm_backward(dy, inputs[0], inputs[1], inputs[2], inputs[3],
-                                                     mean, rstd, alpha, beta, p, seed)
+                                                     mean, rstd, alpha, beta, p, S(seed))
     dzpre, dbias, dx, dw, db = grads
     assert dzpre.dtype == dtype and dx.dtype == dtype
     assert dbias.dtype == dw.dtype == db.dtype == torch.float32
@@ -126,11 +132,11 @@ def test_noncontiguous_inputs():
 
 def test_backward_deterministic():
     inputs, dy = make_inputs(3, 9, 74, torch.float32)
-    y, mean, rstd = torch.ops.vgmr_triton.gate_norm(*inputs, ALPHA, BETA, 0.2, 7)
+    y, mean, rstd = torch.ops.vgmr_triton.gate_norm(*inputs, ALPHA, BETA, 0.2, S(7))
     a = torch.ops.vgmr_triton.gate_norm_backward(dy, inputs[0], inputs[1], inputs[2], inputs[3], mean, rstd,
-                                                 ALPHA, BETA, 0.2, 7)
+                                                 ALPHA, BETA, 0.2, S(7))
     b = torch.ops.vgmr_triton.gate_norm_backward(dy, inputs[0], inputs[1], inputs[2], inputs[3], mean, rstd,
-                                                 ALPHA, BETA, 0.2, 7)
+                                                 ALPHA, BETA, 0.2, S(7))
     for u, v in zip(a, b):
         assert torch.equal(u, v)
 
@@ -138,34 +144,92 @@ def test_backward_deterministic():
 def test_dropout_mask_and_rate():
     B, T, D, p = 4, 16, 130, 0.3
     inputs, _ = make_inputs(B, T, D, torch.float32)
-    y0, _, _ = torch.ops.vgmr_triton.gate_norm(*inputs, ALPHA, BETA, 0.0, 0)
+    y0, _, _ = torch.ops.vgmr_triton.gate_norm(*inputs, ALPHA, BETA, 0.0, S(0))
     for seed in (0, 20261123, 2**62 + 12345):
-        y, _, _ = torch.ops.vgmr_triton.gate_norm(*inputs, ALPHA, BETA, p, seed)
+        y, _, _ = torch.ops.vgmr_triton.gate_norm(*inputs, ALPHA, BETA, p, S(seed))
         keep = dropout.keep_mask(seed, B * T, D, p).view(B, T, D)
         assert torch.equal(y.cpu() != 0, keep & (y0.cpu() != 0))
         torch.testing.assert_close(y.cpu()[keep], (y0.cpu() / (1 - p))[keep], rtol=1e-6, atol=1e-6)
         rate = keep.double().mean().item()
         assert abs(rate - (1 - p)) < 0.03, rate
-    ya, _, _ = torch.ops.vgmr_triton.gate_norm(*inputs, ALPHA, BETA, p, 1)
-    yb, _, _ = torch.ops.vgmr_triton.gate_norm(*inputs, ALPHA, BETA, p, 2)
+    ya, _, _ = torch.ops.vgmr_triton.gate_norm(*inputs, ALPHA, BETA, p, S(1))
+    yb, _, _ = torch.ops.vgmr_triton.gate_norm(*inputs, ALPHA, BETA, p, S(2))
     assert not torch.equal(ya != 0, yb != 0)
 
 
 def test_argument_errors():
+    # What vgmr::gate_norm checks, with the argument named; no silent casts of side inputs.
     inputs, dy = make_inputs(1, 2, 3, torch.float32)
-    for p in (1.0, -0.1, 1.5):
-        with pytest.raises(ValueError):
-            torch.ops.vgmr_triton.gate_norm(*inputs, ALPHA, BETA, p, 0)
-    with pytest.raises(ValueError):
-        torch.ops.vgmr_triton.gate_norm(*inputs, ALPHA, BETA, 0.1, -1)
+    gn = torch.ops.vgmr_triton.gate_norm
+    for p in (1.0, -0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="p"):
+            gn(*inputs, ALPHA, BETA, p, S(0))
     bad = list(inputs)
     bad[1] = torch.zeros(2, 3, device=DEVICE)
-    with pytest.raises(ValueError):
-        torch.ops.vgmr_triton.gate_norm(*bad, ALPHA, BETA, 0.0, 0)
+    with pytest.raises(ValueError, match="bias_row"):
+        gn(*bad, ALPHA, BETA, 0.0, S(0))
     bad = list(inputs)
     bad[2] = bad[2].to(torch.int32)
-    with pytest.raises(TypeError):
-        torch.ops.vgmr_triton.gate_norm(*bad, ALPHA, BETA, 0.0, 0)
+    with pytest.raises(TypeError, match="x"):
+        gn(*bad, ALPHA, BETA, 0.0, S(0))
+    bad = list(inputs)
+    bad[0] = bad[0].to(torch.bfloat16)
+    with pytest.raises(TypeError, match="zpre must have the dtype of x"):
+        gn(*bad, ALPHA, BETA, 0.0, S(0))
+    for i, name in ((1, "bias_row"), (3, "ln_weight"), (4, "ln_bias")):
+        for dt in (torch.float64, torch.bfloat16):
+            bad = list(inputs)
+            bad[i] = bad[i].to(dt)
+            with pytest.raises(TypeError, match=name):
+                gn(*bad, ALPHA, BETA, 0.0, S(0))
+    with pytest.raises(TypeError, match="seed"):
+        gn(*inputs, ALPHA, BETA, 0.1, S(0).to(torch.int32))
+    with pytest.raises(ValueError, match="seed"):
+        gn(*inputs, ALPHA, BETA, 0.1, torch.tensor([1, 2], device=DEVICE))
+    y, mean, rstd = gn(*inputs, ALPHA, BETA, 0.0, S(0))
+    bwd = torch.ops.vgmr_triton.gate_norm_backward
+    with pytest.raises(TypeError, match="dy"):
+        bwd(dy.to(torch.float16), *inputs[:4], mean, rstd, ALPHA, BETA, 0.0, S(0))
+    with pytest.raises(TypeError, match="rstd"):
+        bwd(dy, *inputs[:4], mean, rstd.double(), ALPHA, BETA, 0.0, S(0))
+    with pytest.raises(ValueError, match="mean"):
+        bwd(dy, *inputs[:4], mean[:, :1], rstd, ALPHA, BETA, 0.0, S(0))
+
+
+@pytest.mark.parametrize("tiled", [False, True], ids=["single", "tiled"])
+@pytest.mark.parametrize("scale", [1.0, 100.0, 1e6])
+def test_constant_row_gives_ln_bias_exactly(monkeypatch, tiled, scale):
+    # Row statistics shifted by the row's first element (CONTRACT): a row constant along D
+    # normalises to exactly 0, so y = ln_bias bit for bit, at any magnitude.
+    if tiled:
+        for k in ("gn_max_single_d", "gn_chunk_d", "gn_bwd_max_single_d", "gn_bwd_chunk_d"):
+            monkeypatch.setitem(VT.CONFIG, k, 16)
+    B, T, D = 2, 3, 37
+    (zpre, bias_row, x, w, b), dy = make_inputs(B, T, D, torch.float32)
+    zpre[0, 1] = 0.25
+    bias_row[0] = -0.5
+    x[0, 1] = scale
+    y, mean, rstd = torch.ops.vgmr_triton.gate_norm(zpre, bias_row, x, w, b, ALPHA, BETA, 0.0, S(0))
+    assert torch.equal(y[0, 1].cpu(), b.cpu())
+    # the backward of that row: v_hat = 0, so dln_weight gets nothing from it and dx is finite
+    grads = torch.ops.vgmr_triton.gate_norm_backward(dy, zpre, bias_row, x, w, mean, rstd,
+                                                     ALPHA, BETA, 0.0, S(0))
+    assert all(bool(torch.isfinite(g).all()) for g in grads)
+
+
+@pytest.mark.parametrize("tiled", [False, True], ids=["single", "tiled"])
+def test_fp32_overflow_is_not_silent(monkeypatch, tiled):
+    # (v - K)^2 overflows fp32 (|v| ~ 1e20): the row's output and rstd are NaN, never a silent
+    # ln_bias (what rsqrt(inf) = 0 would give).
+    if tiled:
+        for k in ("gn_max_single_d", "gn_chunk_d"):
+            monkeypatch.setitem(VT.CONFIG, k, 16)
+    B, T, D = 1, 2, 35
+    (zpre, bias_row, x, w, b), _ = make_inputs(B, T, D, torch.float32)
+    x[0, 0] = torch.linspace(-1e20, 1e20, D)
+    y, mean, rstd = torch.ops.vgmr_triton.gate_norm(zpre, bias_row, x, w, b, ALPHA, BETA, 0.0, S(0))
+    assert bool(torch.isnan(y[0, 0]).all()) and bool(torch.isnan(rstd[0, 0]))
+    assert bool(torch.isfinite(y[0, 1]).all())
 
 
 @pytest.mark.parametrize("alpha,beta", [(0.0, 0.2), (0.9, 1.0), (1.3, 0.0)])
@@ -181,16 +245,17 @@ import torch
 import vgmr_fast.triton as VT
 from vgmr_fast import reference as ref
 assert VT.NEEDS_FAKE, "VGMR_TRITON_CUSTOM_OP=1 must select the custom_op path"
-assert "int seed" in str(torch.ops.vgmr_triton.gate_norm.default._schema)
+assert "Tensor seed" in str(torch.ops.vgmr_triton.gate_norm.default._schema)
 assert "int T" in str(torch.ops.vgmr_triton.summary_pool_backward.default._schema)
 dev = "cpu" if VT.INTERPRET else "cuda"
 g = torch.Generator().manual_seed(0)
 zpre, x, dy = (torch.randn(2, 5, 35, generator=g).to(dev) for _ in range(3))
 br = torch.randn(2, 35, generator=g).to(dev)
 w, b = torch.ones(35, device=dev), torch.zeros(35, device=dev)
-y, mean, rstd = torch.ops.vgmr_triton.gate_norm(zpre, br, x, w, b, 0.5, 0.2, 0.2, 9)
+S9 = torch.tensor([9], device=dev)
+y, mean, rstd = torch.ops.vgmr_triton.gate_norm(zpre, br, x, w, b, 0.5, 0.2, 0.2, S9)
 torch.testing.assert_close(y, ref.gate_norm(zpre, br, x, w, b, 0.5, 0.2, 0.2, 9), atol=1e-5, rtol=1e-5)
-grads = torch.ops.vgmr_triton.gate_norm_backward(dy, zpre, br, x, w, mean, rstd, 0.5, 0.2, 0.2, 9)
+grads = torch.ops.vgmr_triton.gate_norm_backward(dy, zpre, br, x, w, mean, rstd, 0.5, 0.2, 0.2, S9)
 assert all(torch.isfinite(t).all() for t in grads)
 try:
     from vgmr_fast.ops import gate_norm  # the op layer registers fake + autograd for the custom ops
@@ -274,10 +339,10 @@ def test_gpu_beyond_int32_elements():
     bias_row = torch.randn(B, D, device=dev, generator=g)
     w = 1 + 0.5 * torch.randn(D, device=dev, generator=g)
     b = 0.5 * torch.randn(D, device=dev, generator=g)
-    y, mean, rstd = torch.ops.vgmr_triton.gate_norm(zpre, bias_row, x, w, b, ALPHA, BETA, p, seed)
+    y, mean, rstd = torch.ops.vgmr_triton.gate_norm(zpre, bias_row, x, w, b, ALPHA, BETA, p, S(seed))
     dy = torch.randn_like(y)
     dzpre, dbias, dx, dw, db = torch.ops.vgmr_triton.gate_norm_backward(
-        dy, zpre, bias_row, x, w, mean, rstd, ALPHA, BETA, p, seed)
+        dy, zpre, bias_row, x, w, mean, rstd, ALPHA, BETA, p, S(seed))
     for bb, ts in [(0, slice(0, 4)), (B - 1, slice(T - 4, T))]:
         rows = torch.arange(bb * T + ts.start, bb * T + ts.stop, device=dev)
         keep = _keep_rows(seed, rows, D, p, dev).view(1, -1, D)
@@ -299,11 +364,12 @@ def test_gpu_cuda_graph_forward_backward():
     B, T, D, p = 4, 50, 300, 0.1
     inputs, dy = make_inputs(B, T, D, torch.bfloat16)
     static = [t.clone() for t in inputs] + [dy.clone()]
+    seed = S(123)
 
     def step():
-        y, mean, rstd = torch.ops.vgmr_triton.gate_norm(*static[:5], ALPHA, BETA, p, 123)
+        y, mean, rstd = torch.ops.vgmr_triton.gate_norm(*static[:5], ALPHA, BETA, p, seed)
         grads = torch.ops.vgmr_triton.gate_norm_backward(static[5], static[0], static[1], static[2], static[3],
-                                                         mean, rstd, ALPHA, BETA, p, 123)
+                                                         mean, rstd, ALPHA, BETA, p, seed)
         return (y, mean, rstd) + tuple(grads)
 
     s = torch.cuda.Stream()
@@ -318,6 +384,7 @@ def test_gpu_cuda_graph_forward_backward():
     new_inputs, new_dy = make_inputs(B, T, D, torch.bfloat16, seed=99)
     for dst, src in zip(static, list(new_inputs) + [new_dy]):
         dst.copy_(src)
+    seed.fill_(456)  # the replay reads the new seed from memory
     graph.replay()
     torch.cuda.synchronize()
     expect = step()
@@ -330,7 +397,7 @@ def test_gpu_torch_compile():
     inputs, dy = make_inputs(2, 7, 96, torch.float16)
 
     def f(*ins):
-        y, mean, rstd = torch.ops.vgmr_triton.gate_norm(*ins, ALPHA, BETA, 0.1, 5)
+        y, mean, rstd = torch.ops.vgmr_triton.gate_norm(*ins, ALPHA, BETA, 0.1, S(5))
         return y.float().square().sum(), y
 
     compiled = torch.compile(f, fullgraph=True)
