@@ -1,7 +1,7 @@
 // Per-element math shared by the CPU (C++) and CUDA kernels, so the CPU tests
 // exercise exactly the arithmetic the GPU runs. No torch headers here.
 //   - Philox4x32-10 (Random123) and the dropout keep rule of CONVENTIONS.md
-//   - the VGMR gate transform of SPEC §5 and its derivative
+//   - the VGMR gate transform of docs/math.md §5 and its derivative
 #pragma once
 #include <math.h>
 #include <stdint.h>
@@ -94,7 +94,7 @@ VGMR_HD uint32_t dropout_word(uint64_t seed, int64_t r, int64_t c, int64_t D) {
   return philox4x32_10(seed, philox_counter(r, c, D)).w[c & 3];
 }
 
-// ---- Gate (SPEC §5) ----------------------------------------------------------
+// ---- Gate (docs/math.md §5) ----------------------------------------------------------
 // G = sigmoid(z); Ghat = 1 + alpha(2G-1); Geff = beta + (1-beta) Ghat.
 VGMR_HD float sigmoidf_(float z) {
   // expf (not __expf) on both sides so CPU and GPU round alike.
@@ -116,7 +116,7 @@ VGMR_HD float gate_eff_grad(float g, float alpha, float beta) {
 VGMR_HD float gate_lin_c0(double alpha, double beta) { return (float)(beta + (1.0 - beta) * (1.0 - alpha)); }
 VGMR_HD float gate_lin_c1(double alpha, double beta) { return (float)(2.0 * alpha * (1.0 - beta)); }
 
-// ---- LayerNorm row step (SPEC §5, docs/ops.md) --------------------------------
+// ---- LayerNorm row step (docs/math.md §5, docs/ops.md) --------------------------------
 // Forward, per row of D values v (the row statistics of docs/ops.md, on every backend):
 // shift K = v[0]; mean_s = sum(v - K)/D; var = sum((v - K - mean_s)^2)/D (biased);
 // rstd = 1/sqrt(var + eps); vhat = ((v - K) - mean_s) * rstd; y = vhat * w + b; the saved

@@ -41,7 +41,7 @@ def batch():
 
 
 def step(model, params, xs, masks, y):
-    """One SGD step of the SPEC §6 objective (p = 0, value_fraction = 1, L_reg off)."""
+    """One SGD step of the docs/math.md §6 objective (p = 0, value_fraction = 1, L_reg off)."""
     from vgmr_fast.objective import vgmr_objective
 
     opt = torch.optim.SGD(params, lr=LR)

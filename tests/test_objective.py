@@ -1,4 +1,4 @@
-"""SPEC §6 objective: value targets from one batched removal pass, L_value, L_reg, gradients."""
+"""docs/math.md §6 objective: value targets from one batched removal pass, L_value, L_reg, gradients."""
 import pytest
 import torch
 
@@ -65,7 +65,7 @@ def test_objective_backward_and_gradcheck_float64(monkeypatch):
     torch.manual_seed(2)
     model = Concat(W, hidden=4, dropout=0.0, refiner=VGMR(W, d=3, dropout=0.0)).double()
     xs, y = inputs(B=3, dtype=torch.float64)
-    # the targets carry no gradient by design (SPEC §6): hold them fixed for the numerical check
+    # the targets carry no gradient by design (docs/math.md §6): hold them fixed for the numerical check
     t = O.vgmr_objective(model, xs, None, y)[1]["targets"]
     monkeypatch.setattr(O, "value_targets", lambda *a, **k: t)
     xs = [x.requires_grad_() for x in xs]

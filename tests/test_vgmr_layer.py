@@ -234,7 +234,7 @@ def test_empty_batch_gives_empty_outputs(kw):
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_masked_steps_do_not_reach_pooling(bad):
-    """SPEC §1 pools over valid steps only: a NaN or infinity at a masked-out step changes nothing
+    """docs/math.md §1 pools over valid steps only: a NaN or infinity at a masked-out step changes nothing
     at the valid steps, in the reference and in the fused module."""
     h = torch.randn(3, 5, 4)
     mask = torch.ones(3, 5, dtype=torch.bool)

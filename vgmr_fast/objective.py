@@ -1,4 +1,4 @@
-"""SPEC §6: the training objective ``L = L_task + lambda_v L_value + lambda_r L_reg``.
+"""docs/math.md §6: the training objective ``L = L_task + lambda_v L_value + lambda_r L_reg``.
 
 Value supervision: the contribution of modality m for sample b is the loss increase when its
 refined feature is zeroed, ``Delta[m, b] = l_b(X~ with X~_m := 0) - l_b(X~)``. The M removal

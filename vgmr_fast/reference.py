@@ -1,10 +1,10 @@
-"""The executable specification of VGMR (SPEC.md §1–§5), in plain PyTorch.
+"""The executable specification of VGMR (docs/math.md §1–§5), in plain PyTorch.
 
 Every fused kernel is tested against the functions here, and the fused module
 ``vgmr_fast.VGMR`` takes the same constructor arguments and gives the same ``state_dict``
 (its own parameter layout is converted by state-dict hooks). The two share only input
 handling (:mod:`vgmr_fast.inputs`). Plain PyTorch: importing this module never loads the
-C++ extension. Section marks (§N) refer to SPEC.md.
+C++ extension. Section marks (§N) refer to docs/math.md.
 """
 from __future__ import annotations
 
@@ -165,7 +165,7 @@ class ModalityBlock(nn.Module):
 
 
 class VGMR(nn.Module):
-    """Value-Gated Modality Refiner, reference implementation (SPEC §1–§5).
+    """Value-Gated Modality Refiner, reference implementation (docs/math.md §1–§5).
 
     Args:
         widths: feature width per modality, a dict ``name -> D_m`` or a sequence of ints (M >= 2).

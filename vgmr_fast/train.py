@@ -10,7 +10,7 @@ value fraction RHO / value supervision every K-th step, e.g. ``vgmr@0.25``,
 ``iibalance``; ``decision``: the adaptive decision-layer allocation head).
 ``vgmr+ogm`` is the paper's Table 4.6 combination. ``iibalance`` and
 ``decision`` replace the backbone's head, so they are not combined with
-``vgmr`` (whose value targets come from the backbone's own head, SPEC §6).
+``vgmr`` (whose value targets come from the backbone's own head, docs/math.md §6).
 
 Per run: AdamW, the best-validation-accuracy checkpoint is restored (the
 paper's protocol) and evaluated on test: accuracy, macro-F1, modality removal
@@ -24,7 +24,7 @@ concat models against unimodally trained concat models (seed 000).
 VGMR is the fused module ``vgmr_fast.VGMR`` (``--backend``, default
 ``auto``: the best fused backend for the device, the reference where none is
 built) with its default dropout stream, the shared Philox stream, so this
-command runs what users run. It trains with the SPEC §6 objective;
+command runs what users run. It trains with the docs/math.md §6 objective;
 ``--value-fraction`` and ``--value-every`` make its value supervision cheaper
 (see ``vgmr_fast.objective``).
 

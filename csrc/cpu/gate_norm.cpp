@@ -1,4 +1,4 @@
-// gate_norm (SPEC §5, docs/ops.md): sigmoid gate, amplification, residual retention,
+// gate_norm (docs/math.md §5, docs/ops.md): sigmoid gate, amplification, residual retention,
 // product with x, LayerNorm over D and dropout (shared Philox stream), one pass per row.
 //   forward : reads zpre and x once, writes y once; saves per-row mean and rstd only
 //   backward: recomputes G, Geff, v-hat and the keep mask; dln_weight, dln_bias and
@@ -182,7 +182,7 @@ VGMR_ALWAYS_INLINE float shifted_mean(const float* __restrict__ v, int64_t D, fl
 }
 
 // Gate in linear form: Geff = c0 + c1 G, dGeff/dz = c1 G (1 - G), with
-// c1 = 2 alpha (1 - beta), c0 = beta + (1 - beta)(1 - alpha) (SPEC §5, expanded).
+// c1 = 2 alpha (1 - beta), c0 = beta + (1 - beta)(1 - alpha) (docs/math.md §5, expanded).
 struct Gate {
   float c0, c1;
   explicit Gate(const Params& P) : c0(vgmr::gate_lin_c0(P.alpha, P.beta)), c1(vgmr::gate_lin_c1(P.alpha, P.beta)) {}
@@ -573,7 +573,7 @@ void bwd_chunk_vec(const scalar_t* dyp, const scalar_t* zp, const scalar_t* xp, 
 
 // (dispatch helpers below the float64 path)
 // ============================================================================================
-// float64 path (gradcheck): scalar loops, libm exp, the SPEC's gate arithmetic
+// float64 path (gradcheck): scalar loops, libm exp, the gate arithmetic of docs/math.md §5
 // ============================================================================================
 // Mean of v[0..D) - K, in order: the shifted mean of the float64 forward and backward.
 double shifted_mean_f64(const double* v, int64_t D, double K) {

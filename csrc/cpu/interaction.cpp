@@ -1,4 +1,4 @@
-// interaction (SPEC §2, docs/ops.md): S [B, M, D] -> U [B, M, (3M-1) D], all targets in
+// interaction (docs/math.md §2, docs/ops.md): S [B, M, D] -> U [B, M, (3M-1) D], all targets in
 // one kernel; backward dU -> dS in one kernel (each task owns one output row of dS, so no
 // two tasks write the same element and no atomics are needed).
 //   u[b, m] = [s_m; s_j1; ...; s_m*s_j1; ...; |s_m - s_j1|; ...; mean_j s_j], j ascending, j != m

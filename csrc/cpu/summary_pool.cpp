@@ -1,4 +1,4 @@
-// summary_pool (SPEC §1, docs/ops.md): masked mean and max over time in one pass.
+// summary_pool (docs/math.md §1, docs/ops.md): masked mean and max over time in one pass.
 //   forward : h [B, T, D], mask [B, T] bool or None -> mean, max [B, D] (dtype of h),
 //             argmax [B, D] int32 (first valid maximal step, -1 for a row with no valid step)
 //   backward: dh[b,t,:] = mask[b,t] * dmean[b,:] / max(1, n_b) + 1[t == argmax[b,:]] * dmax[b,:]

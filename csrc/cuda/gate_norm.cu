@@ -1,4 +1,4 @@
-// gate_norm (SPEC §5, docs/ops.md) on CUDA, raw pointers only.
+// gate_norm (docs/math.md §5, docs/ops.md) on CUDA, raw pointers only.
 //   forward : z = zpre + bias_row[b]; G = sigmoid(z); Geff = beta + (1-beta)(1 + alpha(2G-1));
 //             v = Geff x; y = Dropout(LayerNorm_D(v) * w + b); saves mean, rstd [B, T] (fp32)
 //   row statistics (docs/ops.md): shift K = v[0], mean_s = mean(v - K), var = mean((v - K -

@@ -1,4 +1,4 @@
-// interaction (SPEC §2, docs/ops.md) on CUDA, raw pointers only.
+// interaction (docs/math.md §2, docs/ops.md) on CUDA, raw pointers only.
 //   forward : s [B, M, D] -> u [B, M, (3M-1) D], for target m and j1 < j2 < ... != m:
 //             u[b, m] = [s_m; s_j...; s_m*s_j...; |s_m - s_j|...; mean_j s_j]
 //   backward: du -> ds [B, M, D] (sign(0) = 0, as torch.abs)

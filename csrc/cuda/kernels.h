@@ -24,7 +24,7 @@ namespace gpu {
 // ln_bias), mean/rstd and all reductions are float32.
 enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
-// ---- summary_pool (SPEC §1) --------------------------------------------------------------
+// ---- summary_pool (docs/math.md §1) --------------------------------------------------------------
 // h [B, T, D]; mask [B, T] (1 byte per step, nonzero = valid) or nullptr (all valid).
 // mean, max [B, D] (dtype); argmax [B, D] int32: first valid maximal step, -1 if none
 // (then mean = max = 0); NaN counts as maximal (the first NaN wins).
@@ -40,7 +40,7 @@ cudaError_t summary_pool_bwd_launch(DType dtype, const void* dmean, const void* 
                                     const int32_t* argmax, void* dh, float* workspace, int64_t B, int64_t T,
                                     int64_t D, cudaStream_t stream);
 
-// ---- interaction (SPEC §2) ---------------------------------------------------------------
+// ---- interaction (docs/math.md §2) ---------------------------------------------------------------
 // s [B, M, D] -> u [B, M, (3M-1) D]; M >= 2.
 cudaError_t interaction_fwd_launch(DType dtype, const void* s, void* u, int64_t B, int64_t M, int64_t D,
                                    cudaStream_t stream);
@@ -48,7 +48,7 @@ cudaError_t interaction_fwd_launch(DType dtype, const void* s, void* u, int64_t 
 cudaError_t interaction_bwd_launch(DType dtype, const void* du, const void* s, void* ds, int64_t B, int64_t M,
                                    int64_t D, cudaStream_t stream);
 
-// ---- gate_norm (SPEC §5) -----------------------------------------------------------------
+// ---- gate_norm (docs/math.md §5) -----------------------------------------------------------------
 // zpre, x, y [B, T, D] (dtype); bias_row [B, D], w, b [D], mean, rstd [B, T] float32.
 // Dropout (if `dropout`): element (r = b*T + t, c) kept iff Philox word >= keep_threshold,
 // kept values scaled by keep_scale (csrc/vgmr_math.h). `seed`: device pointer to one int64,

@@ -1,4 +1,4 @@
-// summary_pool (SPEC §1, docs/ops.md) on CUDA, raw pointers only.
+// summary_pool (docs/math.md §1, docs/ops.md) on CUDA, raw pointers only.
 //   forward : h [B, T, D], mask [B, T] or null -> mean, max [B, D], argmax [B, D] int32
 //   backward: dh[b,t,d] = mask[b,t] dmean[b,d] / max(1, n_b) + (t == argmax[b,d]) dmax[b,d]
 //

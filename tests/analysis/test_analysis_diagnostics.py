@@ -1,4 +1,4 @@
-"""SPEC §7 analyses: metrics, removal, noise, value/gate statistics, gradient cosine, refinement."""
+"""docs/math.md §7 analyses: metrics, removal, noise, value/gate statistics, gradient cosine, refinement."""
 
 import pytest
 import torch

@@ -34,7 +34,7 @@ def test_mosi_aligned_pickle(tmp_path):
     assert tr.names == ["text", "audio", "vision"] and len(tr) == 9 and tr.num_classes == 2
     assert [tuple(x.shape[1:]) for x in tr.xs] == [(6, 5), (6, 3), (6, 4)]
     torch.testing.assert_close(tr.xs[0], torch.from_numpy(data["train"]["text"]))
-    # binary: score > 0 is positive (SPEC §6)
+    # binary: score > 0 is positive (docs/math.md §6)
     assert torch.equal(tr.y, torch.from_numpy((np.linspace(-3, 3, 9) > 0).astype(np.int64)))
     torch.testing.assert_close(tr.meta["score"], torch.from_numpy(np.linspace(-3, 3, 9)))
     assert torch.isfinite(tr.xs[1]).all() and tr.xs[1][1, 3, 0] == 0 and tr.meta["nonfinite"] == 1

@@ -5,7 +5,7 @@
 - empty batches (B = 0) and empty sequences (T = 0): empty outputs (T = 0 pools to zeros),
   gradients of the right shapes, no internal reshape error;
 - summary_pool leaves masked-out steps out entirely: NaN / inf there change neither the pooled
-  values nor the gradient (SPEC §1: pool over valid steps).
+  values nor the gradient (docs/math.md §1: pool over valid steps).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""interaction (SPEC §2, docs/ops.md) against vgmr_fast.reference.interaction."""
+"""interaction (docs/math.md §2, docs/ops.md) against vgmr_fast.reference.interaction."""
 from __future__ import annotations
 
 import pytest

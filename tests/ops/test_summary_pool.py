@@ -1,4 +1,4 @@
-"""summary_pool (SPEC §1, docs/ops.md) against vgmr_fast.reference.summary_pool.
+"""summary_pool (docs/math.md §1, docs/ops.md) against vgmr_fast.reference.summary_pool.
 
 Forward (mean, max), the saved argmax and the gradient, judged by the CONVENTIONS.md rule
 (truth = reference in float64 on the upcast inputs).

@@ -1,4 +1,4 @@
-"""SPEC §7 analyses of VGMR (value/gate statistics, modality removal, noise
+"""docs/math.md §7 analyses of VGMR (value/gate statistics, modality removal, noise
 robustness, gradient cosine, refinement difference) and the metrics they use."""
 from .diagnostics import (accuracy, corrupt_inputs, evaluate, gradient_cosine, macro_f1, modality_removal,
                           noise_sweep, plot_curves, plot_noise_sweep, plot_refinement, predict,

@@ -1,11 +1,11 @@
-"""VGMR's own analyses (SPEC §7): numbers, and PNG figures where the paper shows one.
+"""VGMR's own analyses (docs/math.md §7): numbers, and PNG figures where the paper shows one.
 
 * :func:`value_gate_statistics` / :func:`value_gate_shift` — Table 4.4: per
   modality, global value, mean channel value, std of the channel value across
   channels, and mean initial gate ``G``; mean ± sample std over samples; clean
   vs. a corrupted copy of one modality.
 * :func:`modality_removal` — Table 4.7: accuracy with each modality zeroed at
-  the input (``X_m := 0``, its mask kept; SPEC choice).
+  the input (``X_m := 0``, its mask kept; docs/math.md choice).
 * :func:`corrupt_inputs`, :func:`noise_sweep`, :func:`plot_noise_sweep` — §4.8:
   a fraction ``ratio`` of the entries (``granularity="entry"``) or of the
   time steps (``"step"``) of every modality is replaced by Gaussian noise with
@@ -139,7 +139,7 @@ def corrupt_inputs(xs: Sequence[torch.Tensor], ratio: float, weight: float = 1.0
         weight: noise weight ``w >= 0`` (scales the std).
         means, stds: per-feature ``[D_m]`` statistics of the training split
             (default 0 and 1).
-        modalities: indices to corrupt (default all; SPEC §7 corrupts all).
+        modalities: indices to corrupt (default all; docs/math.md §7 corrupts all).
         granularity: ``"entry"`` or ``"step"`` (whole ``D_m``-vectors).
         generator: CPU ``torch.Generator`` (determinism).
     """
@@ -330,7 +330,7 @@ def gradient_cosine(model: nn.Module, xs: Sequence[torch.Tensor], masks, y: torc
                     keep: Union[int, Sequence[int]] = 0,
                     params: Optional[Sequence[nn.Parameter]] = None,
                     loss_fn: Callable = F.cross_entropy) -> float:
-    """``cos(∇_θ L_all, ∇_θ L_keep)`` over the shared parameters (SPEC §7, Eq. 14).
+    """``cos(∇_θ L_all, ∇_θ L_keep)`` over the shared parameters (docs/math.md §7, Eq. 14).
 
     ``L_keep``: the modalities not in ``keep`` are zeroed at the input. Runs in
     eval mode; the model's mode is restored. Returns NaN when either gradient is
@@ -387,7 +387,7 @@ def plot_curves(curves: Dict[str, Tuple[Sequence[float], Sequence[float]]], path
 # -------------------------------------------------- refinement difference
 @torch.no_grad()
 def refinement_difference(refiner: nn.Module, xs: Sequence[torch.Tensor], masks=None) -> Dict:
-    """``X̃ − LN(X)`` per modality and the suppression magnitude (SPEC §7, §4.10).
+    """``X̃ − LN(X)`` per modality and the suppression magnitude (docs/math.md §7, §4.10).
 
     Args:
         refiner: a VGMR (reference or fused; its ``blocks[m].norm`` supplies the

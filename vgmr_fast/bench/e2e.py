@@ -1,4 +1,4 @@
-"""End-to-end level: the paper's Table 7 on this machine (SPEC "Paper figures").
+"""End-to-end level: the paper's Table 7 on this machine (docs/math.md §8).
 
 Transformer backbone (``vgmr_fast.models.Transformer``: 4 heads, 2 layers, ``d_model`` chosen -- a
 multiple of 16 -- so that the bare backbone has about the paper's 0.72M parameters; the paper's ratios
@@ -29,7 +29,7 @@ from .common import Ctx, Skip, Task, compiled, fused_peers, record, run_group, s
 from .settings import Setting, make_batch
 from .timing import Rotator, rotation_count
 
-# SPEC "Paper figures" (MOSEI, Transformer backbone, Table 7): params (M), train/epoch (s), inference/batch (ms)
+# docs/math.md §8 (MOSEI, Transformer backbone, Table 7): params (M), train/epoch (s), inference/batch (ms)
 PAPER = {
     "bare": (0.72, 4.26, 1.17),
     "mlp": (3.04, 4.82, 1.33),

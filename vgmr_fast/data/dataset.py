@@ -5,8 +5,8 @@ loaders) returns :class:`MultimodalDataset`, so training and analysis code sees
 one shape convention:
 
 * ``xs[m]``: float32 ``[N, T_m, D_m]`` (``T_m`` and ``D_m`` may differ per
-  modality; SPEC "Inputs"),
-* ``masks[m]``: bool ``[N, T_m]``, ``True`` = valid step (SPEC extension), or
+  modality; docs/math.md "Inputs"),
+* ``masks[m]``: bool ``[N, T_m]``, ``True`` = valid step (docs/math.md extension), or
   ``None`` when every step is valid,
 * ``y``: int64 ``[N]`` class labels,
 * ``names``: one name per modality.
@@ -152,7 +152,7 @@ class MultimodalDataset:
     def feature_stats(self) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """Per-feature mean and std of each modality over valid steps (``[D_m]`` each).
 
-        Used by the noise-robustness analysis (SPEC §7: noise "with the per-feature
+        Used by the noise-robustness analysis (docs/math.md §7: noise "with the per-feature
         mean and std of the training split"). Padded steps are excluded when masks exist.
         """
         means, stds = [], []

@@ -17,7 +17,7 @@ CMU-MultimodalSDK-derived pickles used by MulT (``aligned_50.pkl``,
 * optional ``audio_lengths`` / ``vision_lengths`` / ``text_lengths`` ``[N]``
   (MMSA's unaligned variant): valid steps are the first ``length`` ones.
 
-Choices: ``task="binary"`` maps score > 0 to class 1, else 0 (SPEC §6: "label
+Choices: ``task="binary"`` maps score > 0 to class 1, else 0 (docs/math.md §6: "label
 > 0 is positive"; ``drop_neutral=True`` removes score == 0 samples, the other
 common protocol); ``task="7class"`` rounds the clipped score to
 ``{-3..3}`` → ``{0..6}``. Non-finite entries (MOSEI's COVAREP has ``-inf``)
@@ -148,7 +148,7 @@ def _fill_val(splits: Dict[str, MultimodalDataset], val_frac: float, seed: int) 
 def sentiment_to_class(score, task: str = "binary") -> torch.Tensor:
     """Map sentiment scores in ``[-3, 3]`` to class labels.
 
-    ``binary``: ``score > 0`` → 1, else 0 (SPEC §6). ``7class``: ``round(clip(score, -3, 3)) + 3``.
+    ``binary``: ``score > 0`` → 1, else 0 (docs/math.md §6). ``7class``: ``round(clip(score, -3, 3)) + 3``.
     """
     s = torch.as_tensor(np.asarray(score, dtype=np.float64)).reshape(-1)
     if task == "binary":

@@ -28,7 +28,7 @@ of i.i.d. ``N(0, 1)`` background, so both mean and max pooling matter:
 steps are *replaced* by ``noise_weight · N(0, I)``. With ``noise_weight > 1``
 the replaced steps are high-energy junk that dominates pooling unless a model
 suppresses it per sample and per step: the situation VGMR's pre-fusion gate is
-designed for (SPEC §7, noise robustness). Which samples and modalities were
+designed for (docs/math.md §7, noise robustness). Which samples and modalities were
 corrupted is recorded in ``dataset.meta``.
 
 Optional variable lengths (``min_length_frac < 1``): each sample keeps a

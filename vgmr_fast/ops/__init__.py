@@ -1,8 +1,8 @@
 """The fused ops of VGMR (docs/ops.md): one public function per op, one backend choice.
 
-- :func:`summary_pool` ``(h, mask=None) -> (mean, max)`` (SPEC §1)
-- :func:`interaction` ``(s) -> u`` (SPEC §2)
-- :func:`gate_norm` ``(zpre, bias_row, x, ln_weight, ln_bias, *, alpha, beta, p, seed) -> y`` (SPEC §5)
+- :func:`summary_pool` ``(h, mask=None) -> (mean, max)`` (docs/math.md §1)
+- :func:`interaction` ``(s) -> u`` (docs/math.md §2)
+- :func:`gate_norm` ``(zpre, bias_row, x, ln_weight, ln_bias, *, alpha, beta, p, seed) -> y`` (docs/math.md §5)
 - :func:`gate_norm_grouped` ``(zpres, bias_rows, xs, ln_weights, ln_biases, *, alpha, beta, p, seeds) -> ys``
   (every modality in one call)
 

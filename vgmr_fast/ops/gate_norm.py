@@ -1,4 +1,4 @@
-"""``gate_norm``: gate, amplification, retention, product with x, LayerNorm, dropout (SPEC §5).
+"""``gate_norm``: gate, amplification, retention, product with x, LayerNorm, dropout (docs/math.md §5).
 
 One pass per row; the op saves only per-row fp32 mean/rstd (and the seed tensor); the backward
 recomputes the gate and the dropout keep mask (shared Philox stream, ``ops.dropout``). The seed

@@ -1,4 +1,4 @@
-"""``interaction(s) -> u``: the cross-modal interaction input of every target (SPEC §2).
+"""``interaction(s) -> u``: the cross-modal interaction input of every target (docs/math.md §2).
 
 ``s [B, M, D] -> u [B, M, (3M-1) D]`` with, for target m and the others j ascending,
 ``[s_m; s_j...; s_m*s_j...; |s_m - s_j|...; mean_j s_j]``; one kernel forward, one backward.

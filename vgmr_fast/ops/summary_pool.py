@@ -1,4 +1,4 @@
-"""``summary_pool(h, mask=None) -> (mean, max)``: masked mean and max over time (SPEC §1).
+"""``summary_pool(h, mask=None) -> (mean, max)``: masked mean and max over time (docs/math.md §1).
 
 One pass over ``h`` saving the int32 argmax; the backward is one pass writing ``dh``
 (docs/ops.md). Ties send the whole max gradient to the first valid maximal step.

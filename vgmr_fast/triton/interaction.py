@@ -1,4 +1,4 @@
-"""``vgmr_triton::interaction`` and ``interaction_backward`` (SPEC §2, docs/ops.md).
+"""``vgmr_triton::interaction`` and ``interaction_backward`` (docs/math.md §2, docs/ops.md).
 
 ``u[b, m] = [s_m; s_j...; s_m*s_j...; |s_m - s_j|...; mean_j s_j]`` over ``j != m``
 ascending: ``3M - 1`` blocks of ``D``.  Block indices for target ``m`` and the

@@ -1,4 +1,4 @@
-"""``vgmr_triton::summary_pool`` and ``summary_pool_backward`` (SPEC §1, docs/ops.md).
+"""``vgmr_triton::summary_pool`` and ``summary_pool_backward`` (docs/math.md §1, docs/ops.md).
 
 Forward: one program per ``(b, D-block)`` walks ``T`` in ``[BLOCK_T, BLOCK_D]``
 tiles, accumulating the masked sum (fp32), the valid-step count, and a running
