@@ -1,4 +1,4 @@
-"""The math lives in the repository: no file cites the workspace's SPEC.md; docs/math.md exists and
+"""The math lives in the repository: no file cites the workspace's specification file; docs/math.md exists and
 names every section the code cites."""
 import os
 import re
@@ -18,7 +18,7 @@ def test_no_file_cites_the_workspace_spec():
     for path in _tracked_sources():
         with open(os.path.join(ROOT, path), encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
-                if re.search(r"\bSPEC\b", line):
+                if re.search(r"\bSPEC\b", line) and path != "tests/test_docs.py":
                     offenders.append(f"{path}:{n}")
     assert not offenders, "cite docs/math.md instead of SPEC: " + ", ".join(offenders)
 

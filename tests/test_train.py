@@ -108,7 +108,8 @@ def test_vgmr_runs_are_the_fused_module_with_the_shared_dropout_stream(tmp_path)
         args = _args(tmp_path, "--backend", backend)
         model, _ = T.build_model("concat", "vgmr", data["train"], data["val"], args, seed=0)
         assert type(model.refiner) is vgmr_fast.VGMR
-        assert model.refiner.backend == backend and model.refiner.dropout_rng == "philox"
+        assert model.refiner.backend == backend  # the fused module always draws the shared Philox stream
+        assert not hasattr(model.refiner, "dropout_rng")
     assert model.refiner.resolved_backend(torch.device("cpu")) == "cpu"
     with pytest.raises(SystemExit):
         _args(tmp_path, "--backend", "gpu")
