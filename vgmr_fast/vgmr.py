@@ -316,12 +316,15 @@ class _FusedVGMR(torch.autograd.Function):
             dpres = torch.ops.aten.gelu_backward(dact, pre_all).split([B * T for T in Ts])
         else:
             dpres = dhs
+        # [P1; W_r] share one GEMM on X; dX accumulates in place into gate_norm's dX (no second
+        # [BT, D] buffer alive at the backward's peak)
         g["xw"], g["xb"], dx_out = [], [], []
         for m in range(M):
             dxo = torch.cat([dpres[m], dzs[m]], dim=1)  # [BT, d + D]
             g["xw"].append(torch.mm(dxo.t(), x2s[m]))
             g["xb"].append(dxo.sum(0))
-            dx_out.append(torch.addmm(dxs[m].view(B * Ts[m], dims[m]), dxo, P["xw"][m]).view(B, Ts[m], dims[m]))
+            dx = dxs[m].view(B * Ts[m], dims[m]).addmm_(dxo, P["xw"][m])
+            dx_out.append(dx.view(B, Ts[m], dims[m]))
         if not k:
             for name in ("ew1", "eb1", "ew2", "eb2", "vw1", "vb1", "vw2", "vb2"):
                 g[name] = None  # the value path does not reach the output (both heads ablated)
