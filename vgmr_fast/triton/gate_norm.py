@@ -86,6 +86,23 @@ def _first_col(v, cols):
 
 
 @triton.jit
+def _shift_and_mean(zpre_ptr, bias_ptr, x_ptr, rows, rmask, bidx, D, alpha, beta,
+                    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Tiled D: the shift K = v[:, 0] and the shifted mean mean_s = mean_D(v - K), one pass.
+    cols0 = tl.arange(0, BLOCK_D)
+    m0 = rmask[:, None] & (cols0 < D)[None, :]
+    _, _, _, v0 = _load_v(zpre_ptr, bias_ptr, x_ptr, rows, bidx, cols0, m0, D, alpha, beta)
+    K = _first_col(v0, cols0)
+    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for c0 in range(0, D, BLOCK_D):
+        cols = c0 + tl.arange(0, BLOCK_D)
+        msk = rmask[:, None] & (cols < D)[None, :]
+        _, _, _, v = _load_v(zpre_ptr, bias_ptr, x_ptr, rows, bidx, cols, msk, D, alpha, beta)
+        acc += tl.sum(tl.where(msk, v - K[:, None], 0.0), axis=1)
+    return K, acc / D
+
+
+@triton.jit
 def _rstd(var, eps):
     # var = inf ((v - K)^2 overflowed fp32): NaN, so the row's output is NaN, never ln_bias.
     return tl.where(var == float("inf"), float("nan"), tl.math.rsqrt(var + eps))
@@ -102,17 +119,8 @@ def _gn_fwd_stats_kernel(
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < R
     bidx = rows // T
-    cols0 = tl.arange(0, BLOCK_D)
-    m0 = rmask[:, None] & (cols0 < D)[None, :]
-    _, _, _, v0 = _load_v(zpre_ptr, bias_ptr, x_ptr, rows, bidx, cols0, m0, D, alpha, beta)
-    K = _first_col(v0, cols0)
-    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for c0 in range(0, D, BLOCK_D):
-        cols = c0 + tl.arange(0, BLOCK_D)
-        msk = rmask[:, None] & (cols < D)[None, :]
-        _, _, _, v = _load_v(zpre_ptr, bias_ptr, x_ptr, rows, bidx, cols, msk, D, alpha, beta)
-        acc += tl.sum(tl.where(msk, v - K[:, None], 0.0), axis=1)
-    mean_s = acc / D
+    K, mean_s = _shift_and_mean(zpre_ptr, bias_ptr, x_ptr, rows, rmask, bidx, D, alpha, beta,
+                                BLOCK_R, BLOCK_D)
     acc2 = tl.zeros([BLOCK_R], dtype=tl.float32)
     for c0 in range(0, D, BLOCK_D):
         cols = c0 + tl.arange(0, BLOCK_D)
@@ -213,17 +221,8 @@ def _gn_bwd_stats_kernel(
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < R
     bidx = rows // T
-    cols0 = tl.arange(0, BLOCK_D)
-    m0 = rmask[:, None] & (cols0 < D)[None, :]
-    _, _, _, v0 = _load_v(zpre_ptr, bias_ptr, x_ptr, rows, bidx, cols0, m0, D, alpha, beta)
-    K = _first_col(v0, cols0)
-    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for c0 in range(0, D, BLOCK_D):
-        cols = c0 + tl.arange(0, BLOCK_D)
-        msk = rmask[:, None] & (cols < D)[None, :]
-        _, _, _, v = _load_v(zpre_ptr, bias_ptr, x_ptr, rows, bidx, cols, msk, D, alpha, beta)
-        acc += tl.sum(tl.where(msk, v - K[:, None], 0.0), axis=1)
-    mean_s = acc / D
+    K, mean_s = _shift_and_mean(zpre_ptr, bias_ptr, x_ptr, rows, rmask, bidx, D, alpha, beta,
+                                BLOCK_R, BLOCK_D)
     tl.store(rowstat_ptr + 4 * rows + 2, K, mask=rmask)
     tl.store(rowstat_ptr + 4 * rows + 3, mean_s, mask=rmask)
     s1 = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -451,15 +450,8 @@ def _check_inputs(op, zpre, bias_row, x, ln_weight):
 # ---------------------------------------------------------------------------
 @define_op("gate_norm")
 def gate_norm(
-    zpre: torch.Tensor,
-    bias_row: torch.Tensor,
-    x: torch.Tensor,
-    ln_weight: torch.Tensor,
-    ln_bias: torch.Tensor,
-    alpha: float,
-    beta: float,
-    p: float,
-    seed: torch.Tensor,
+    zpre: torch.Tensor, bias_row: torch.Tensor, x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
+    alpha: float, beta: float, p: float, seed: torch.Tensor,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, T, D = _check_inputs(_OP, zpre, bias_row, x, ln_weight)
     check_dtype(_OP, "ln_bias", ln_bias, torch.float32, " (the op layer casts it)")
