@@ -65,7 +65,7 @@ def test_forward_backward(backend, dtype, p, shape):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shape", [(2, 300, 768), (3, 50, 35), (1, 40, 3000), (2, 33, 1024)],
+@pytest.mark.parametrize("shape", [(2, 300, 768), (3, 50, 35), (1, 40, 3000), (2, 33, 1024), (2, 32, 74)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_many_rows(backend, shape):
     # several row blocks and backward chunks per batch row; D above the CPU block size
