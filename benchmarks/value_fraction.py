@@ -91,6 +91,15 @@ def interleaved(models, batch, args, rounds: int):
     return {m: statistics.median(v) for m, v in times.items()}
 
 
+def _step_table(steps, digits: int) -> list:
+    """Markdown rows: each backbone's step time per method, over the bare backbone and over vgmr."""
+    L = ["| backbone | method | step ms | × bare backbone | × vgmr |", "|---|---|---|---|---|"]
+    for b, st in steps.items():
+        for m in METHODS:
+            L.append(f"| {b} | {m} | {1e3 * st[m]:.{digits}f} | {st[m] / st['none']:.2f} | {st[m] / st['vgmr']:.2f} |")
+    return L + [""]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", default="0,1,2")
@@ -163,21 +172,11 @@ def main(argv=None):
     L.append("")
     L.append(f"## Training-step time (one batch of {targs.batch_size}, the methods' steps interleaved, median over "
              f"{a.rounds} rounds of 4 consecutive steps per method, so `vgmr%4` has its removal pass once a round)\n")
-    L.append("| backbone | method | step ms | × bare backbone | × vgmr |")
-    L.append("|---|---|---|---|---|")
-    for b, st in steps.items():
-        for m in METHODS:
-            L.append(f"| {b} | {m} | {1e3 * st[m]:.2f} | {st[m] / st['none']:.2f} | {st[m] / st['vgmr']:.2f} |")
-    L.append("")
+    L += _step_table(steps, 2)
     L.append("At the bench's MOSEI-like size (B 32, T 50, widths 768/74/35, masks, VGMR d 128, dropout 0.1; "
              "Transformer d_model 176, 2 layers, 4 heads; Concat hidden 176; 2 classes), same protocol, median "
              f"over {a.mosei_rounds} rounds:\n")
-    L.append("| backbone | method | step ms | × bare backbone | × vgmr |")
-    L.append("|---|---|---|---|---|")
-    for b, st in steps_mosei.items():
-        for m in METHODS:
-            L.append(f"| {b} | {m} | {1e3 * st[m]:.1f} | {st[m] / st['none']:.2f} | {st[m] / st['vgmr']:.2f} |")
-    L.append("")
+    L += _step_table(steps_mosei, 1)
     L.append("Mean step time inside the grid (every step of every seed, not interleaved: other jobs on the "
              "shared machine weigh on each method differently, so these ratios are noisier):\n")
     L.append("| backbone | method | step ms | × bare |")

@@ -63,13 +63,14 @@ def device_of(backend: str) -> str:
     return "cpu"
 
 
-def cap(backend: str, rows: int, dtype: torch.dtype | None = None) -> None:
+def cap(backend: str, rows: int, dtype: torch.dtype | None = None) -> str:
     """Skip (visibly) what a backend cannot run here: big cases under the Triton interpreter,
-    float64 outside the CPU kernels."""
+    float64 outside the CPU kernels. Returns the device the backend's tensors live on."""
     if backend == "triton" and TRITON_INTERPRETED and rows > TRITON_INTERP_MAX_ROWS:
         pytest.skip(f"triton interpreter: {rows} rows > {TRITON_INTERP_MAX_ROWS}")
     if dtype == torch.float64 and backend != "cpu":
         pytest.skip("float64 is supported by the CPU kernels only")
+    return device_of(backend)
 
 
 def atol_for(dtype: torch.dtype) -> float:
@@ -146,3 +147,16 @@ def noncontig(t: torch.Tensor) -> torch.Tensor:
 
 def threads_env() -> int:
     return int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))
+
+
+def gate_norm_inputs(B, T, D, dtype, seed, device="cpu"):
+    """``([zpre, bias_row, x, ln_weight, ln_bias], dy)`` for gate_norm: zpre and x in ``dtype``,
+    the rest float32 (dy too: callers cast it to the output's dtype), drawn from ``gen(seed)``."""
+    g = gen(seed)
+    zpre = (torch.randn(B, T, D, generator=g) * 2).to(dtype)
+    x = torch.randn(B, T, D, generator=g).to(dtype)
+    bias_row = torch.randn(B, D, generator=g) * 0.5
+    w = 1 + 0.3 * torch.randn(D, generator=g)
+    b = 0.3 * torch.randn(D, generator=g)
+    dy = torch.randn(B, T, D, generator=g)
+    return [t.to(device) for t in (zpre, bias_row, x, w, b)], dy.to(device)

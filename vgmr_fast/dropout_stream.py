@@ -53,6 +53,17 @@ def check_seed(seed) -> None:
     seed_value(seed)
 
 
+def check_seed_tensor(seed: torch.Tensor, ref: torch.Tensor, name: str = "seed") -> None:
+    """The fused kernels' seed: a one-element int64 tensor on ``ref``'s device, which they read
+    there (no host sync). Errors name ``name``; shared by the op layer and the Triton ops."""
+    if seed.dtype != torch.int64:
+        raise TypeError(f"{name}: expected an int64 tensor, got dtype {seed.dtype}")
+    if seed.numel() != 1:
+        raise ValueError(f"{name}: expected a tensor with exactly one element, got shape {tuple(seed.shape)}")
+    if seed.device != ref.device:
+        raise ValueError(f"{name}: on {seed.device}, but x is on {ref.device} (the kernels read the seed there)")
+
+
 def _mulhilo(a: int, b: torch.Tensor):
     # 32x32 -> 64-bit product without overflowing int64: split b into 16-bit halves.
     b_lo, b_hi = b & 0xFFFF, b >> 16

@@ -95,16 +95,9 @@ def gate_transform(z: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
 
 
 def gate_norm(
-    zpre: torch.Tensor,
-    bias_row: torch.Tensor,
-    x: torch.Tensor,
-    ln_weight: torch.Tensor,
-    ln_bias: torch.Tensor,
-    alpha: float = 0.5,
-    beta: float = 0.2,
-    p: float = 0.0,
-    seed: int = 0,
-    eps: float = EPS,
+    zpre: torch.Tensor, bias_row: torch.Tensor, x: torch.Tensor,  # the gate's inputs
+    ln_weight: torch.Tensor, ln_bias: torch.Tensor,  # the LayerNorm's affine parameters
+    alpha: float = 0.5, beta: float = 0.2, p: float = 0.0, seed: int = 0, eps: float = EPS,
 ) -> torch.Tensor:
     """§5 ``Dropout_p(LayerNorm(G_eff(zpre + bias_row) * x))`` with the shared Philox dropout stream."""
     check_p(p)

@@ -18,6 +18,7 @@ import torch
 
 import vgmr_fast.triton as VT
 from vgmr_fast import reference as ref
+from vgmr_fast import cuda_graph
 from vgmr_fast.ops import dropout
 
 pytestmark = pytest.mark.skipif(not VT.AVAILABLE, reason=f"Triton unavailable: {VT.unavailable_reason()}")
@@ -92,16 +93,6 @@ def run_and_check(B, T, D, dtype, p, seed=BIG_SEED, noncontig=False, alpha=ALPHA
     return y, grads
 
 
-SHAPES = [(4, 16, 1), (2, 8, 3), (3, 7, 35), (1, 1, 74), (5, 1, 130), (2, 32, 74)]
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("p", [0.0, 0.25])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_single_block(shape, p, dtype):
-    run_and_check(*shape, dtype, p)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("D", [35, 74, 130])
@@ -126,10 +117,6 @@ def test_backward_row_groups(monkeypatch, cfg):
     run_and_check(3, 13, 35, torch.float32, 0.2)
 
 
-def test_noncontiguous_inputs():
-    run_and_check(2, 6, 35, torch.float32, 0.1, noncontig=True)
-
-
 def test_backward_deterministic():
     inputs, dy = make_inputs(3, 9, 74, torch.float32)
     y, mean, rstd = torch.ops.vgmr_triton.gate_norm(*inputs, ALPHA, BETA, 0.2, S(7))
@@ -139,22 +126,6 @@ def test_backward_deterministic():
                                                  ALPHA, BETA, 0.2, S(7))
     for u, v in zip(a, b):
         assert torch.equal(u, v)
-
-
-def test_dropout_mask_and_rate():
-    B, T, D, p = 4, 16, 130, 0.3
-    inputs, _ = make_inputs(B, T, D, torch.float32)
-    y0, _, _ = torch.ops.vgmr_triton.gate_norm(*inputs, ALPHA, BETA, 0.0, S(0))
-    for seed in (0, 20261123, 2**62 + 12345):
-        y, _, _ = torch.ops.vgmr_triton.gate_norm(*inputs, ALPHA, BETA, p, S(seed))
-        keep = dropout.keep_mask(seed, B * T, D, p).view(B, T, D)
-        assert torch.equal(y.cpu() != 0, keep & (y0.cpu() != 0))
-        torch.testing.assert_close(y.cpu()[keep], (y0.cpu() / (1 - p))[keep], rtol=1e-6, atol=1e-6)
-        rate = keep.double().mean().item()
-        assert abs(rate - (1 - p)) < 0.03, rate
-    ya, _, _ = torch.ops.vgmr_triton.gate_norm(*inputs, ALPHA, BETA, p, S(1))
-    yb, _, _ = torch.ops.vgmr_triton.gate_norm(*inputs, ALPHA, BETA, p, S(2))
-    assert not torch.equal(ya != 0, yb != 0)
 
 
 def test_argument_errors():
@@ -232,14 +203,6 @@ def test_fp32_overflow_is_not_silent(monkeypatch, tiled):
     assert bool(torch.isfinite(y[0, 1]).all())
 
 
-@pytest.mark.parametrize("alpha,beta", [(0.0, 0.2), (0.9, 1.0), (1.3, 0.0)])
-def test_alpha_beta_variants(alpha, beta):
-    # alpha = 0: neutral gate; beta = 1: identity gating (dzpre = dbias_row = 0).
-    _, grads = run_and_check(2, 5, 35, torch.float32, 0.1, alpha=alpha, beta=beta)
-    if alpha == 0.0 or beta == 1.0:
-        assert torch.all(grads[0] == 0) and torch.all(grads[1] == 0)
-
-
 _CUSTOM_OP_SCRIPT = r"""
 import torch
 import vgmr_fast.triton as VT
@@ -278,26 +241,6 @@ def test_custom_op_mode_subprocess():
     r = subprocess.run([sys.executable, "-c", _CUSTOM_OP_SCRIPT], env=env, cwd=root,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
-
-
-# ---------------------------------------------------------------------------
-# Through the op layer (public function, backend="triton"): autograd.
-# ---------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("p", [0.0, 0.2])
-def test_public_autograd(p, dtype):
-    from vgmr_fast.ops import gate_norm  # the op layer is built in CI: a failure here is a failure
-
-    inputs, dy = make_inputs(2, 7, 35, dtype)
-    ins = [t.detach().clone().requires_grad_() for t in inputs]
-    y = gate_norm(*ins, alpha=ALPHA, beta=BETA, p=p, seed=BIG_SEED, backend="triton")
-    y.backward(dy)
-    y64, g64 = reference_run(inputs, dy, p, BIG_SEED, torch.float64)
-    yX, gX = reference_run(inputs, dy, p, BIG_SEED, dtype)
-    check("y", y, y64, yX, dtype)
-    for name, t, t64, tX in zip(["zpre", "bias_row", "x", "ln_weight", "ln_bias"], ins, g64, gX):
-        assert t.grad is not None and t.grad.dtype == t.dtype, name
-        check("d" + name, t.grad, t64, tX, dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -372,15 +315,7 @@ def test_gpu_cuda_graph_forward_backward():
                                                          mean, rstd, ALPHA, BETA, p, seed)
         return (y, mean, rstd) + tuple(grads)
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = step()
+    graph, outs = cuda_graph.capture(step)
     new_inputs, new_dy = make_inputs(B, T, D, torch.bfloat16, seed=99)
     for dst, src in zip(static, list(new_inputs) + [new_dy]):
         dst.copy_(src)

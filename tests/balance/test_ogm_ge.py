@@ -53,11 +53,26 @@ def _params_with_grads(seed=0):
     return a, b
 
 
+def _a_dominant_logits():
+    """Per-modality logits [2, 4, 2] for labels 0: modality a confident (logit 5), b at chance."""
+    return torch.stack([torch.tensor([[5.0, 0.0]] * 4), torch.tensor([[0.0, 0.0]] * 4)])
+
+
+def _ge_step_a_dominant():
+    """One OGM-GE step (alpha 0.5, noise seeded 1) on a-dominant logits: (a, b, a's and b's
+    gradients before the step, the logits, the coefficients)."""
+    a, b = _params_with_grads()
+    ga, gb = a.grad.clone(), b.grad.clone()
+    ogm = OGMGE([[a], [b]], alpha=0.5, ge=True, generator=torch.Generator().manual_seed(1))
+    z = _a_dominant_logits()
+    return a, b, ga, gb, z, ogm.step(z, torch.zeros(4, dtype=torch.long))
+
+
 def test_step_scales_dominant_group_without_ge():
     a, b = _params_with_grads()
     ga, gb = a.grad.clone(), b.grad.clone()
     ogm = OGMGE([[a], [b]], alpha=0.5, ge=False)
-    z = torch.stack([torch.tensor([[5.0, 0.0]] * 4), torch.tensor([[0.0, 0.0]] * 4)])
+    z = _a_dominant_logits()
     y = torch.zeros(4, dtype=torch.long)
     k = ogm.step(z, y)
     assert k[0] < 1 and k[1] == 1
@@ -67,11 +82,7 @@ def test_step_scales_dominant_group_without_ge():
 
 
 def test_step_ge_noise_matches_gradient_std_and_is_seeded():
-    a, b = _params_with_grads()
-    ga = a.grad.clone()
-    ogm = OGMGE([[a], [b]], alpha=0.5, ge=True, generator=torch.Generator().manual_seed(1))
-    z = torch.stack([torch.tensor([[5.0, 0.0]] * 4), torch.tensor([[0.0, 0.0]] * 4)])
-    k = ogm.step(z, torch.zeros(4, dtype=torch.long))
+    a, b, ga, _, z, k = _ge_step_a_dominant()
     noise = a.grad - ga * k[0]
     assert abs(float(noise.std()) - float(ga.std())) < 0.1 * float(ga.std())
     # the same generator seed reproduces it
@@ -85,7 +96,7 @@ def test_window_inactive_leaves_gradients():
     a, b = _params_with_grads()
     ga = a.grad.clone()
     ogm = OGMGE([[a], [b]], alpha=0.5, ge=True, start_epoch=2, end_epoch=3)
-    z = torch.stack([torch.tensor([[5.0, 0.0]] * 4), torch.tensor([[0.0, 0.0]] * 4)])
+    z = _a_dominant_logits()
     k = ogm.step(z, torch.zeros(4, dtype=torch.long), epoch=0)
     assert torch.equal(k, torch.ones(2)) and torch.equal(a.grad, ga)
     assert ogm.active(2) and ogm.active(3) and not ogm.active(4)
@@ -123,11 +134,7 @@ def test_coefficient_for_known_scores_in_the_paper_alpha_range(alpha):
 
 def test_ge_noise_is_added_to_the_non_dominant_modality_too():
     """As in the authors' code: grad * k + N(0, std(grad)) for every modulated group, k = 1 included."""
-    a, b = _params_with_grads()
-    gb = b.grad.clone()
-    ogm = OGMGE([[a], [b]], alpha=0.5, ge=True, generator=torch.Generator().manual_seed(1))
-    z = torch.stack([torch.tensor([[5.0, 0.0]] * 4), torch.tensor([[0.0, 0.0]] * 4)])
-    k = ogm.step(z, torch.zeros(4, dtype=torch.long))
+    a, b, _, gb, _, k = _ge_step_a_dominant()
     assert k[1] == 1.0
     noise = b.grad - gb
     assert 0.7 * float(gb.std()) < float(noise.std()) < 1.3 * float(gb.std())
@@ -166,7 +173,7 @@ def test_step_modulation_scales_the_learning_rate_of_the_dominant_group_under_ad
     before = [p.detach().clone() for p in enc_a.parameters()] + [p.detach().clone() for p in enc_b.parameters()]
     for p in list(enc_a.parameters()) + list(enc_b.parameters()) + list(head.parameters()):
         p.grad = torch.ones_like(p)
-    z = torch.stack([torch.tensor([[5.0, 0.0]] * 4), torch.tensor([[0.0, 0.0]] * 4)])
+    z = _a_dominant_logits()
     k = ogm.step(z, torch.zeros(4, dtype=torch.long))
     assert k[0] < 1 and k[1] == 1
     assert torch.equal(enc_a.weight.grad, torch.ones(2, 3))  # the gradient itself is left alone

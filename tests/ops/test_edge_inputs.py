@@ -119,8 +119,7 @@ def test_interaction_empty_batch(backend):
 @pytest.mark.parametrize("poison", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
 def test_summary_pool_ignores_non_finite_masked_steps(backend, dtype, poison):
     B, T, D = 3, 6, 37
-    cap(backend, B * T)
-    dev = device_of(backend)
+    dev = cap(backend, B * T)
     g = gen(1)
     h = torch.randn(B, T, D, generator=g).to(dtype)
     mask = torch.rand(B, T, generator=g) > 0.4

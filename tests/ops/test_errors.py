@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from helpers import BACKENDS, cap, device_of, gen
+from helpers import BACKENDS, cap, gen
 from vgmr_fast import ops
 from vgmr_fast import reference as ref
 
@@ -53,8 +53,10 @@ def _inputs(op: str, device: str, dtype=torch.float64, grad=True):
     return ins, (lambda *a, backend: ops.gate_norm(*a, backend=backend)), (lambda *a: ref.gate_norm(*a))
 
 
-def _dtype_for(backend: str):
-    return torch.float64 if backend == "cpu" else torch.float32
+def _backend_inputs(op: str, backend: str, grad=True):
+    """``_inputs`` on ``backend``'s device (float64 on the CPU, float32 where kernels lack it);
+    skips visibly when the backend is unavailable."""
+    return _inputs(op, cap(backend, 8), torch.float64 if backend == "cpu" else torch.float32, grad)
 
 
 # ---- alpha / beta ------------------------------------------------------------------------------
@@ -77,9 +79,7 @@ def test_finite_alpha_beta_of_other_types_still_accepted():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
 def test_gradgradcheck_raises_naming_the_op(op, backend):
-    cap(backend, 8)
-    dev = device_of(backend)
-    ins, f, _ = _inputs(op, dev, _dtype_for(backend))
+    ins, f, _ = _backend_inputs(op, backend)
     with pytest.raises(RuntimeError, match=rf"{op}: double backward .* not supported .*reference\.{op}"):
         torch.autograd.gradgradcheck(lambda *a: f(*a, backend=backend), ins)
 
@@ -88,9 +88,7 @@ def test_gradgradcheck_raises_naming_the_op(op, backend):
 @pytest.mark.parametrize("op", OPS)
 def test_gradient_penalty_raises(op, backend):
     # The gradient-penalty pattern: grad with create_graph=True, then a loss on the gradient.
-    cap(backend, 8)
-    dev = device_of(backend)
-    ins, f, _ = _inputs(op, dev, _dtype_for(backend))
+    ins, f, _ = _backend_inputs(op, backend)
     out = f(*ins, backend=backend)
     with pytest.raises(RuntimeError, match=rf"{op}: double backward"):
         torch.autograd.grad(out.pow(2).sum(), ins, create_graph=True)
@@ -123,9 +121,7 @@ def test_create_graph_without_a_graph_to_build_is_first_order_correct(op, needs_
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("transform", ["grad", "jvp", "jacrev", "forward_ad"])
 def test_transforms_raise_naming_the_op(op, backend, transform):
-    cap(backend, 8)
-    dev = device_of(backend)
-    ins, f, _ = _inputs(op, dev, _dtype_for(backend), grad=False)
+    ins, f, _ = _backend_inputs(op, backend, grad=False)
 
     def loss(*a):
         return f(*a, backend=backend).sum()

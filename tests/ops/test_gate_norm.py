@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from helpers import BACKENDS, DTYPES, assert_close_to_truth, assert_no_nan, cap, device_of, gen, noncontig
+from helpers import BACKENDS, DTYPES, assert_close_to_truth, assert_no_nan, cap, gate_norm_inputs, noncontig
 from vgmr_fast import ops
 from vgmr_fast import reference as ref
 from vgmr_fast.ops import dropout
@@ -21,17 +21,6 @@ ALPHA, BETA = 0.5, 0.2
 BIG_SEED = 1099511627779  # > 2**32: both key words non-zero
 SHAPES = [(2, 8, 64), (1, 1, 1023), (3, 7, 35), (2, 5, 74), (1, 1, 1), (2, 3, 3), (1, 1, 1500), (2, 4, 1023)]
 NAMES = ["y", "dzpre", "dbias_row", "dx", "dln_weight", "dln_bias"]
-
-
-def make(B, T, D, dtype, seed, device="cpu"):
-    g = gen(seed)
-    zpre = (torch.randn(B, T, D, generator=g) * 2).to(dtype)
-    x = torch.randn(B, T, D, generator=g).to(dtype)
-    bias_row = torch.randn(B, D, generator=g) * 0.5
-    w = 1 + 0.3 * torch.randn(D, generator=g)
-    b = 0.3 * torch.randn(D, generator=g)
-    dy = torch.randn(B, T, D, generator=g)
-    return [t.to(device) for t in (zpre, bias_row, x, w, b)], dy.to(device)
 
 
 def fwd_bwd(fn, args, dy):
@@ -69,43 +58,42 @@ def check_all(f, r, t, args, backend):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_forward_backward(backend, dtype, p, shape):
     B, T, D = shape
-    cap(backend, B * T, dtype)
-    dev = device_of(backend)
-    args, dy = make(B, T, D, dtype, seed=B * 7919 + T * 31 + D, device=dev)
+    dev = cap(backend, B * T, dtype)
+    args, dy = gate_norm_inputs(B, T, D, dtype, seed=B * 7919 + T * 31 + D, device=dev)
     f, r, t = run_all(args, dy, backend, p=p, seed=1234 + D)
     check_all(f, r, t, args, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shape", [(2, 300, 768), (3, 50, 35), (1, 40, 3000), (2, 33, 1024)],
+@pytest.mark.parametrize("shape", [(2, 300, 768), (3, 50, 35), (1, 40, 3000), (2, 33, 1024), (2, 32, 74)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_many_rows(backend, shape):
     # several row blocks and backward chunks per batch row; D above the CPU block size
     B, T, D = shape
-    cap(backend, B * T)
-    dev = device_of(backend)
-    args, dy = make(B, T, D, torch.float32, seed=D, device=dev)
+    dev = cap(backend, B * T)
+    args, dy = gate_norm_inputs(B, T, D, torch.float32, seed=D, device=dev)
     f, r, t = run_all(args, dy, backend, p=0.1, seed=BIG_SEED)
     check_all(f, r, t, args, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("alpha,beta", [(0.0, 0.2), (1.0, 0.0), (0.5, 1.0), (0.3, 0.7)])
+@pytest.mark.parametrize("alpha,beta", [(0.0, 0.2), (1.0, 0.0), (0.5, 1.0), (0.3, 0.7), (1.3, 0.0)])
 def test_alpha_beta(backend, alpha, beta):
-    cap(backend, 12)
-    dev = device_of(backend)
-    args, dy = make(3, 4, 37, torch.float32, seed=17, device=dev)
-    f, r, t = run_all(args, dy, backend, alpha=alpha, beta=beta)
+    # alpha = 0: a neutral gate, beta = 1: identity gating; either way dzpre = dbias_row = 0 exactly.
+    dev = cap(backend, 12)
+    args, dy = gate_norm_inputs(3, 4, 37, torch.float32, seed=17, device=dev)
+    f, r, t = run_all(args, dy, backend, p=0.1, seed=5, alpha=alpha, beta=beta)
     check_all(f, r, t, args, backend)
+    if alpha == 0.0 or beta == 1.0:
+        assert bool((f[1] == 0).all()) and bool((f[2] == 0).all())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_non_contiguous_inputs(backend, dtype):
     B, T, D = 2, 5, 37
-    cap(backend, B * T)
-    dev = device_of(backend)
-    args, dy = make(B, T, D, dtype, seed=3, device=dev)
+    dev = cap(backend, B * T)
+    args, dy = gate_norm_inputs(B, T, D, dtype, seed=3, device=dev)
     zpre, bias_row, x, w, b = args
     nc = [noncontig(zpre), noncontig(bias_row), x.transpose(0, 1).contiguous().transpose(0, 1), noncontig(w),
           noncontig(b)]
@@ -117,9 +105,8 @@ def test_non_contiguous_inputs(backend, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_side_inputs_in_other_dtypes(backend):
     # bias_row / ln_weight / ln_bias in bf16 (a half module): cast to fp32, gradients come back in bf16
-    cap(backend, 6)
-    dev = device_of(backend)
-    args, dy = make(2, 3, 19, torch.bfloat16, seed=4, device=dev)
+    dev = cap(backend, 6)
+    args, dy = gate_norm_inputs(2, 3, 19, torch.bfloat16, seed=4, device=dev)
     args = [args[0], args[1].bfloat16(), args[2], args[3].bfloat16(), args[4].bfloat16()]
     f, r, t = run_all(args, dy, backend)
     for g, a in zip(f[1:], args):
@@ -132,10 +119,9 @@ def test_side_inputs_in_other_dtypes(backend):
 @pytest.mark.parametrize("seed", [0, 20261123, BIG_SEED])
 def test_dropout_mask_is_the_shared_stream(backend, seed):
     B, T, D = 2, 6, 37
-    cap(backend, B * T)
-    dev = device_of(backend)
+    dev = cap(backend, B * T)
     p = 0.4
-    args, _ = make(B, T, D, torch.float32, seed=seed % 1000, device=dev)
+    args, _ = gate_norm_inputs(B, T, D, torch.float32, seed=seed % 1000, device=dev)
     y = ops.gate_norm(*args, p=p, seed=seed, backend=backend)
     keep = dropout.keep_mask(seed, B * T, D, p).view(B, T, D)
     assert torch.equal((y != 0).cpu(), keep)
@@ -146,9 +132,8 @@ def test_dropout_mask_is_the_shared_stream(backend, seed):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dropout_keep_rate_and_seeds(backend):
     B, T, D = (2, 16, 1000) if backend != "triton" else (1, 16, 1000)
-    cap(backend, B * T)
-    dev = device_of(backend)
-    args, _ = make(B, T, D, torch.float32, seed=1, device=dev)
+    dev = cap(backend, B * T)
+    args, _ = gate_norm_inputs(B, T, D, torch.float32, seed=1, device=dev)
     n = B * T * D
     for p in (0.1, 0.5, 0.9):
         y = ops.gate_norm(*args, p=p, seed=77, backend=backend)
@@ -168,9 +153,8 @@ def test_dropout_keep_rate_and_seeds(backend):
 def test_dropout_kept_values_scaled(backend):
     # ln_weight = 0, ln_bias = 1: y is exactly the keep factor, 1/(1-p) or 0
     B, T, D = 3, 2, 6
-    cap(backend, B * T)
-    dev = device_of(backend)
-    args, _ = make(1, B * T, D, torch.float32, seed=2, device=dev)
+    dev = cap(backend, B * T)
+    args, _ = gate_norm_inputs(1, B * T, D, torch.float32, seed=2, device=dev)
     zpre, _, x, _, _ = args
     y = ops.gate_norm(zpre, torch.zeros(1, D, device=dev), x, torch.zeros(D, device=dev),
                       torch.ones(D, device=dev), p=0.5, seed=20261123, backend=backend)
@@ -182,7 +166,7 @@ def test_dropout_kept_values_scaled(backend):
 @pytest.mark.parametrize("p", [0.0, 0.35])
 @pytest.mark.parametrize("shape", [(2, 3, 5), (1, 2, 1), (2, 2, 9)], ids=lambda s: "x".join(map(str, s)))
 def test_gradcheck_float64(p, shape):
-    args, _ = make(*shape, torch.float64, seed=sum(shape))
+    args, _ = gate_norm_inputs(*shape, torch.float64, seed=sum(shape))
     args = [a.double().requires_grad_(True) for a in args]
     assert torch.autograd.gradcheck(
         lambda *a: ops.gate_norm(*a, alpha=0.7, beta=0.1, p=p, seed=BIG_SEED, backend="cpu"), args
@@ -191,7 +175,7 @@ def test_gradcheck_float64(p, shape):
 
 # ---- determinism of the reductions -----------------------------------------------------------
 def test_backward_deterministic_across_thread_counts():
-    args, dy = make(4, 200, 300, torch.float32, seed=8)
+    args, dy = gate_norm_inputs(4, 200, 300, torch.float32, seed=8)
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -206,7 +190,7 @@ def test_backward_deterministic_across_thread_counts():
 
 
 def test_saved_stats_are_fp32():
-    args, _ = make(2, 3, 8, torch.bfloat16, seed=0)
+    args, _ = gate_norm_inputs(2, 3, 8, torch.bfloat16, seed=0)
     zpre, bias_row, x, w, b = args
     y, mean, rstd = torch.ops.vgmr.gate_norm(zpre, bias_row, x, w, b, ALPHA, BETA, 0.0, torch.tensor(0))
     assert y.dtype == torch.bfloat16 and mean.dtype == torch.float32 and rstd.dtype == torch.float32
@@ -214,14 +198,14 @@ def test_saved_stats_are_fp32():
 
 
 def test_empty_rows():
-    args, _ = make(0, 3, 8, torch.float32, seed=0)
+    args, _ = gate_norm_inputs(0, 3, 8, torch.float32, seed=0)
     y = ops.gate_norm(*args)
     assert y.shape == (0, 3, 8)
 
 
 # ---- argument checks --------------------------------------------------------------------------
 def _good():
-    args, _ = make(2, 3, 4, torch.float32, seed=0)
+    args, _ = gate_norm_inputs(2, 3, 4, torch.float32, seed=0)
     return args
 
 
@@ -278,7 +262,7 @@ def test_cpp_checks_raise_not_crash():
 # ---- torch.compile -----------------------------------------------------------------------------
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_compile_fullgraph(dynamic):
-    args, dy = make(2, 5, 12, torch.float32, seed=6)
+    args, dy = gate_norm_inputs(2, 5, 12, torch.float32, seed=6)
 
     def f(zpre, bias_row, x, w, b):
         y = ops.gate_norm(zpre, bias_row, x, w, b, alpha=0.4, beta=0.3, p=0.25, seed=99)
@@ -311,6 +295,6 @@ def narrow_simd():
 @pytest.mark.parametrize("shape", [(2, 8, 64), (3, 7, 35), (2, 5, 74), (1, 1, 1), (2, 3, 3), (1, 3, 1500)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_narrow_simd_path(narrow_simd, dtype, p, shape):
-    args, dy = make(*shape, dtype, seed=sum(shape) + 1)
+    args, dy = gate_norm_inputs(*shape, dtype, seed=sum(shape) + 1)
     f, r, t = run_all(args, dy, "cpu", p=p, seed=31)
     check_all(f, r, t, args, "cpu")

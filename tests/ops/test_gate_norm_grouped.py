@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import BACKENDS, cap, device_of, gen
+from helpers import BACKENDS, cap, gen
 from vgmr_fast import ops
 
 pytestmark = pytest.mark.usefixtures("vgmr_debug_nan_fill")
@@ -42,8 +42,7 @@ def _leaves(mods):
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_grouped_equals_per_modality_bitwise(backend, dtype, p):
     B = 2
-    cap(backend, B * max(T for T, _ in LAYOUT), dtype)
-    dev = device_of(backend)
+    dev = cap(backend, B * max(T for T, _ in LAYOUT), dtype)
     mods, dys = _modalities(B, LAYOUT, dtype, dev)
     M = len(mods)
     seeds = torch.randint(0, 2**62, (M,), dtype=torch.int64, generator=gen(11)).to(dev) if p > 0 else None

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import BACKENDS, DTYPES, assert_close_to_truth, assert_no_nan, cap, device_of, gen, noncontig
+from helpers import BACKENDS, DTYPES, assert_close_to_truth, assert_no_nan, cap, gen, noncontig
 from vgmr_fast import ops
 from vgmr_fast import reference as ref
 
@@ -30,8 +30,7 @@ def run_all(s, backend, du):
 @pytest.mark.parametrize("M", [2, 3, 4])
 @pytest.mark.parametrize("B,D", [(3, 1), (2, 3), (3, 35), (1, 74), (2, 1023)])
 def test_forward_backward(backend, dtype, M, B, D):
-    cap(backend, B * M, dtype)
-    dev = device_of(backend)
+    dev = cap(backend, B * M, dtype)
     s = torch.randn(B, M, D, generator=gen(M * 100 + D)).to(dtype).to(dev)
     du = torch.randn(B, M, (3 * M - 1) * D, generator=gen(1)).to(dev)
     (fu, fds), (ru, rds), (tu, tds) = run_all(s, backend, du)
@@ -45,8 +44,7 @@ def test_forward_backward(backend, dtype, M, B, D):
 def test_abs_gradient_at_zero(backend, M):
     # s_m == s_j on some channels: d|x|/dx = 0 there (torch.abs), not +-1
     B, D = 2, 16
-    cap(backend, B * M)
-    dev = device_of(backend)
+    dev = cap(backend, B * M)
     s = torch.randn(B, M, D, generator=gen(5))
     s[:, 1, : D // 2] = s[:, 0, : D // 2]
     s = s.to(dev)
@@ -66,8 +64,7 @@ def test_abs_gradient_at_zero(backend, M):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_input(backend):
     B, M, D = 3, 3, 21
-    cap(backend, B * M)
-    dev = device_of(backend)
+    dev = cap(backend, B * M)
     s = noncontig(torch.randn(B, M, D, generator=gen(2)).to(dev))
     assert not s.is_contiguous()
     du = torch.randn(B, M, 8 * D, generator=gen(3)).to(dev)

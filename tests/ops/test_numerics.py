@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import BACKENDS, cap, device_of, gen, kernel_cast
+from helpers import BACKENDS, cap, gate_norm_inputs, gen, kernel_cast
 from vgmr_fast import ops
 from vgmr_fast import reference as ref
 
@@ -42,8 +42,7 @@ def _constant_rows(B, T, D, magnitude, dtype, device):
 @pytest.mark.parametrize("D", DS)
 def test_row_constant_along_D_gives_exactly_ln_bias(backend, dtype, magnitude, D):
     B, T = 2, 3
-    cap(backend, B * T, dtype)
-    dev = device_of(backend)
+    dev = cap(backend, B * T, dtype)
     args = _constant_rows(B, T, D, magnitude, dtype, dev)
     args = [a.requires_grad_(True) for a in args]
     y = ops.gate_norm(*args, alpha=ALPHA, beta=BETA, backend=backend)
@@ -72,15 +71,8 @@ def test_large_common_offset_keeps_accuracy(backend, D):
     # Rows ~100 + O(1e-2): the statistics of v - K are well-conditioned; fp32 results stay
     # close to the float64 truth (the unshifted one-pass-mean statistics lost ~3 digits here).
     B, T = 2, 3
-    cap(backend, B * T)
-    dev = device_of(backend)
-    g = gen(7)
-    zpre = torch.randn(B, T, D, generator=g)
-    bias_row = torch.randn(B, D, generator=g) * 0.1
-    x = 100 + 0.01 * torch.randn(B, T, D, generator=g)
-    w = 1 + 0.3 * torch.randn(D, generator=g)
-    b = 0.3 * torch.randn(D, generator=g)
-    args = [t.to(dev) for t in (zpre, bias_row, x, w, b)]
+    (zpre, bias_row, x, w, b), _ = gate_norm_inputs(B, T, D, torch.float32, seed=7, device=cap(backend, B * T))
+    args = [zpre, bias_row, 100 + 0.01 * x, w, b]
     y = ops.gate_norm(*args, alpha=ALPHA, beta=BETA, backend=backend)
     truth = ref.gate_norm(*[a.double() for a in args], alpha=ALPHA, beta=BETA)
     eager = ref.gate_norm(*args, alpha=ALPHA, beta=BETA)
@@ -96,8 +88,7 @@ def test_overflowing_row_is_non_finite_never_ln_bias(backend, D):
     # ln_bias; the neighbouring rows are right as usual. (Eager's CPU layer_norm gives NaN for
     # some D and silently ln_bias for others, e.g. D = 35: the fused op is NaN for every D.)
     B, T = 1, 3
-    cap(backend, B * T)
-    dev = device_of(backend)
+    dev = cap(backend, B * T)
     g = gen(3)
     zpre = torch.zeros(B, T, D)
     bias_row = torch.zeros(B, D)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import BACKENDS, cap, device_of, gen
+from helpers import BACKENDS, cap, device_of, gate_norm_inputs
 from vgmr_fast import ops
 from vgmr_fast.ops import dropout
 
@@ -22,14 +22,8 @@ BIG_SEED = 2**62 + 1099511627779  # both Philox key words non-zero, high bit of 
 
 
 def _args(B, T, D, dtype=torch.float32, device="cpu", seed=0):
-    g = gen(seed)
-    zpre = (torch.randn(B, T, D, generator=g) * 2).to(dtype)
-    x = torch.randn(B, T, D, generator=g).to(dtype)
-    bias_row = torch.randn(B, D, generator=g) * 0.5
-    w = 1 + 0.3 * torch.randn(D, generator=g)
-    b = 0.3 * torch.randn(D, generator=g)
-    dy = torch.randn(B, T, D, generator=g).to(dtype)
-    return [t.to(device) for t in (zpre, bias_row, x, w, b)], dy.to(device)
+    args, dy = gate_norm_inputs(B, T, D, dtype, seed, device)
+    return args, dy.to(dtype)
 
 
 def _fwd_bwd(args, dy, **kw):

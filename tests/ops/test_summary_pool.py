@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import BACKENDS, DTYPES, assert_close_to_truth, assert_no_nan, cap, device_of, gen, noncontig
+from helpers import BACKENDS, DTYPES, assert_close_to_truth, assert_no_nan, cap, gen, noncontig
 from vgmr_fast import ops
 from vgmr_fast import reference as ref
 
@@ -54,8 +54,7 @@ def run_both(h, mask, backend, dmean, dmax):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_forward_backward(backend, dtype, mask_kind, shape):
     B, T, D = shape
-    cap(backend, B * T, dtype)
-    dev = device_of(backend)
+    dev = cap(backend, B * T, dtype)
     h, mask = make(B, T, D, dtype, mask_kind, seed=B * 1000 + T * 10 + D)
     h, mask = h.to(dev), None if mask is None else mask.to(dev)
     g = gen(7)
@@ -75,8 +74,7 @@ def test_forward_backward(backend, dtype, mask_kind, shape):
 @pytest.mark.parametrize("mask_kind", MASKS)
 def test_argmax_first_valid_maximal(backend, mask_kind):
     B, T, D = 3, 9, 37
-    cap(backend, B * T)
-    dev = device_of(backend)
+    dev = cap(backend, B * T)
     # bf16 with few distinct values: many ties
     g = gen(3)
     h = torch.randint(-3, 4, (B, T, D), generator=g).to(torch.bfloat16).to(dev)
@@ -98,8 +96,7 @@ def test_argmax_first_valid_maximal(backend, mask_kind):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ties_send_gradient_to_first_maximal_step(backend):
     B, T, D = 2, 6, 16
-    cap(backend, B * T)
-    dev = device_of(backend)
+    dev = cap(backend, B * T)
     h = torch.zeros(B, T, D, dtype=torch.bfloat16)
     h[:, 1] = 1.0
     h[:, 4] = 1.0  # tie between steps 1 and 4
@@ -125,8 +122,7 @@ def test_ties_send_gradient_to_first_maximal_step(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_counts_as_maximal(backend):
-    cap(backend, 8)
-    dev = device_of(backend)
+    dev = cap(backend, 8)
     h = torch.randn(2, 4, 5, generator=gen(0))
     h[0, 2, 1] = float("nan")
     h[0, 3, 1] = float("nan")
@@ -142,8 +138,7 @@ def test_nan_counts_as_maximal(backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_non_contiguous_inputs(backend, dtype):
     B, T, D = 3, 5, 33
-    cap(backend, B * T)
-    dev = device_of(backend)
+    dev = cap(backend, B * T)
     h, mask = make(B, T, D, dtype, "some", seed=11)
     h = h.to(dev)
     mask = mask.to(dev)

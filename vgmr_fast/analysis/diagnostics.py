@@ -37,16 +37,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..figures import figure as _figure
+from ..figures import save as _save_figure
+
 __all__ = ["accuracy", "macro_f1", "predict", "evaluate", "modality_removal", "corrupt_inputs", "noise_sweep",
            "plot_noise_sweep", "value_gate_statistics", "value_gate_shift", "shared_parameters",
            "gradient_cosine", "plot_curves", "refinement_difference", "plot_refinement"]
 
 
-def _figure(**kwargs):
-    """A matplotlib ``Figure`` not attached to pyplot: saving it needs no GUI backend and
-    leaves the user's backend and pyplot state alone."""
-    from matplotlib.figure import Figure
-    return Figure(**kwargs)
 
 
 # ------------------------------------------------------------------ metrics
@@ -218,11 +216,7 @@ def plot_noise_sweep(curves: Dict[str, Dict], path: str, title: Optional[str] = 
     ax.set_ylabel("accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+    return _save_figure(fig, path, title, ax)
 
 
 # ---------------------------------------------------------- value / gate
@@ -377,11 +371,7 @@ def plot_curves(curves: Dict[str, Tuple[Sequence[float], Sequence[float]]], path
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+    return _save_figure(fig, path, title, ax)
 
 
 # -------------------------------------------------- refinement difference

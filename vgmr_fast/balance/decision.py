@@ -39,6 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..figures import figure
+from ..figures import save as save_figure
+
 __all__ = ["split_decision_layer", "linear_modality_logits", "zero_others_logits", "modality_logits",
            "subset_logits", "shapley_values", "decision_diagnostics", "plot_decision_diagnostics",
            "AdaptiveDecisionHead", "AllocatedModel"]
@@ -276,11 +279,10 @@ def plot_decision_diagnostics(diag: Dict, path: str, unimodal: Optional[Dict[str
     Writes a PNG to ``path`` and returns it.
     """
     import matplotlib
-    from matplotlib.figure import Figure  # no pyplot: the user's backend is left alone
 
     names = diag["names"]
     panels = 3 if diag.get("weights") is not None else 2
-    fig = Figure(figsize=(4.2 * panels, 3.4))
+    fig = figure(figsize=(4.2 * panels, 3.4))
     axes = fig.subplots(1, panels)
     colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     ax_i = 0
@@ -311,11 +313,7 @@ def plot_decision_diagnostics(diag: Dict, path: str, unimodal: Optional[Dict[str
     ax.set_title("contribution share ‖W_m h_m‖ / Σ_k ‖W_k h_k‖" if diag["mode"] == "linear"
                  else "contribution share (zero others)")
     ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, path, title)
 
 
 # ------------------------------------------------------------------ allocation

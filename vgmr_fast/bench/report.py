@@ -186,25 +186,29 @@ def table(headers, rows, align=None) -> str:
     return "\n".join([line([str(h) for h in headers]), sep] + [line(r) for r in rows])
 
 
+def _per_setting(records, settings, level: str, row, title, headers, align) -> list:
+    """One (title, table) per setting with records of ``level``: ``row(record)`` a table row,
+    ``title(setting)`` the heading."""
+    out = []
+    for s in settings:
+        rows = [row(r) for r in records if r["level"] == level and r["setting"] == s["name"]]
+        if rows:
+            out.append((title(s), table(headers, rows, align)))
+    return out
+
+
 def _spread(r) -> str:
     return f"{ms(r['q25_s'])}-{ms(r['q75_s'])}"
 
 
 def ops_tables(records, settings) -> list:
-    out = []
-    for s in settings:
-        rows = []
-        for r in records:
-            if r["level"] != "ops" or r["setting"] != s["name"]:
-                continue
-            rows.append([r["op"], r["mode"], r["peer"], ms(r["median_s"]), _spread(r), ratio(r.get("vs_eager")),
-                         ms(r.get("floor_s")), pct(r.get("floor_frac")),
-                         f"{r['achieved_bytes_per_s'] / 1e9:.1f}"])
-        if rows:
-            title = f"ops, {s['name']} ({describe(s)}); each op over all {len(s['widths'])} modalities"
-            out.append((title, table(["op", "mode", "peer", "median ms", "IQR ms", "vs eager", "floor ms",
-                                      "% of floor", "eff GB/s"], rows, ["l", "l", "l"] + ["r"] * 6)))
-    return out
+    return _per_setting(
+        records, settings, "ops",
+        lambda r: [r["op"], r["mode"], r["peer"], ms(r["median_s"]), _spread(r), ratio(r.get("vs_eager")),
+                   ms(r.get("floor_s")), pct(r.get("floor_frac")), f"{r['achieved_bytes_per_s'] / 1e9:.1f}"],
+        lambda s: f"ops, {s['name']} ({describe(s)}); each op over all {len(s['widths'])} modalities",
+        ["op", "mode", "peer", "median ms", "IQR ms", "vs eager", "floor ms", "% of floor", "eff GB/s"],
+        ["l", "l", "l"] + ["r"] * 6)
 
 
 def describe(s: dict) -> str:
@@ -212,22 +216,16 @@ def describe(s: dict) -> str:
 
 
 def layer_tables(records, settings) -> list:
-    out = []
-    for s in settings:
-        rows = []
-        for r in records:
-            if r["level"] != "layer" or r["setting"] != s["name"]:
-                continue
-            rows.append([r["mode"], r["peer"], ms(r["median_s"]), _spread(r), ratio(r.get("vs_eager")),
-                         ratio(r.get("vs_compile")), ratio(r.get("x_gemm_only")), launches(r),
-                         ratio(r.get("x_floor"), 0), ratio(r.get("x_launch_floor"), 1), mb(r.get("peak_bytes")),
-                         pct(r.get("mem_vs_eager")), mb(r.get("saved_bytes"))])
-        if rows:
-            title = f"VGMR layer, {s['name']} ({describe(s)})"
-            out.append((title, table(["mode", "peer", "median ms", "IQR ms", "vs eager", "vs compile",
-                                      "x GEMM-only", "launches", "x bytes floor", "x launch floor", "peak MiB",
-                                      "mem % eager", "saved MiB"], rows, ["l", "l"] + ["r"] * 11)))
-    return out
+    return _per_setting(
+        records, settings, "layer",
+        lambda r: [r["mode"], r["peer"], ms(r["median_s"]), _spread(r), ratio(r.get("vs_eager")),
+                   ratio(r.get("vs_compile")), ratio(r.get("x_gemm_only")), launches(r),
+                   ratio(r.get("x_floor"), 0), ratio(r.get("x_launch_floor"), 1), mb(r.get("peak_bytes")),
+                   pct(r.get("mem_vs_eager")), mb(r.get("saved_bytes"))],
+        lambda s: f"VGMR layer, {s['name']} ({describe(s)})",
+        ["mode", "peer", "median ms", "IQR ms", "vs eager", "vs compile", "x GEMM-only", "launches",
+         "x bytes floor", "x launch floor", "peak MiB", "mem % eager", "saved MiB"],
+        ["l", "l"] + ["r"] * 11)
 
 
 def launches(r) -> str:

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .. import cuda_graph
+
 
 @dataclass
 class Timing:
@@ -224,17 +226,7 @@ def time_cuda(fn, *, min_time: float = 0.3, min_reps: int = 20, max_reps: int = 
 
 def _capture(fn, calls: int):
     """Capture ``calls`` calls of ``fn`` in one CUDA graph; returns (replay, calls)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
+    g, _ = cuda_graph.capture(fn, calls)
     torch.cuda.synchronize()
     g.replay()
     torch.cuda.synchronize()

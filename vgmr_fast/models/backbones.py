@@ -123,16 +123,8 @@ def sinusoidal(T: int, dim: int, device, dtype) -> torch.Tensor:
 class Transformer(_Backbone):
     """Small multimodal Transformer: per-modality projection, one joint encoder, pooled head."""
 
-    def __init__(
-        self,
-        widths,
-        num_classes: int = 2,
-        d_model: int = 64,
-        nhead: int = 4,
-        num_layers: int = 2,
-        dropout: float = 0.1,
-        refiner=None,
-    ):
+    def __init__(self, widths, num_classes: int = 2, d_model: int = 64, nhead: int = 4, num_layers: int = 2,
+                 dropout: float = 0.1, refiner=None):
         super().__init__(widths, num_classes, refiner)
         if d_model % nhead:
             raise ValueError(f"d_model ({d_model}) must be divisible by nhead ({nhead})")

@@ -6,6 +6,8 @@ import numbers
 
 import torch
 
+from ..dropout_stream import check_seed_tensor
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -106,12 +108,7 @@ def seed_tensor(s, ref: torch.Tensor, p, name: str = "seed") -> torch.Tensor:
     ``name`` otherwise) or such a tensor (checked: int64, one element, ``ref``'s device; its
     value is not read here, the kernels read it)."""
     if isinstance(s, torch.Tensor):
-        if s.dtype != torch.int64:
-            raise TypeError(f"{name}: expected an int64 tensor (or a Python int), got dtype {s.dtype}")
-        if s.numel() != 1:
-            raise ValueError(f"{name}: expected a tensor with exactly one element, got shape {tuple(s.shape)}")
-        if s.device != ref.device:
-            raise ValueError(f"{name}: on {s.device}, but x is on {ref.device} (the kernels read the seed there)")
+        check_seed_tensor(s, ref, name)
         return s
     s = seed(s, name)
     dev = ref.device

@@ -40,6 +40,8 @@ import os
 
 import torch
 
+from ..dropout_stream import check_seed_tensor
+
 __all__ = ["AVAILABLE", "NEEDS_FAKE", "INTERPRET", "CONFIG", "is_available", "unavailable_reason", "launch",
            "recording"]
 
@@ -150,12 +152,7 @@ def check_seed(op: str, seed: torch.Tensor, ref: torch.Tensor) -> None:
     """``seed``: a one-element int64 tensor on ``ref``'s device; the kernels load it (no host sync)."""
     if not isinstance(seed, torch.Tensor):
         raise TypeError(f"{op}: seed must be a one-element int64 tensor, got {type(seed).__name__}")
-    if seed.dtype != torch.int64:
-        raise TypeError(f"{op}: seed must be an int64 tensor, got {seed.dtype}")
-    if seed.numel() != 1:
-        raise ValueError(f"{op}: seed must have exactly one element, got shape {tuple(seed.shape)}")
-    if seed.device != ref.device:
-        raise ValueError(f"{op}: seed is on {seed.device}, but x is on {ref.device}")
+    check_seed_tensor(seed, ref, f"{op}: seed")
 
 
 # ---------------------------------------------------------------------------

@@ -86,18 +86,10 @@ def _first_col(v, cols):
 
 
 @triton.jit
-def _rstd(var, eps):
-    # var = inf ((v - K)^2 overflowed fp32): NaN, so the row's output is NaN, never ln_bias.
-    return tl.where(var == float("inf"), float("nan"), tl.math.rsqrt(var + eps))
-
-
-@triton.jit(do_not_specialize=["R", "T"])
-def _gn_fwd_stats_kernel(
-    mean_ptr, rstd_ptr, shift_ptr, zpre_ptr, bias_ptr, x_ptr,
-    R, T, D, alpha, beta, eps,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    # Tiled D: K from chunk 0, then mean_s and var in two passes; shift[r] = (K, mean_s).
+def _row_block_shift_and_mean(zpre_ptr, bias_ptr, x_ptr, R, T, D, alpha, beta,
+                              BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Tiled D, this program's BLOCK_R rows: the shift K = v[:, 0] and the shifted mean
+    # mean_s = mean_D(v - K), one pass over the row.
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < R
@@ -112,7 +104,37 @@ def _gn_fwd_stats_kernel(
         msk = rmask[:, None] & (cols < D)[None, :]
         _, _, _, v = _load_v(zpre_ptr, bias_ptr, x_ptr, rows, bidx, cols, msk, D, alpha, beta)
         acc += tl.sum(tl.where(msk, v - K[:, None], 0.0), axis=1)
-    mean_s = acc / D
+    return rows, rmask, bidx, K, acc / D
+
+
+@triton.jit
+def _dropout_grad(dy_ptr, seed_ptr, rows, cols, c0, msk, D, thresh, keep_div,
+                  BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    # dL/d(LayerNorm output) of a tile: dy through the dropout's keep mask (regenerated) and scale.
+    g = tl.load(dy_ptr + rows[:, None] * D + cols[None, :], mask=msk, other=0.0).to(tl.float32)
+    if HAS_DROPOUT:
+        k0, k1 = seed_key(seed_ptr)
+        th = (tl.full((1,), 0, tl.int64) + thresh).to(tl.uint32)
+        keep = keep_block(k0, k1, rows, c0, D, th, BLOCK_R, BLOCK_D)
+        g = tl.where(keep, g / keep_div, 0.0)
+    return g
+
+
+@triton.jit
+def _rstd(var, eps):
+    # var = inf ((v - K)^2 overflowed fp32): NaN, so the row's output is NaN, never ln_bias.
+    return tl.where(var == float("inf"), float("nan"), tl.math.rsqrt(var + eps))
+
+
+@triton.jit(do_not_specialize=["R", "T"])
+def _gn_fwd_stats_kernel(
+    mean_ptr, rstd_ptr, shift_ptr, zpre_ptr, bias_ptr, x_ptr,
+    R, T, D, alpha, beta, eps,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # Tiled D: K from chunk 0, then mean_s and var in two passes; shift[r] = (K, mean_s).
+    rows, rmask, bidx, K, mean_s = _row_block_shift_and_mean(zpre_ptr, bias_ptr, x_ptr, R, T, D, alpha, beta,
+                                                             BLOCK_R, BLOCK_D)
     acc2 = tl.zeros([BLOCK_R], dtype=tl.float32)
     for c0 in range(0, D, BLOCK_D):
         cols = c0 + tl.arange(0, BLOCK_D)
@@ -191,12 +213,7 @@ def _gn_bwd_terms(dy_ptr, zpre_ptr, bias_ptr, x_ptr, w, rstd_ptr, rowstat_ptr, s
         mean_s = tl.load(rowstat_ptr + 4 * rows + 3, mask=rmask, other=0.0)
         vs = v - K[:, None]
     vhat = tl.where(msk, (vs - mean_s[:, None]) * rstd[:, None], 0.0)
-    g = tl.load(dy_ptr + rows[:, None] * D + cols[None, :], mask=msk, other=0.0).to(tl.float32)
-    if HAS_DROPOUT:
-        k0, k1 = seed_key(seed_ptr)
-        th = (tl.full((1,), 0, tl.int64) + thresh).to(tl.uint32)
-        keep = keep_block(k0, k1, rows, c0, D, th, BLOCK_R, BLOCK_D)
-        g = tl.where(keep, g / keep_div, 0.0)
+    g = _dropout_grad(dy_ptr, seed_ptr, rows, cols, c0, msk, D, thresh, keep_div, BLOCK_R, BLOCK_D, HAS_DROPOUT)
     dvhat = g * w[None, :]
     return x, G, geff, rstd, vhat, g, dvhat
 
@@ -209,21 +226,8 @@ def _gn_bwd_stats_kernel(
 ):
     # Tiled D: rowstat[r] = (mean_D(dv_hat), mean_D(dv_hat * v_hat), K, mean_s), K and mean_s
     # recomputed from the row exactly as _gn_fwd_stats_kernel computes them.
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < R
-    bidx = rows // T
-    cols0 = tl.arange(0, BLOCK_D)
-    m0 = rmask[:, None] & (cols0 < D)[None, :]
-    _, _, _, v0 = _load_v(zpre_ptr, bias_ptr, x_ptr, rows, bidx, cols0, m0, D, alpha, beta)
-    K = _first_col(v0, cols0)
-    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for c0 in range(0, D, BLOCK_D):
-        cols = c0 + tl.arange(0, BLOCK_D)
-        msk = rmask[:, None] & (cols < D)[None, :]
-        _, _, _, v = _load_v(zpre_ptr, bias_ptr, x_ptr, rows, bidx, cols, msk, D, alpha, beta)
-        acc += tl.sum(tl.where(msk, v - K[:, None], 0.0), axis=1)
-    mean_s = acc / D
+    rows, rmask, bidx, K, mean_s = _row_block_shift_and_mean(zpre_ptr, bias_ptr, x_ptr, R, T, D, alpha, beta,
+                                                             BLOCK_R, BLOCK_D)
     tl.store(rowstat_ptr + 4 * rows + 2, K, mask=rmask)
     tl.store(rowstat_ptr + 4 * rows + 3, mean_s, mask=rmask)
     s1 = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -236,12 +240,7 @@ def _gn_bwd_stats_kernel(
         _, _, _, v = _load_v(zpre_ptr, bias_ptr, x_ptr, rows, bidx, cols, msk, D, alpha, beta)
         rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
         vhat = tl.where(msk, ((v - K[:, None]) - mean_s[:, None]) * rstd[:, None], 0.0)
-        g = tl.load(dy_ptr + rows[:, None] * D + cols[None, :], mask=msk, other=0.0).to(tl.float32)
-        if HAS_DROPOUT:
-            k0, k1 = seed_key(seed_ptr)
-            th = (tl.full((1,), 0, tl.int64) + thresh).to(tl.uint32)
-            keep = keep_block(k0, k1, rows, c0, D, th, BLOCK_R, BLOCK_D)
-            g = tl.where(keep, g / keep_div, 0.0)
+        g = _dropout_grad(dy_ptr, seed_ptr, rows, cols, c0, msk, D, thresh, keep_div, BLOCK_R, BLOCK_D, HAS_DROPOUT)
         dvhat = g * w[None, :]
         s1 += tl.sum(dvhat, axis=1)
         s2 += tl.sum(dvhat * vhat, axis=1)
@@ -451,15 +450,8 @@ def _check_inputs(op, zpre, bias_row, x, ln_weight):
 # ---------------------------------------------------------------------------
 @define_op("gate_norm")
 def gate_norm(
-    zpre: torch.Tensor,
-    bias_row: torch.Tensor,
-    x: torch.Tensor,
-    ln_weight: torch.Tensor,
-    ln_bias: torch.Tensor,
-    alpha: float,
-    beta: float,
-    p: float,
-    seed: torch.Tensor,
+    zpre: torch.Tensor, bias_row: torch.Tensor, x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
+    alpha: float, beta: float, p: float, seed: torch.Tensor,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, T, D = _check_inputs(_OP, zpre, bias_row, x, ln_weight)
     check_dtype(_OP, "ln_bias", ln_bias, torch.float32, " (the op layer casts it)")

@@ -24,17 +24,22 @@ _OP = "vgmr_triton::interaction"
 _OP_BWD = "vgmr_triton::interaction_backward"
 
 
-@triton.jit(do_not_specialize=["n_db", "M"])
-def _ia_fwd_kernel(u_ptr, s_ptr, D, n_db, M, BLOCK_D: tl.constexpr):
+@triton.jit
+def _ia_program(D, n_db, M, BLOCK_D: tl.constexpr):
+    # One program per (b, m, column block): row bm = b*M + m of u ([B*M, 3M-1, D]) and the
+    # base offsets of sample b's summaries s ([B, M, D]) and of row bm of u.
     pid = tl.program_id(0).to(tl.int64)
     bm = pid // n_db
     cols = (pid % n_db) * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = cols < D
     m = bm % M
     b = bm // M
-    W = 3 * M - 1
-    s_base = b * M * D
-    u_base = bm * W * D
+    return bm, cols, cmask, m, b * M * D, bm * (3 * M - 1) * D
+
+
+@triton.jit(do_not_specialize=["n_db", "M"])
+def _ia_fwd_kernel(u_ptr, s_ptr, D, n_db, M, BLOCK_D: tl.constexpr):
+    bm, cols, cmask, m, s_base, u_base = _ia_program(D, n_db, M, BLOCK_D)
     ty = u_ptr.dtype.element_ty
     sm = tl.load(s_ptr + s_base + m * D + cols, mask=cmask, other=0.0).to(tl.float32)
     tl.store(u_ptr + u_base + cols, sm.to(ty), mask=cmask)
@@ -53,15 +58,7 @@ def _ia_fwd_kernel(u_ptr, s_ptr, D, n_db, M, BLOCK_D: tl.constexpr):
 
 @triton.jit(do_not_specialize=["n_db", "M"])
 def _ia_bwd_kernel(ds_ptr, du_ptr, s_ptr, D, n_db, M, BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    bm = pid // n_db
-    cols = (pid % n_db) * BLOCK_D + tl.arange(0, BLOCK_D)
-    cmask = cols < D
-    m = bm % M
-    b = bm // M
-    W = 3 * M - 1
-    s_base = b * M * D
-    own = bm * W * D
+    bm, cols, cmask, m, s_base, own = _ia_program(D, n_db, M, BLOCK_D)
     sm = tl.load(s_ptr + s_base + m * D + cols, mask=cmask, other=0.0).to(tl.float32)
     acc = tl.load(du_ptr + own + cols, mask=cmask, other=0.0).to(tl.float32)
     for j in range(M):
@@ -76,7 +73,7 @@ def _ia_bwd_kernel(ds_ptr, du_ptr, s_ptr, D, n_db, M, BLOCK_D: tl.constexpr):
         d = tl.load(du_ptr + own + (2 * M - 1 + k) * D + cols, mask=lm, other=0.0).to(tl.float32)
         # target j's row: m at position kp of N(j)
         kp = m - (j < m).to(tl.int64)
-        jrow = (b * M + j) * W * D
+        jrow = own + (j - m) * (3 * M - 1) * D  # row b*M + j of u
         e = tl.load(du_ptr + jrow + (1 + kp) * D + cols, mask=lm, other=0.0).to(tl.float32)
         a2 = tl.load(du_ptr + jrow + (M + kp) * D + cols, mask=lm, other=0.0).to(tl.float32)
         d2 = tl.load(du_ptr + jrow + (2 * M - 1 + kp) * D + cols, mask=lm, other=0.0).to(tl.float32)
