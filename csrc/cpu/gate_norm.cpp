@@ -866,6 +866,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm
   return {dzpre, dbias, dx, dw, db};
 }
 
+}  // namespace
+
+// Entry points (declared in csrc/cpu/cpu_common.h, registered in csrc/ops.cpp).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_norm_cpu(const at::Tensor& zpre, const at::Tensor& bias_row,
                                                              const at::Tensor& x, const at::Tensor& ln_weight,
                                                              const at::Tensor& ln_bias, double alpha, double beta,
@@ -888,7 +891,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm
 // ---- grouped over modalities (docs/ops.md): one dispatch, the modalities in order inside ----
 // Modality m runs exactly gate_norm(..., seed = seeds[m]): the same kernels, so the results are
 // bit-identical to M separate calls, for one operator call and one autograd node.
-using Tensors = std::vector<at::Tensor>;
 
 std::tuple<Tensors, Tensors, Tensors> gate_norm_grouped_cpu(at::TensorList zpre, at::TensorList bias_row,
                                                             at::TensorList x, at::TensorList ln_weight,
@@ -926,13 +928,5 @@ std::tuple<Tensors, Tensors, Tensors, Tensors, Tensors> gate_norm_grouped_backwa
   return {dz, dbias, dx, dw, db};
 }
 
-}  // namespace
 }  // namespace cpu
 }  // namespace vgmr
-
-TORCH_LIBRARY_IMPL(vgmr, CPU, m) {
-  m.impl("gate_norm", &vgmr::cpu::gate_norm_cpu);
-  m.impl("gate_norm_backward", &vgmr::cpu::gate_norm_backward_cpu);
-  m.impl("gate_norm_grouped", &vgmr::cpu::gate_norm_grouped_cpu);
-  m.impl("gate_norm_grouped_backward", &vgmr::cpu::gate_norm_grouped_backward_cpu);
-}

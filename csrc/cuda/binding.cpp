@@ -23,6 +23,7 @@
 
 #include "cuda/kernels.h"
 #include "op_checks.h"
+#include "op_table.h"
 #include "vgmr_math.h"
 
 namespace vgmr {
@@ -364,15 +365,6 @@ std::tuple<Tensors, Tensors, Tensors, Tensors, Tensors> gate_norm_grouped_backwa
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(vgmr, CUDA, m) {
-  m.impl("summary_pool", &summary_pool_cuda);
-  m.impl("summary_pool_backward", &summary_pool_backward_cuda);
-  m.impl("interaction", &interaction_cuda);
-  m.impl("interaction_backward", &interaction_backward_cuda);
-  m.impl("gate_norm", &gate_norm_cuda);
-  m.impl("gate_norm_backward", &gate_norm_backward_cuda);
-  m.impl("gate_norm_grouped", &gate_norm_grouped_cuda);
-  m.impl("gate_norm_grouped_backward", &gate_norm_grouped_backward_cuda);
-}
+TORCH_LIBRARY_IMPL(vgmr, CUDA, m) { VGMR_IMPL_KERNEL_OPS(m, _cuda) }
 
 #endif  // VGMR_WITH_CUDA
