@@ -65,6 +65,24 @@ void check_cuda(const at::Tensor& t, const char* op, const char* name) {
   vgmr::checks::contiguous(t, op, name);
 }
 
+// `t`: a CUDA tensor on `ref`'s device, of `ref`'s dtype, of shape `want` (named `shape_name`).
+void check_like(const at::Tensor& t, const at::Tensor& ref, at::IntArrayRef want, const char* op, const char* name,
+                const char* ref_name, const char* shape_name) {
+  check_cuda(t, op, name);
+  vgmr::checks::same_device(t, ref, op, name, ref_name);
+  vgmr::checks::same_dtype(t, ref, op, name, ref_name);
+  vgmr::checks::shape(t, want, op, name, shape_name);
+}
+
+// `t`: a CUDA tensor on `ref`'s device, of dtype `dtype` (`why` says which), of shape `want`.
+void check_typed(const at::Tensor& t, at::ScalarType dtype, const at::Tensor& ref, at::IntArrayRef want,
+                 const char* op, const char* name, const char* ref_name, const char* shape_name, const char* why) {
+  check_cuda(t, op, name);
+  vgmr::checks::same_device(t, ref, op, name, ref_name);
+  vgmr::checks::dtype(t, dtype, op, name, why);
+  vgmr::checks::shape(t, want, op, name, shape_name);
+}
+
 
 DType element_dtype(const at::Tensor& t, const char* op, const char* name) {
   switch (t.scalar_type()) {
@@ -89,10 +107,7 @@ const uint8_t* mask_ptr(const std::optional<at::Tensor>& mask, const at::Tensor&
                         const char* op) {
   if (!mask.has_value() || !mask->defined()) return nullptr;
   const at::Tensor& m = *mask;
-  check_cuda(m, op, "mask");
-  vgmr::checks::same_device(m, ref, op, "mask", "the features");
-  vgmr::checks::dtype(m, at::kBool, op, "mask", " (True = valid step)");
-  vgmr::checks::shape(m, {B, T}, op, "mask", "[B, T]");
+  check_typed(m, at::kBool, ref, {B, T}, op, "mask", "the features", "[B, T]", " (True = valid step)");
   return reinterpret_cast<const uint8_t*>(m.const_data_ptr<bool>());
 }
 
@@ -145,15 +160,8 @@ at::Tensor summary_pool_backward_cuda(const at::Tensor& dmean, const at::Tensor&
   const DType dt = element_dtype(dmean, op, "dmean");
   const int64_t B = dmean.size(0), D = dmean.size(1);
   TORCH_CHECK_VALUE(T >= 0 && T <= std::numeric_limits<int32_t>::max(), op, ": T must be in [0, 2^31), got ", T);
-  check_cuda(dmax, op, "dmax");
-  vgmr::checks::same_device(dmax, dmean, op, "dmax", "dmean");
-  TORCH_CHECK_TYPE(dmax.scalar_type() == dmean.scalar_type(), op, ": dmax must have the dtype of dmean (",
-                   dmean.scalar_type(), "), got ", dmax.scalar_type());
-  vgmr::checks::shape(dmax, {B, D}, op, "dmax", "[B, D]");
-  check_cuda(argmax, op, "argmax");
-  vgmr::checks::same_device(argmax, dmean, op, "argmax", "dmean");
-  vgmr::checks::dtype(argmax, at::kInt, op, "argmax", " (int32, from the forward)");
-  vgmr::checks::shape(argmax, {B, D}, op, "argmax", "[B, D]");
+  check_like(dmax, dmean, {B, D}, op, "dmax", "dmean", "[B, D]");
+  check_typed(argmax, at::kInt, dmean, {B, D}, op, "argmax", "dmean", "[B, D]", " (int32, from the forward)");
   const c10::cuda::CUDAGuard guard(dmean.device());
   const uint8_t* mp = mask_ptr(mask, dmean, B, T, op);
   at::Tensor dh = new_output({B, T, D}, dmean.options());
@@ -192,8 +200,7 @@ at::Tensor interaction_backward_cuda(const at::Tensor& du, const at::Tensor& s) 
   check_cuda(du, op, "du");
   vgmr::checks::same_device(du, s, op, "du", "s");
   const DType dt = element_dtype(du, op, "du");
-  TORCH_CHECK_TYPE(du.scalar_type() == s.scalar_type(), op, ": du must have the dtype of s (", s.scalar_type(),
-                   "), got ", du.scalar_type());
+  vgmr::checks::same_dtype(du, s, op, "du", "s");
   vgmr::checks::shape(du, {B, M, (3 * M - 1) * D}, op, "du", "[B, M, (3M-1) D]");
   const c10::cuda::CUDAGuard guard(s.device());
   at::Tensor ds = new_output({B, M, D}, du.options());
@@ -204,6 +211,8 @@ at::Tensor interaction_backward_cuda(const at::Tensor& du, const at::Tensor& s) 
 }
 
 // ---- gate_norm ---------------------------------------------------------------------------------
+constexpr const char* kFloatParam = " (float32 for float32/half inputs; the op layer casts it)";
+
 // zpre, x [B, T, D] (one dtype), bias_row [B, D], ln_weight [D] float32, all on x's device.
 DType check_gate_inputs(const at::Tensor& zpre, const at::Tensor& bias_row, const at::Tensor& x,
                         const at::Tensor& ln_weight, const char* op) {
@@ -212,20 +221,9 @@ DType check_gate_inputs(const at::Tensor& zpre, const at::Tensor& bias_row, cons
   const DType dt = element_dtype(x, op, "x");
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
   TORCH_CHECK_VALUE(D >= 1, op, ": x must have D >= 1 features, got D = ", D);
-  check_cuda(zpre, op, "zpre");
-  vgmr::checks::same_device(zpre, x, op, "zpre", "x");
-  TORCH_CHECK_TYPE(zpre.scalar_type() == x.scalar_type(), op, ": zpre must have the dtype of x (", x.scalar_type(),
-                   "), got ", zpre.scalar_type());
-  vgmr::checks::shape(zpre, {B, T, D}, op, "zpre", "[B, T, D]");
-  const char* f32 = " (float32 for float32/half inputs; the op layer casts it)";
-  check_cuda(bias_row, op, "bias_row");
-  vgmr::checks::same_device(bias_row, x, op, "bias_row", "x");
-  vgmr::checks::dtype(bias_row, at::kFloat, op, "bias_row", f32);
-  vgmr::checks::shape(bias_row, {B, D}, op, "bias_row", "[B, D]");
-  check_cuda(ln_weight, op, "ln_weight");
-  vgmr::checks::same_device(ln_weight, x, op, "ln_weight", "x");
-  vgmr::checks::dtype(ln_weight, at::kFloat, op, "ln_weight", f32);
-  vgmr::checks::shape(ln_weight, {D}, op, "ln_weight", "[D]");
+  check_like(zpre, x, {B, T, D}, op, "zpre", "x", "[B, T, D]");
+  check_typed(bias_row, at::kFloat, x, {B, D}, op, "bias_row", "x", "[B, D]", kFloatParam);
+  check_typed(ln_weight, at::kFloat, x, {D}, op, "ln_weight", "x", "[D]", kFloatParam);
   return dt;
 }
 
@@ -236,10 +234,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_norm_one(const at::Tensor& z
                                                              double p, const int64_t* seed, const char* op) {
   const DType dt = check_gate_inputs(zpre, bias_row, x, ln_weight, op);
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
-  check_cuda(ln_bias, op, "ln_bias");
-  vgmr::checks::same_device(ln_bias, x, op, "ln_bias", "x");
-  vgmr::checks::dtype(ln_bias, at::kFloat, op, "ln_bias", " (float32 for float32/half inputs; the op layer casts it)");
-  vgmr::checks::shape(ln_bias, {D}, op, "ln_bias", "[D]");
+  check_typed(ln_bias, at::kFloat, x, {D}, op, "ln_bias", "x", "[D]", kFloatParam);
   const DropoutArgs drop = dropout_args(p, seed, op);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = new_output({B, T, D}, x.options());
@@ -260,20 +255,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm
     const int64_t* seed, const char* op) {
   const DType dt = check_gate_inputs(zpre, bias_row, x, ln_weight, op);
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
-  check_cuda(dy, op, "dy");
-  vgmr::checks::same_device(dy, x, op, "dy", "x");
-  TORCH_CHECK_TYPE(dy.scalar_type() == x.scalar_type(), op, ": dy must have the dtype of x (", x.scalar_type(),
-                   "), got ", dy.scalar_type());
-  vgmr::checks::shape(dy, {B, T, D}, op, "dy", "[B, T, D]");
+  check_like(dy, x, {B, T, D}, op, "dy", "x", "[B, T, D]");
   const char* saved = " (saved by the forward)";
-  check_cuda(mean, op, "mean");
-  vgmr::checks::same_device(mean, x, op, "mean", "x");
-  vgmr::checks::dtype(mean, at::kFloat, op, "mean", saved);
-  vgmr::checks::shape(mean, {B, T}, op, "mean", "[B, T]");
-  check_cuda(rstd, op, "rstd");
-  vgmr::checks::same_device(rstd, x, op, "rstd", "x");
-  vgmr::checks::dtype(rstd, at::kFloat, op, "rstd", saved);
-  vgmr::checks::shape(rstd, {B, T}, op, "rstd", "[B, T]");
+  check_typed(mean, at::kFloat, x, {B, T}, op, "mean", "x", "[B, T]", saved);
+  check_typed(rstd, at::kFloat, x, {B, T}, op, "rstd", "x", "[B, T]", saved);
   const DropoutArgs drop = dropout_args(p, seed, op);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::TensorOptions f32 = x.options().dtype(at::kFloat);
