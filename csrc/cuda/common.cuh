@@ -89,7 +89,7 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-__device__ __forceinline__ float2 warp_sum2(float2 v) {
+__device__ __forceinline__ float2 warp_sum(float2 v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
     v.x += __shfl_xor_sync(0xffffffffu, v.x, o);
@@ -100,18 +100,18 @@ __device__ __forceinline__ float2 warp_sum2(float2 v) {
 
 // Sum over a block whose size is a multiple of 32 (<= 1024); every thread gets the result.
 // `sh` holds >= 32 float2 of shared memory; safe to call repeatedly (leading barrier).
-__device__ __forceinline__ float2 block_sum2(float2 v, float2* sh) {
-  v = warp_sum2(v);
+__device__ __forceinline__ float2 block_sum(float2 v, float2* sh) {
+  v = warp_sum(v);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   __syncthreads();  // the previous call's readers are done with sh
   if (lane == 0) sh[warp] = v;
   __syncthreads();
   float2 s = lane < nw ? sh[lane] : make_float2(0.f, 0.f);
-  return warp_sum2(s);
+  return warp_sum(s);
 }
 
 __device__ __forceinline__ float block_sum(float v, float2* sh) {
-  return block_sum2(make_float2(v, 0.f), sh).x;
+  return block_sum(make_float2(v, 0.f), sh).x;
 }
 
 // ---- flat-index helpers of the elementwise kernels ---------------------------------------------
