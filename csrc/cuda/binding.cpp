@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "cuda/kernels.h"
+#include "gate_norm_entries.h"
 #include "op_checks.h"
 #include "op_table.h"
 #include "vgmr_math.h"
@@ -280,73 +281,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm
   return {dzpre, dbias_row, dx, dw, db};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_norm_cuda(const at::Tensor& zpre, const at::Tensor& bias_row,
-                                                              const at::Tensor& x, const at::Tensor& ln_weight,
-                                                              const at::Tensor& ln_bias, double alpha, double beta,
-                                                              double p, const at::Tensor& seed) {
-  const char* op = "vgmr::gate_norm";
-  check_cuda(x, op, "x");
-  vgmr::checks::seed_tensor(seed, x, op, "x");
-  return gate_norm_one(zpre, bias_row, x, ln_weight, ln_bias, alpha, beta, p, seed.const_data_ptr<int64_t>(), op);
+// Modality m's x: on the CUDA device of modality 0's.
+void check_modality_device(const at::Tensor& x, const at::Tensor& x0, const char* opm) {
+  check_cuda(x, opm, "x");
+  vgmr::checks::same_device(x, x0, opm, "x", "x[0]");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm_backward_cuda(
-    const at::Tensor& dy, const at::Tensor& zpre, const at::Tensor& bias_row, const at::Tensor& x,
-    const at::Tensor& ln_weight, const at::Tensor& mean, const at::Tensor& rstd, double alpha, double beta, double p,
-    const at::Tensor& seed) {
-  const char* op = "vgmr::gate_norm_backward";
-  check_cuda(x, op, "x");
-  vgmr::checks::seed_tensor(seed, x, op, "x");
-  return gate_norm_backward_one(dy, zpre, bias_row, x, ln_weight, mean, rstd, alpha, beta, p,
-                                seed.const_data_ptr<int64_t>(), op);
-}
-
-// ---- gate_norm_grouped: one operator call, one launch (pair) per modality ----------------------
-// Modality m is exactly gate_norm(..., seed = seeds[m]) (its kernel reads seeds + m), so the
-// results are bit-identical to M separate calls.
-using Tensors = std::vector<at::Tensor>;
-
-std::tuple<Tensors, Tensors, Tensors> gate_norm_grouped_cuda(at::TensorList zpre, at::TensorList bias_row,
-                                                             at::TensorList x, at::TensorList ln_weight,
-                                                             at::TensorList ln_bias, double alpha, double beta,
-                                                             double p, const at::Tensor& seeds) {
-  const char* op = "vgmr::gate_norm_grouped";
-  const size_t M = vgmr::checks::grouped_count(
-      {{x, "x"}, {zpre, "zpre"}, {bias_row, "bias_row"}, {ln_weight, "ln_weight"}, {ln_bias, "ln_bias"}}, seeds, op);
-  check_cuda(seeds, op, "seeds");
-  const int64_t* sp = seeds.const_data_ptr<int64_t>();
-  Tensors y(M), mean(M), rstd(M);
-  for (size_t m = 0; m < M; ++m) {
-    const std::string opm = vgmr::checks::modality_op(op, m);
-    check_cuda(x[m], opm.c_str(), "x");
-    vgmr::checks::same_device(x[m], x[0], opm.c_str(), "x", "x[0]");
-    vgmr::checks::same_batch(x[m], x[0], opm);
-    std::tie(y[m], mean[m], rstd[m]) =
-        gate_norm_one(zpre[m], bias_row[m], x[m], ln_weight[m], ln_bias[m], alpha, beta, p, sp + m, opm.c_str());
-  }
-  return {y, mean, rstd};
-}
-
-std::tuple<Tensors, Tensors, Tensors, Tensors, Tensors> gate_norm_grouped_backward_cuda(
-    at::TensorList dy, at::TensorList zpre, at::TensorList bias_row, at::TensorList x, at::TensorList ln_weight,
-    at::TensorList mean, at::TensorList rstd, double alpha, double beta, double p, const at::Tensor& seeds) {
-  const char* op = "vgmr::gate_norm_grouped_backward";
-  const size_t M = vgmr::checks::grouped_count({{x, "x"}, {dy, "dy"}, {zpre, "zpre"}, {bias_row, "bias_row"},
-                                                {ln_weight, "ln_weight"}, {mean, "mean"}, {rstd, "rstd"}},
-                                               seeds, op);
-  check_cuda(seeds, op, "seeds");
-  const int64_t* sp = seeds.const_data_ptr<int64_t>();
-  Tensors dz(M), dbias(M), dx(M), dw(M), db(M);
-  for (size_t m = 0; m < M; ++m) {
-    const std::string opm = vgmr::checks::modality_op(op, m);
-    check_cuda(x[m], opm.c_str(), "x");
-    vgmr::checks::same_device(x[m], x[0], opm.c_str(), "x", "x[0]");
-    vgmr::checks::same_batch(x[m], x[0], opm);
-    std::tie(dz[m], dbias[m], dx[m], dw[m], db[m]) = gate_norm_backward_one(
-        dy[m], zpre[m], bias_row[m], x[m], ln_weight[m], mean[m], rstd[m], alpha, beta, p, sp + m, opm.c_str());
-  }
-  return {dz, dbias, dx, dw, db};
-}
+using GateNormCuda = vgmr::GateNormEntries<gate_norm_one, gate_norm_backward_one, check_cuda, check_modality_device>;
+constexpr auto& gate_norm_cuda = GateNormCuda::forward;
+constexpr auto& gate_norm_backward_cuda = GateNormCuda::backward;
+constexpr auto& gate_norm_grouped_cuda = GateNormCuda::grouped;
+constexpr auto& gate_norm_grouped_backward_cuda = GateNormCuda::grouped_backward;
 
 }  // namespace
 
