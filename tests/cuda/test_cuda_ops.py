@@ -508,6 +508,17 @@ def _needs_memory(gib):
         pytest.skip(f"needs ~{gib} GiB of free GPU memory, {_free_gib():.1f} GiB free")
 
 
+def _big_gn_inputs(B, T, D, dtype, seed):
+    """The generator (for more draws) and zpre, bias_row, x, ln_weight, ln_bias of the > 2^31 tests."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    zpre = torch.randn(B, T, D, generator=g, device=DEV, dtype=dtype)
+    x = torch.randn(B, T, D, generator=g, device=DEV, dtype=dtype)
+    bias_row = torch.randn(B, D, generator=g, device=DEV)
+    w = 1 + 0.3 * torch.randn(D, generator=g, device=DEV)
+    b = 0.3 * torch.randn(D, generator=g, device=DEV)
+    return g, zpre, bias_row, x, w, b
+
+
 def _rows_check(y, mean, rstd, args, rows, p, seed):
     """Compare rows (b, t) of a huge gate_norm output with the reference on those rows alone."""
     zpre, bias_row, x, w, b = args
@@ -535,12 +546,7 @@ def test_gate_norm_forward_beyond_2_31_elements(dtype, D):
     T = (2**31) // (B * D) + 3  # B*T*D > 2^31
     assert B * T * D > 2**31
     _needs_memory(3 * B * T * D * 2 / 2**30 + 2)
-    g = torch.Generator(device=DEV).manual_seed(0)
-    zpre = torch.randn(B, T, D, generator=g, device=DEV, dtype=dtype)
-    x = torch.randn(B, T, D, generator=g, device=DEV, dtype=dtype)
-    bias_row = torch.randn(B, D, generator=g, device=DEV)
-    w = 1 + 0.3 * torch.randn(D, generator=g, device=DEV)
-    b = 0.3 * torch.randn(D, generator=g, device=DEV)
+    _, zpre, bias_row, x, w, b = _big_gn_inputs(B, T, D, dtype, seed=0)
     p, seed = 0.1, BIG_SEED
     y, mean, rstd = torch.ops.vgmr.gate_norm(zpre, bias_row, x, w, b, ALPHA, BETA, p, _seed(seed))
     rows = [(0, 0), (0, T - 1), (1, 0), (1, T // 2), (1, T - 1)]  # the last rows lie beyond 2^31
@@ -557,12 +563,7 @@ def test_gate_norm_backward_beyond_2_31_elements(D):
     B = 2
     T = (2**31) // (B * D) + 3
     _needs_memory(5 * B * T * D * 2 / 2**30 + 4)
-    g = torch.Generator(device=DEV).manual_seed(1)
-    zpre = torch.randn(B, T, D, generator=g, device=DEV, dtype=dtype)
-    x = torch.randn(B, T, D, generator=g, device=DEV, dtype=dtype)
-    bias_row = torch.randn(B, D, generator=g, device=DEV)
-    w = 1 + 0.3 * torch.randn(D, generator=g, device=DEV)
-    b = 0.3 * torch.randn(D, generator=g, device=DEV)
+    g, zpre, bias_row, x, w, b = _big_gn_inputs(B, T, D, dtype, seed=1)
     y, mean, rstd = torch.ops.vgmr.gate_norm(zpre, bias_row, x, w, b, ALPHA, BETA, 0.0, _seed(0))
     del y
     rows = [(0, 1), (1, T - 2), (1, T - 1)]
