@@ -463,14 +463,35 @@ struct ThreadWorkspaces {
                        : WorkF::floats_per_thread(x.size(2), x.scalar_type() == at::kFloat ? bufs_f32 : bufs_half)),
         storage(at::zeros({nthreads * per_thread}, x.options().dtype(at::kFloat))),
         base(storage.mutable_data_ptr<float>()) {}
-  // This thread's slice; a thread beyond the launch count (the pool resized meanwhile) gets
-  // its own zeroed buffer in `spare` instead.
-  float* this_thread(std::vector<float>& spare) const {
-    const int64_t tid = at::get_thread_num();
-    if (tid >= 0 && tid < nthreads) return base + tid * per_thread;
-    spare.assign(per_thread, 0.0f);
-    return spare.data();
+  // at::parallel_for over [begin, end) calling f(begin, end, this thread's buffers); a thread
+  // beyond the launch count (the pool resized meanwhile) gets its own zeroed buffers.
+  template <typename F>
+  void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) const {
+    at::parallel_for(begin, end, grain, [&](int64_t b0, int64_t b1) {
+      const int64_t tid = at::get_thread_num();
+      if (tid >= 0 && tid < nthreads) {
+        f(b0, b1, base + tid * per_thread);
+      } else {
+        std::vector<float> spare(per_thread, 0.0f);
+        f(b0, b1, spare.data());
+      }
+    });
   }
+};
+
+// The gate inputs (zpre, x [B, T, D], bias_row [B, D], ln_weight [D]) as both directions read them.
+template <typename scalar_t>
+struct GateData {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* z;
+  const scalar_t* x;
+  const acc_t* bias;
+  const acc_t* w;
+  GateData(const at::Tensor& zpre, const at::Tensor& bias_row, const at::Tensor& x_, const at::Tensor& ln_weight)
+      : z(zpre.const_data_ptr<scalar_t>()),
+        x(x_.const_data_ptr<scalar_t>()),
+        bias(bias_row.const_data_ptr<acc_t>()),
+        w(ln_weight.const_data_ptr<acc_t>()) {}
 };
 
 template <typename scalar_t>
@@ -772,17 +793,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_norm_one(const at::Tensor& z
   const int64_t grain = std::max<int64_t>(1, 16384 / D);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "vgmr_gate_norm", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* zp = zpre.const_data_ptr<scalar_t>();
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const acc_t* bp = bias_row.const_data_ptr<acc_t>();
-    const acc_t* wp = ln_weight.const_data_ptr<acc_t>();
+    const GateData<scalar_t> in(zpre, bias_row, x, ln_weight);
     const acc_t* lbp = ln_bias.const_data_ptr<acc_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     acc_t* mp = mean.mutable_data_ptr<acc_t>();
     acc_t* rp = rstd.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
-      std::vector<float> spare;  // only if the pool grew since ws was sized
-      fwd_range<scalar_t>(zp, xp, bp, wp, lbp, yp, mp, rp, begin, end, T, D, P, ws.this_thread(spare));
+    ws.parallel_for(0, R, grain, [&](int64_t begin, int64_t end, float* work) {
+      fwd_range<scalar_t>(in.z, in.x, in.bias, in.w, lbp, yp, mp, rp, begin, end, T, D, P, work);
     });
   });
   return {y, mean, rstd};
@@ -823,19 +840,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "vgmr_gate_norm_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const GateData<scalar_t> in(zpre, bias_row, x, ln_weight);
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
-    const scalar_t* zp = zpre.const_data_ptr<scalar_t>();
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const acc_t* bp = bias_row.const_data_ptr<acc_t>();
-    const acc_t* wp = ln_weight.const_data_ptr<acc_t>();
     const acc_t* rp = rstd.const_data_ptr<acc_t>();
     scalar_t* dzp = dzpre.mutable_data_ptr<scalar_t>();
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
     acc_t* pp = part.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> spare;  // only if the pool grew since ws was sized
-      bwd_chunks<scalar_t>(dyp, zp, xp, bp, wp, rp, dzp, dxp, pp, Dp, begin, end, cpb, tc, T, D, P,
-                           ws.this_thread(spare));
+    ws.parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end, float* work) {
+      bwd_chunks<scalar_t>(dyp, in.z, in.x, in.bias, in.w, rp, dzp, dxp, pp, Dp, begin, end, cpb, tc, T, D, P, work);
     });
     // One ordered reduction over the chunks.
     acc_t* dwp = dw.mutable_data_ptr<acc_t>();
