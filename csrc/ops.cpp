@@ -2,8 +2,9 @@
 // op philox_words, and the Python module itself (a plain CPython module: flags and
 // the debug switch; the operators are reached through torch.ops.vgmr).
 //
-// Kernels: CPU in csrc/cpu/<op>.cpp (TORCH_LIBRARY_IMPL(vgmr, CPU) there), CUDA in
-// csrc/cuda/ (TORCH_LIBRARY_IMPL(vgmr, CUDA), built only with VGMR_WITH_CUDA).
+// Kernels: CPU in csrc/cpu/<op>.cpp (registered here, TORCH_LIBRARY_IMPL(vgmr, CPU)), CUDA in
+// csrc/cuda/ (TORCH_LIBRARY_IMPL(vgmr, CUDA), built only with VGMR_WITH_CUDA); both from the one
+// operator list of csrc/op_table.h.
 #include <ATen/FuncTorchTLS.h>
 #include <Python.h>
 #include <torch/autograd.h>
@@ -13,6 +14,7 @@
 #include <vector>
 
 #include "cpu/cpu_common.h"
+#include "op_table.h"
 #include "vgmr_math.h"
 
 namespace vgmr {
@@ -77,7 +79,11 @@ at::Tensor philox_words_cpu(int64_t seed, const at::Tensor& counters) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(vgmr, CPU, m) { m.impl("philox_words", &philox_words_cpu); }
+TORCH_LIBRARY_IMPL(vgmr, CPU, m) {
+  using namespace vgmr::cpu;
+  m.impl("philox_words", &philox_words_cpu);
+  VGMR_IMPL_KERNEL_OPS(m, _cpu)
+}
 
 // ---- autograd (every backend of namespace vgmr: CPU and CUDA) -------------------------------
 // In C++ rather than torch.library.register_autograd: the Python autograd wrapper costs
@@ -313,12 +319,7 @@ Tuple3 gate_norm_autograd(const at::Tensor& zpre, const at::Tensor& bias_row, co
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(vgmr, Autograd, m) {
-  m.impl("summary_pool", &summary_pool_autograd);
-  m.impl("interaction", &interaction_autograd);
-  m.impl("gate_norm", &gate_norm_autograd);
-  m.impl("gate_norm_grouped", &gate_norm_grouped_autograd);
-}
+TORCH_LIBRARY_IMPL(vgmr, Autograd, m) { VGMR_IMPL_FORWARD_OPS(m, _autograd) }
 
 // ---- the Python module --------------------------------------------------------------
 extern "C" {

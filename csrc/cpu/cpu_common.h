@@ -8,6 +8,7 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include "gate_norm_entries.h"
 #include "op_checks.h"
 
 #include <atomic>
@@ -73,6 +74,30 @@ inline void check_cpu_float(const at::Tensor& t, const char* op, const char* nam
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---- the CPU kernels' entry points (csrc/cpu/<op>.cpp), registered in csrc/ops.cpp ----------
+Tensors3 summary_pool_cpu(const at::Tensor& h, const c10::optional<at::Tensor>& mask);
+at::Tensor summary_pool_backward_cpu(const at::Tensor& dmean, const at::Tensor& dmax,
+                                     const c10::optional<at::Tensor>& mask, const at::Tensor& argmax, int64_t T);
+at::Tensor interaction_cpu(const at::Tensor& s);
+at::Tensor interaction_backward_cpu(const at::Tensor& du, const at::Tensor& s);
+
+// gate_norm of one modality (csrc/cpu/gate_norm.cpp); the four gate_norm operators on top.
+Tensors3 gate_norm_one(const at::Tensor& zpre, const at::Tensor& bias_row, const at::Tensor& x,
+                       const at::Tensor& ln_weight, const at::Tensor& ln_bias, double alpha, double beta, double p,
+                       const int64_t* seed, const char* op);
+Tensors5 gate_norm_backward_one(const at::Tensor& dy, const at::Tensor& zpre, const at::Tensor& bias_row,
+                                const at::Tensor& x, const at::Tensor& ln_weight, const at::Tensor& mean,
+                                const at::Tensor& rstd, double alpha, double beta, double p, const int64_t* seed,
+                                const char* op);
+// check_main / check_cpu_float check every input's device: nothing to add here
+inline void no_device_check(const at::Tensor&, const char*, const char*) {}
+inline void no_modality_check(const at::Tensor&, const at::Tensor&, const char*) {}
+using GateNormCpu = GateNormEntries<gate_norm_one, gate_norm_backward_one, no_device_check, no_modality_check>;
+inline constexpr auto& gate_norm_cpu = GateNormCpu::forward;
+inline constexpr auto& gate_norm_backward_cpu = GateNormCpu::backward;
+inline constexpr auto& gate_norm_grouped_cpu = GateNormCpu::grouped;
+inline constexpr auto& gate_norm_grouped_backward_cpu = GateNormCpu::grouped_backward;
 
 }  // namespace cpu
 }  // namespace vgmr

@@ -449,14 +449,50 @@ struct WorkF {
 
 constexpr int kFwdBufsF32 = 3, kFwdBufsHalf = 6, kBwdBufsF32 = 7, kBwdBufsHalf = 12;
 
-// This thread's slice of the workspace (sized for at::get_num_threads() at launch); a thread
-// beyond that count (the pool resized meanwhile) gets its own zeroed buffer instead.
-inline float* thread_workspace(float* ws, int64_t nthreads, int64_t per_thread, std::vector<float>& spare) {
-  const int64_t tid = at::get_thread_num();
-  if (tid >= 0 && tid < nthreads) return ws + tid * per_thread;
-  spare.assign(per_thread, 0.0f);
-  return spare.data();
-}
+// The vec path's zeroed work buffers, one WorkF per pool thread (none for float64, the scalar
+// path), sized for at::get_num_threads() at launch; `bufs_f32` / `bufs_half`: WorkF row
+// buffers for float32 / half inputs.
+struct ThreadWorkspaces {
+  int64_t nthreads, per_thread;
+  at::Tensor storage;
+  float* base;
+  ThreadWorkspaces(const at::Tensor& x, int bufs_f32, int bufs_half)
+      : nthreads(std::max<int64_t>(1, at::get_num_threads())),
+        per_thread(x.scalar_type() == at::kDouble
+                       ? 0
+                       : WorkF::floats_per_thread(x.size(2), x.scalar_type() == at::kFloat ? bufs_f32 : bufs_half)),
+        storage(at::zeros({nthreads * per_thread}, x.options().dtype(at::kFloat))),
+        base(storage.mutable_data_ptr<float>()) {}
+  // at::parallel_for over [begin, end) calling f(begin, end, this thread's buffers); a thread
+  // beyond the launch count (the pool resized meanwhile) gets its own zeroed buffers.
+  template <typename F>
+  void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) const {
+    at::parallel_for(begin, end, grain, [&](int64_t b0, int64_t b1) {
+      const int64_t tid = at::get_thread_num();
+      if (tid >= 0 && tid < nthreads) {
+        f(b0, b1, base + tid * per_thread);
+      } else {
+        std::vector<float> spare(per_thread, 0.0f);
+        f(b0, b1, spare.data());
+      }
+    });
+  }
+};
+
+// The gate inputs (zpre, x [B, T, D], bias_row [B, D], ln_weight [D]) as both directions read them.
+template <typename scalar_t>
+struct GateData {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* z;
+  const scalar_t* x;
+  const acc_t* bias;
+  const acc_t* w;
+  GateData(const at::Tensor& zpre, const at::Tensor& bias_row, const at::Tensor& x_, const at::Tensor& ln_weight)
+      : z(zpre.const_data_ptr<scalar_t>()),
+        x(x_.const_data_ptr<scalar_t>()),
+        bias(bias_row.const_data_ptr<acc_t>()),
+        w(ln_weight.const_data_ptr<acc_t>()) {}
+};
 
 template <typename scalar_t>
 VGMR_ALWAYS_INLINE void to_float(const scalar_t* __restrict__ src, int64_t n, float* __restrict__ dst) {
@@ -734,7 +770,10 @@ void check_main(const at::Tensor& zpre, const at::Tensor& bias_row, const at::Te
   check_param(ln_weight, pt, {x.size(2)}, op, "ln_weight", "[D]");
 }
 
-// One gate_norm over one modality; `seed` points at its int64 key (checked by the caller).
+}  // namespace
+
+// One gate_norm over one modality (declared in csrc/cpu/cpu_common.h; the operator entry points
+// are csrc/gate_norm_entries.h's); `seed` points at its int64 key (checked by the caller).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_norm_one(const at::Tensor& zpre, const at::Tensor& bias_row,
                                                              const at::Tensor& x, const at::Tensor& ln_weight,
                                                              const at::Tensor& ln_bias, double alpha, double beta,
@@ -747,31 +786,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_norm_one(const at::Tensor& z
   // Allocation order: small outputs, then temporaries, then the big outputs (see WorkF).
   at::Tensor mean = new_output({B, T}, x.options().dtype(pt));
   at::Tensor rstd = new_output({B, T}, x.options().dtype(pt));
-  const bool vec_path = x.scalar_type() != at::kDouble;
-  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t per_thread = vec_path ? WorkF::floats_per_thread(
-                                            D, x.scalar_type() == at::kFloat ? kFwdBufsF32 : kFwdBufsHalf)
-                                      : 0;
-  at::Tensor ws = at::zeros({nthreads * per_thread}, x.options().dtype(at::kFloat));
+  const ThreadWorkspaces ws(x, kFwdBufsF32, kFwdBufsHalf);
   at::Tensor y = new_output({B, T, D}, x.options());
   const int64_t R = B * T;
   if (R == 0) return {y, mean, rstd};
   const int64_t grain = std::max<int64_t>(1, 16384 / D);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "vgmr_gate_norm", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* zp = zpre.const_data_ptr<scalar_t>();
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const acc_t* bp = bias_row.const_data_ptr<acc_t>();
-    const acc_t* wp = ln_weight.const_data_ptr<acc_t>();
+    const GateData<scalar_t> in(zpre, bias_row, x, ln_weight);
     const acc_t* lbp = ln_bias.const_data_ptr<acc_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     acc_t* mp = mean.mutable_data_ptr<acc_t>();
     acc_t* rp = rstd.mutable_data_ptr<acc_t>();
-    float* wsp = ws.mutable_data_ptr<float>();
-    at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
-      std::vector<float> spare;  // only if the pool grew since ws was sized
-      fwd_range<scalar_t>(zp, xp, bp, wp, lbp, yp, mp, rp, begin, end, T, D, P,
-                          thread_workspace(wsp, nthreads, per_thread, spare));
+    ws.parallel_for(0, R, grain, [&](int64_t begin, int64_t end, float* work) {
+      fwd_range<scalar_t>(in.z, in.x, in.bias, in.w, lbp, yp, mp, rp, begin, end, T, D, P, work);
     });
   });
   return {y, mean, rstd};
@@ -801,12 +829,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm
   at::Tensor dw = new_output({D}, x.options().dtype(pt));
   at::Tensor db = new_output({D}, x.options().dtype(pt));
   at::Tensor part = new_output({std::max<int64_t>(nchunks, 1), 3, Dp}, x.options().dtype(pt));
-  const bool vec_path = x.scalar_type() != at::kDouble;
-  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t per_thread = vec_path ? WorkF::floats_per_thread(
-                                            D, x.scalar_type() == at::kFloat ? kBwdBufsF32 : kBwdBufsHalf)
-                                      : 0;
-  at::Tensor ws = at::zeros({nthreads * per_thread}, x.options().dtype(at::kFloat));
+  const ThreadWorkspaces ws(x, kBwdBufsF32, kBwdBufsHalf);
   at::Tensor dzpre = new_output({B, T, D}, x.options());
   at::Tensor dx = new_output({B, T, D}, x.options());
   if (B * T == 0) {
@@ -817,20 +840,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "vgmr_gate_norm_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const GateData<scalar_t> in(zpre, bias_row, x, ln_weight);
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
-    const scalar_t* zp = zpre.const_data_ptr<scalar_t>();
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const acc_t* bp = bias_row.const_data_ptr<acc_t>();
-    const acc_t* wp = ln_weight.const_data_ptr<acc_t>();
     const acc_t* rp = rstd.const_data_ptr<acc_t>();
     scalar_t* dzp = dzpre.mutable_data_ptr<scalar_t>();
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
     acc_t* pp = part.mutable_data_ptr<acc_t>();
-    float* wsp = ws.mutable_data_ptr<float>();
-    at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> spare;  // only if the pool grew since ws was sized
-      bwd_chunks<scalar_t>(dyp, zp, xp, bp, wp, rp, dzp, dxp, pp, Dp, begin, end, cpb, tc, T, D, P,
-                           thread_workspace(wsp, nthreads, per_thread, spare));
+    ws.parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end, float* work) {
+      bwd_chunks<scalar_t>(dyp, in.z, in.x, in.bias, in.w, rp, dzp, dxp, pp, Dp, begin, end, cpb, tc, T, D, P, work);
     });
     // One ordered reduction over the chunks.
     acc_t* dwp = dw.mutable_data_ptr<acc_t>();
@@ -866,73 +883,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm
   return {dzpre, dbias, dx, dw, db};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_norm_cpu(const at::Tensor& zpre, const at::Tensor& bias_row,
-                                                             const at::Tensor& x, const at::Tensor& ln_weight,
-                                                             const at::Tensor& ln_bias, double alpha, double beta,
-                                                             double p, const at::Tensor& seed) {
-  const char* op = "vgmr::gate_norm";
-  checks::seed_tensor(seed, x, op, "x");
-  return gate_norm_one(zpre, bias_row, x, ln_weight, ln_bias, alpha, beta, p, seed.const_data_ptr<int64_t>(), op);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm_backward_cpu(
-    const at::Tensor& dy, const at::Tensor& zpre, const at::Tensor& bias_row, const at::Tensor& x,
-    const at::Tensor& ln_weight, const at::Tensor& mean, const at::Tensor& rstd, double alpha, double beta, double p,
-    const at::Tensor& seed) {
-  const char* op = "vgmr::gate_norm_backward";
-  checks::seed_tensor(seed, x, op, "x");
-  return gate_norm_backward_one(dy, zpre, bias_row, x, ln_weight, mean, rstd, alpha, beta, p,
-                                seed.const_data_ptr<int64_t>(), op);
-}
-
-// ---- grouped over modalities (docs/ops.md): one dispatch, the modalities in order inside ----
-// Modality m runs exactly gate_norm(..., seed = seeds[m]): the same kernels, so the results are
-// bit-identical to M separate calls, for one operator call and one autograd node.
-using Tensors = std::vector<at::Tensor>;
-
-std::tuple<Tensors, Tensors, Tensors> gate_norm_grouped_cpu(at::TensorList zpre, at::TensorList bias_row,
-                                                            at::TensorList x, at::TensorList ln_weight,
-                                                            at::TensorList ln_bias, double alpha, double beta,
-                                                            double p, const at::Tensor& seeds) {
-  const char* op = "vgmr::gate_norm_grouped";
-  const size_t M = checks::grouped_count(
-      {{x, "x"}, {zpre, "zpre"}, {bias_row, "bias_row"}, {ln_weight, "ln_weight"}, {ln_bias, "ln_bias"}}, seeds, op);
-  const int64_t* sp = seeds.const_data_ptr<int64_t>();
-  Tensors y(M), mean(M), rstd(M);
-  for (size_t m = 0; m < M; ++m) {
-    const std::string opm = checks::modality_op(op, m);
-    checks::same_batch(x[m], x[0], opm);
-    std::tie(y[m], mean[m], rstd[m]) =
-        gate_norm_one(zpre[m], bias_row[m], x[m], ln_weight[m], ln_bias[m], alpha, beta, p, sp + m, opm.c_str());
-  }
-  return {y, mean, rstd};
-}
-
-std::tuple<Tensors, Tensors, Tensors, Tensors, Tensors> gate_norm_grouped_backward_cpu(
-    at::TensorList dy, at::TensorList zpre, at::TensorList bias_row, at::TensorList x, at::TensorList ln_weight,
-    at::TensorList mean, at::TensorList rstd, double alpha, double beta, double p, const at::Tensor& seeds) {
-  const char* op = "vgmr::gate_norm_grouped_backward";
-  const size_t M = checks::grouped_count({{x, "x"}, {dy, "dy"}, {zpre, "zpre"}, {bias_row, "bias_row"},
-                                                {ln_weight, "ln_weight"}, {mean, "mean"}, {rstd, "rstd"}},
-                                               seeds, op);
-  const int64_t* sp = seeds.const_data_ptr<int64_t>();
-  Tensors dz(M), dbias(M), dx(M), dw(M), db(M);
-  for (size_t m = 0; m < M; ++m) {
-    const std::string opm = checks::modality_op(op, m);
-    checks::same_batch(x[m], x[0], opm);
-    std::tie(dz[m], dbias[m], dx[m], dw[m], db[m]) = gate_norm_backward_one(
-        dy[m], zpre[m], bias_row[m], x[m], ln_weight[m], mean[m], rstd[m], alpha, beta, p, sp + m, opm.c_str());
-  }
-  return {dz, dbias, dx, dw, db};
-}
-
-}  // namespace
 }  // namespace cpu
 }  // namespace vgmr
-
-TORCH_LIBRARY_IMPL(vgmr, CPU, m) {
-  m.impl("gate_norm", &vgmr::cpu::gate_norm_cpu);
-  m.impl("gate_norm_backward", &vgmr::cpu::gate_norm_backward_cpu);
-  m.impl("gate_norm_grouped", &vgmr::cpu::gate_norm_grouped_cpu);
-  m.impl("gate_norm_grouped_backward", &vgmr::cpu::gate_norm_grouped_backward_cpu);
-}

@@ -128,6 +128,9 @@ std::pair<int64_t, int64_t> check_s(const at::Tensor& s, const char* op, const c
   return {M, s.size(2)};
 }
 
+}  // namespace
+
+// Entry points (declared in csrc/cpu/cpu_common.h, registered in csrc/ops.cpp).
 at::Tensor interaction_cpu(const at::Tensor& s) {
   const char* op = "vgmr::interaction";
   auto [M, D] = check_s(s, op, "s");
@@ -182,11 +185,5 @@ at::Tensor interaction_backward_cpu(const at::Tensor& du, const at::Tensor& s) {
   return ds;
 }
 
-}  // namespace
 }  // namespace cpu
 }  // namespace vgmr
-
-TORCH_LIBRARY_IMPL(vgmr, CPU, m) {
-  m.impl("interaction", &vgmr::cpu::interaction_cpu);
-  m.impl("interaction_backward", &vgmr::cpu::interaction_backward_cpu);
-}

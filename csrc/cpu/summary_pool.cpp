@@ -123,6 +123,9 @@ void check_mask(const c10::optional<at::Tensor>& mask, int64_t B, int64_t T, con
   TORCH_CHECK_VALUE(m.is_contiguous(), op, ": mask must be contiguous");
 }
 
+}  // namespace
+
+// Entry points (declared in csrc/cpu/cpu_common.h, registered in csrc/ops.cpp).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> summary_pool_cpu(const at::Tensor& h,
                                                                 const c10::optional<at::Tensor>& mask) {
   const char* op = "vgmr::summary_pool";
@@ -210,11 +213,5 @@ at::Tensor summary_pool_backward_cpu(const at::Tensor& dmean, const at::Tensor& 
   return dh;
 }
 
-}  // namespace
 }  // namespace cpu
 }  // namespace vgmr
-
-TORCH_LIBRARY_IMPL(vgmr, CPU, m) {
-  m.impl("summary_pool", &vgmr::cpu::summary_pool_cpu);
-  m.impl("summary_pool_backward", &vgmr::cpu::summary_pool_backward_cpu);
-}

@@ -22,7 +22,9 @@
 #include <vector>
 
 #include "cuda/kernels.h"
+#include "gate_norm_entries.h"
 #include "op_checks.h"
+#include "op_table.h"
 #include "vgmr_math.h"
 
 namespace vgmr {
@@ -64,6 +66,24 @@ void check_cuda(const at::Tensor& t, const char* op, const char* name) {
   vgmr::checks::contiguous(t, op, name);
 }
 
+// `t`: a CUDA tensor on `ref`'s device, of `ref`'s dtype, of shape `want` (named `shape_name`).
+void check_like(const at::Tensor& t, const at::Tensor& ref, at::IntArrayRef want, const char* op, const char* name,
+                const char* ref_name, const char* shape_name) {
+  check_cuda(t, op, name);
+  vgmr::checks::same_device(t, ref, op, name, ref_name);
+  vgmr::checks::same_dtype(t, ref, op, name, ref_name);
+  vgmr::checks::shape(t, want, op, name, shape_name);
+}
+
+// `t`: a CUDA tensor on `ref`'s device, of dtype `dtype` (`why` says which), of shape `want`.
+void check_typed(const at::Tensor& t, at::ScalarType dtype, const at::Tensor& ref, at::IntArrayRef want,
+                 const char* op, const char* name, const char* ref_name, const char* shape_name, const char* why) {
+  check_cuda(t, op, name);
+  vgmr::checks::same_device(t, ref, op, name, ref_name);
+  vgmr::checks::dtype(t, dtype, op, name, why);
+  vgmr::checks::shape(t, want, op, name, shape_name);
+}
+
 
 DType element_dtype(const at::Tensor& t, const char* op, const char* name) {
   switch (t.scalar_type()) {
@@ -88,10 +108,7 @@ const uint8_t* mask_ptr(const std::optional<at::Tensor>& mask, const at::Tensor&
                         const char* op) {
   if (!mask.has_value() || !mask->defined()) return nullptr;
   const at::Tensor& m = *mask;
-  check_cuda(m, op, "mask");
-  vgmr::checks::same_device(m, ref, op, "mask", "the features");
-  vgmr::checks::dtype(m, at::kBool, op, "mask", " (True = valid step)");
-  vgmr::checks::shape(m, {B, T}, op, "mask", "[B, T]");
+  check_typed(m, at::kBool, ref, {B, T}, op, "mask", "the features", "[B, T]", " (True = valid step)");
   return reinterpret_cast<const uint8_t*>(m.const_data_ptr<bool>());
 }
 
@@ -144,15 +161,8 @@ at::Tensor summary_pool_backward_cuda(const at::Tensor& dmean, const at::Tensor&
   const DType dt = element_dtype(dmean, op, "dmean");
   const int64_t B = dmean.size(0), D = dmean.size(1);
   TORCH_CHECK_VALUE(T >= 0 && T <= std::numeric_limits<int32_t>::max(), op, ": T must be in [0, 2^31), got ", T);
-  check_cuda(dmax, op, "dmax");
-  vgmr::checks::same_device(dmax, dmean, op, "dmax", "dmean");
-  TORCH_CHECK_TYPE(dmax.scalar_type() == dmean.scalar_type(), op, ": dmax must have the dtype of dmean (",
-                   dmean.scalar_type(), "), got ", dmax.scalar_type());
-  vgmr::checks::shape(dmax, {B, D}, op, "dmax", "[B, D]");
-  check_cuda(argmax, op, "argmax");
-  vgmr::checks::same_device(argmax, dmean, op, "argmax", "dmean");
-  vgmr::checks::dtype(argmax, at::kInt, op, "argmax", " (int32, from the forward)");
-  vgmr::checks::shape(argmax, {B, D}, op, "argmax", "[B, D]");
+  check_like(dmax, dmean, {B, D}, op, "dmax", "dmean", "[B, D]");
+  check_typed(argmax, at::kInt, dmean, {B, D}, op, "argmax", "dmean", "[B, D]", " (int32, from the forward)");
   const c10::cuda::CUDAGuard guard(dmean.device());
   const uint8_t* mp = mask_ptr(mask, dmean, B, T, op);
   at::Tensor dh = new_output({B, T, D}, dmean.options());
@@ -191,8 +201,7 @@ at::Tensor interaction_backward_cuda(const at::Tensor& du, const at::Tensor& s) 
   check_cuda(du, op, "du");
   vgmr::checks::same_device(du, s, op, "du", "s");
   const DType dt = element_dtype(du, op, "du");
-  TORCH_CHECK_TYPE(du.scalar_type() == s.scalar_type(), op, ": du must have the dtype of s (", s.scalar_type(),
-                   "), got ", du.scalar_type());
+  vgmr::checks::same_dtype(du, s, op, "du", "s");
   vgmr::checks::shape(du, {B, M, (3 * M - 1) * D}, op, "du", "[B, M, (3M-1) D]");
   const c10::cuda::CUDAGuard guard(s.device());
   at::Tensor ds = new_output({B, M, D}, du.options());
@@ -203,6 +212,8 @@ at::Tensor interaction_backward_cuda(const at::Tensor& du, const at::Tensor& s) 
 }
 
 // ---- gate_norm ---------------------------------------------------------------------------------
+constexpr const char* kFloatParam = " (float32 for float32/half inputs; the op layer casts it)";
+
 // zpre, x [B, T, D] (one dtype), bias_row [B, D], ln_weight [D] float32, all on x's device.
 DType check_gate_inputs(const at::Tensor& zpre, const at::Tensor& bias_row, const at::Tensor& x,
                         const at::Tensor& ln_weight, const char* op) {
@@ -211,20 +222,9 @@ DType check_gate_inputs(const at::Tensor& zpre, const at::Tensor& bias_row, cons
   const DType dt = element_dtype(x, op, "x");
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
   TORCH_CHECK_VALUE(D >= 1, op, ": x must have D >= 1 features, got D = ", D);
-  check_cuda(zpre, op, "zpre");
-  vgmr::checks::same_device(zpre, x, op, "zpre", "x");
-  TORCH_CHECK_TYPE(zpre.scalar_type() == x.scalar_type(), op, ": zpre must have the dtype of x (", x.scalar_type(),
-                   "), got ", zpre.scalar_type());
-  vgmr::checks::shape(zpre, {B, T, D}, op, "zpre", "[B, T, D]");
-  const char* f32 = " (float32 for float32/half inputs; the op layer casts it)";
-  check_cuda(bias_row, op, "bias_row");
-  vgmr::checks::same_device(bias_row, x, op, "bias_row", "x");
-  vgmr::checks::dtype(bias_row, at::kFloat, op, "bias_row", f32);
-  vgmr::checks::shape(bias_row, {B, D}, op, "bias_row", "[B, D]");
-  check_cuda(ln_weight, op, "ln_weight");
-  vgmr::checks::same_device(ln_weight, x, op, "ln_weight", "x");
-  vgmr::checks::dtype(ln_weight, at::kFloat, op, "ln_weight", f32);
-  vgmr::checks::shape(ln_weight, {D}, op, "ln_weight", "[D]");
+  check_like(zpre, x, {B, T, D}, op, "zpre", "x", "[B, T, D]");
+  check_typed(bias_row, at::kFloat, x, {B, D}, op, "bias_row", "x", "[B, D]", kFloatParam);
+  check_typed(ln_weight, at::kFloat, x, {D}, op, "ln_weight", "x", "[D]", kFloatParam);
   return dt;
 }
 
@@ -235,10 +235,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_norm_one(const at::Tensor& z
                                                              double p, const int64_t* seed, const char* op) {
   const DType dt = check_gate_inputs(zpre, bias_row, x, ln_weight, op);
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
-  check_cuda(ln_bias, op, "ln_bias");
-  vgmr::checks::same_device(ln_bias, x, op, "ln_bias", "x");
-  vgmr::checks::dtype(ln_bias, at::kFloat, op, "ln_bias", " (float32 for float32/half inputs; the op layer casts it)");
-  vgmr::checks::shape(ln_bias, {D}, op, "ln_bias", "[D]");
+  check_typed(ln_bias, at::kFloat, x, {D}, op, "ln_bias", "x", "[D]", kFloatParam);
   const DropoutArgs drop = dropout_args(p, seed, op);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = new_output({B, T, D}, x.options());
@@ -259,20 +256,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm
     const int64_t* seed, const char* op) {
   const DType dt = check_gate_inputs(zpre, bias_row, x, ln_weight, op);
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
-  check_cuda(dy, op, "dy");
-  vgmr::checks::same_device(dy, x, op, "dy", "x");
-  TORCH_CHECK_TYPE(dy.scalar_type() == x.scalar_type(), op, ": dy must have the dtype of x (", x.scalar_type(),
-                   "), got ", dy.scalar_type());
-  vgmr::checks::shape(dy, {B, T, D}, op, "dy", "[B, T, D]");
+  check_like(dy, x, {B, T, D}, op, "dy", "x", "[B, T, D]");
   const char* saved = " (saved by the forward)";
-  check_cuda(mean, op, "mean");
-  vgmr::checks::same_device(mean, x, op, "mean", "x");
-  vgmr::checks::dtype(mean, at::kFloat, op, "mean", saved);
-  vgmr::checks::shape(mean, {B, T}, op, "mean", "[B, T]");
-  check_cuda(rstd, op, "rstd");
-  vgmr::checks::same_device(rstd, x, op, "rstd", "x");
-  vgmr::checks::dtype(rstd, at::kFloat, op, "rstd", saved);
-  vgmr::checks::shape(rstd, {B, T}, op, "rstd", "[B, T]");
+  check_typed(mean, at::kFloat, x, {B, T}, op, "mean", "x", "[B, T]", saved);
+  check_typed(rstd, at::kFloat, x, {B, T}, op, "rstd", "x", "[B, T]", saved);
   const DropoutArgs drop = dropout_args(p, seed, op);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::TensorOptions f32 = x.options().dtype(at::kFloat);
@@ -294,85 +281,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm
   return {dzpre, dbias_row, dx, dw, db};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_norm_cuda(const at::Tensor& zpre, const at::Tensor& bias_row,
-                                                              const at::Tensor& x, const at::Tensor& ln_weight,
-                                                              const at::Tensor& ln_bias, double alpha, double beta,
-                                                              double p, const at::Tensor& seed) {
-  const char* op = "vgmr::gate_norm";
-  check_cuda(x, op, "x");
-  vgmr::checks::seed_tensor(seed, x, op, "x");
-  return gate_norm_one(zpre, bias_row, x, ln_weight, ln_bias, alpha, beta, p, seed.const_data_ptr<int64_t>(), op);
+// Modality m's x: on the CUDA device of modality 0's.
+void check_modality_device(const at::Tensor& x, const at::Tensor& x0, const char* opm) {
+  check_cuda(x, opm, "x");
+  vgmr::checks::same_device(x, x0, opm, "x", "x[0]");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm_backward_cuda(
-    const at::Tensor& dy, const at::Tensor& zpre, const at::Tensor& bias_row, const at::Tensor& x,
-    const at::Tensor& ln_weight, const at::Tensor& mean, const at::Tensor& rstd, double alpha, double beta, double p,
-    const at::Tensor& seed) {
-  const char* op = "vgmr::gate_norm_backward";
-  check_cuda(x, op, "x");
-  vgmr::checks::seed_tensor(seed, x, op, "x");
-  return gate_norm_backward_one(dy, zpre, bias_row, x, ln_weight, mean, rstd, alpha, beta, p,
-                                seed.const_data_ptr<int64_t>(), op);
-}
-
-// ---- gate_norm_grouped: one operator call, one launch (pair) per modality ----------------------
-// Modality m is exactly gate_norm(..., seed = seeds[m]) (its kernel reads seeds + m), so the
-// results are bit-identical to M separate calls.
-using Tensors = std::vector<at::Tensor>;
-
-std::tuple<Tensors, Tensors, Tensors> gate_norm_grouped_cuda(at::TensorList zpre, at::TensorList bias_row,
-                                                             at::TensorList x, at::TensorList ln_weight,
-                                                             at::TensorList ln_bias, double alpha, double beta,
-                                                             double p, const at::Tensor& seeds) {
-  const char* op = "vgmr::gate_norm_grouped";
-  const size_t M = vgmr::checks::grouped_count(
-      {{x, "x"}, {zpre, "zpre"}, {bias_row, "bias_row"}, {ln_weight, "ln_weight"}, {ln_bias, "ln_bias"}}, seeds, op);
-  check_cuda(seeds, op, "seeds");
-  const int64_t* sp = seeds.const_data_ptr<int64_t>();
-  Tensors y(M), mean(M), rstd(M);
-  for (size_t m = 0; m < M; ++m) {
-    const std::string opm = vgmr::checks::modality_op(op, m);
-    check_cuda(x[m], opm.c_str(), "x");
-    vgmr::checks::same_device(x[m], x[0], opm.c_str(), "x", "x[0]");
-    vgmr::checks::same_batch(x[m], x[0], opm);
-    std::tie(y[m], mean[m], rstd[m]) =
-        gate_norm_one(zpre[m], bias_row[m], x[m], ln_weight[m], ln_bias[m], alpha, beta, p, sp + m, opm.c_str());
-  }
-  return {y, mean, rstd};
-}
-
-std::tuple<Tensors, Tensors, Tensors, Tensors, Tensors> gate_norm_grouped_backward_cuda(
-    at::TensorList dy, at::TensorList zpre, at::TensorList bias_row, at::TensorList x, at::TensorList ln_weight,
-    at::TensorList mean, at::TensorList rstd, double alpha, double beta, double p, const at::Tensor& seeds) {
-  const char* op = "vgmr::gate_norm_grouped_backward";
-  const size_t M = vgmr::checks::grouped_count({{x, "x"}, {dy, "dy"}, {zpre, "zpre"}, {bias_row, "bias_row"},
-                                                {ln_weight, "ln_weight"}, {mean, "mean"}, {rstd, "rstd"}},
-                                               seeds, op);
-  check_cuda(seeds, op, "seeds");
-  const int64_t* sp = seeds.const_data_ptr<int64_t>();
-  Tensors dz(M), dbias(M), dx(M), dw(M), db(M);
-  for (size_t m = 0; m < M; ++m) {
-    const std::string opm = vgmr::checks::modality_op(op, m);
-    check_cuda(x[m], opm.c_str(), "x");
-    vgmr::checks::same_device(x[m], x[0], opm.c_str(), "x", "x[0]");
-    vgmr::checks::same_batch(x[m], x[0], opm);
-    std::tie(dz[m], dbias[m], dx[m], dw[m], db[m]) = gate_norm_backward_one(
-        dy[m], zpre[m], bias_row[m], x[m], ln_weight[m], mean[m], rstd[m], alpha, beta, p, sp + m, opm.c_str());
-  }
-  return {dz, dbias, dx, dw, db};
-}
+using GateNormCuda = vgmr::GateNormEntries<gate_norm_one, gate_norm_backward_one, check_cuda, check_modality_device>;
+constexpr auto& gate_norm_cuda = GateNormCuda::forward;
+constexpr auto& gate_norm_backward_cuda = GateNormCuda::backward;
+constexpr auto& gate_norm_grouped_cuda = GateNormCuda::grouped;
+constexpr auto& gate_norm_grouped_backward_cuda = GateNormCuda::grouped_backward;
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(vgmr, CUDA, m) {
-  m.impl("summary_pool", &summary_pool_cuda);
-  m.impl("summary_pool_backward", &summary_pool_backward_cuda);
-  m.impl("interaction", &interaction_cuda);
-  m.impl("interaction_backward", &interaction_backward_cuda);
-  m.impl("gate_norm", &gate_norm_cuda);
-  m.impl("gate_norm_backward", &gate_norm_backward_cuda);
-  m.impl("gate_norm_grouped", &gate_norm_grouped_cuda);
-  m.impl("gate_norm_grouped_backward", &gate_norm_grouped_backward_cuda);
-}
+TORCH_LIBRARY_IMPL(vgmr, CUDA, m) { VGMR_IMPL_KERNEL_OPS(m, _cuda) }
 
 #endif  // VGMR_WITH_CUDA

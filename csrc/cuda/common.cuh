@@ -10,6 +10,7 @@
 #include <stdint.h>
 
 #include <atomic>
+#include <type_traits>
 
 #include "cuda/kernels.h"
 #include "vgmr_math.h"
@@ -18,23 +19,29 @@ namespace vgmr {
 namespace gpu {
 
 // ---- element conversions (fp32 accumulation for every dtype) ------------------------------
+// Both directions of one element type in one place: float (the primary template) is the
+// identity, the half types convert with round-to-nearest intrinsics.
 template <typename T>
-__device__ __forceinline__ float to_f(T v);
+struct Convert {
+  static_assert(std::is_same_v<T, float>, "element types: float, __half, __nv_bfloat16");
+  static __device__ __forceinline__ float to_f(float v) { return v; }
+  static __device__ __forceinline__ float from_f(float v) { return v; }
+};
 template <>
-__device__ __forceinline__ float to_f<float>(float v) { return v; }
+struct Convert<__half> {
+  static __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half from_f(float v) { return __float2half_rn(v); }
+};
 template <>
-__device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+struct Convert<__nv_bfloat16> {
+  static __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 from_f(float v) { return __float2bfloat16_rn(v); }
+};
 
 template <typename T>
-__device__ __forceinline__ T from_f(float v);
-template <>
-__device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+__device__ __forceinline__ float to_f(T v) { return Convert<T>::to_f(v); }
+template <typename T>
+__device__ __forceinline__ T from_f(float v) { return Convert<T>::from_f(v); }
 
 // ---- aligned packs: N elements loaded/stored as 16-byte (or smaller) transactions ---------
 template <typename T, int N>
@@ -82,7 +89,7 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-__device__ __forceinline__ float2 warp_sum2(float2 v) {
+__device__ __forceinline__ float2 warp_sum(float2 v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
     v.x += __shfl_xor_sync(0xffffffffu, v.x, o);
@@ -93,18 +100,36 @@ __device__ __forceinline__ float2 warp_sum2(float2 v) {
 
 // Sum over a block whose size is a multiple of 32 (<= 1024); every thread gets the result.
 // `sh` holds >= 32 float2 of shared memory; safe to call repeatedly (leading barrier).
-__device__ __forceinline__ float2 block_sum2(float2 v, float2* sh) {
-  v = warp_sum2(v);
+__device__ __forceinline__ float2 block_sum(float2 v, float2* sh) {
+  v = warp_sum(v);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   __syncthreads();  // the previous call's readers are done with sh
   if (lane == 0) sh[warp] = v;
   __syncthreads();
   float2 s = lane < nw ? sh[lane] : make_float2(0.f, 0.f);
-  return warp_sum2(s);
+  return warp_sum(s);
 }
 
 __device__ __forceinline__ float block_sum(float v, float2* sh) {
-  return block_sum2(make_float2(v, 0.f), sh).x;
+  return block_sum(make_float2(v, 0.f), sh).x;
+}
+
+// ---- flat-index helpers of the elementwise kernels ---------------------------------------------
+// Grid-stride loop: this thread's first flat index, and the stride, in index type I.
+template <typename I>
+__device__ __forceinline__ I first_index() { return (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x; }
+template <typename I>
+__device__ __forceinline__ I grid_stride() { return (I)gridDim.x * (I)blockDim.x; }
+
+// idx = outer * n + inner, 0 <= inner < n: one division.
+template <typename I>
+struct IndexSplit {
+  I outer, inner;
+};
+template <typename I>
+__device__ __forceinline__ IndexSplit<I> split_index(I idx, I n) {
+  const I q = idx / n;
+  return {q, idx - q * n};
 }
 
 // ---- host-side launch helpers ----------------------------------------------------------------
@@ -146,6 +171,16 @@ inline bool aligned16(const void* p) { return ((uintptr_t)p & 15u) == 0; }
 
 }  // namespace gpu
 }  // namespace vgmr
+
+// Run `...` with `index_t` = int32_t when `narrow` (every offset fits), else uint64_t.
+#define VGMR_GPU_INDEX_DISPATCH(narrow, ...) \
+  if (narrow) {                              \
+    using index_t = int32_t;                 \
+    __VA_ARGS__;                             \
+  } else {                                   \
+    using index_t = uint64_t;                \
+    __VA_ARGS__;                             \
+  }
 
 // Run `...` with `scalar_t` bound to the element type of `dtype`; unknown dtype: error code.
 #define VGMR_GPU_DISPATCH(dtype, ...)                              \

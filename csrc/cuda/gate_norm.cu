@@ -42,17 +42,8 @@ constexpr int kWarpRowsPerBlock = 4;  // warp-per-row kernels: 4 warps (rows) pe
 constexpr int kVecBwdMaxD = 4096;
 constexpr int kVecFwdMaxD = 8192;
 
-template <typename S>
-struct FwdArgs {
-  const S* __restrict__ zpre;
-  const float* __restrict__ bias_row;
-  const S* __restrict__ x;
-  const float* __restrict__ w;
-  const float* __restrict__ b;
-  S* __restrict__ y;
-  float* __restrict__ mean;
-  float* __restrict__ rstd;
-  int64_t R, T, D;
+// The gate and dropout scalars of both directions.
+struct GateArgs {
   float alpha, beta;
   uint32_t thr;
   float scale;
@@ -60,13 +51,27 @@ struct FwdArgs {
   bool dropout;
 };
 
+// ... and the inputs of both directions.
 template <typename S>
-struct BwdArgs {
-  const S* __restrict__ dy;
+struct GateInputs : GateArgs {
   const S* __restrict__ zpre;
   const float* __restrict__ bias_row;
   const S* __restrict__ x;
   const float* __restrict__ w;
+};
+
+template <typename S>
+struct FwdArgs : GateInputs<S> {
+  const float* __restrict__ b;
+  S* __restrict__ y;
+  float* __restrict__ mean;
+  float* __restrict__ rstd;
+  int64_t R, T, D;
+};
+
+template <typename S>
+struct BwdArgs : GateInputs<S> {
+  const S* __restrict__ dy;
   const float* __restrict__ mean;  // not read: the kernels recompute the row shift and mean_s
   const float* __restrict__ rstd;
   S* __restrict__ dzpre;
@@ -75,28 +80,15 @@ struct BwdArgs {
   float* __restrict__ part_w;  // [gridDim.x, D]
   float* __restrict__ part_b;  // [gridDim.x, D]
   int64_t B, T, D, nsplit, tc;
-  float alpha, beta;
-  uint32_t thr;
-  float scale;
-  const int64_t* __restrict__ seed;  // device pointer, read when dropout
-  bool dropout;
 };
 
-template <bool WARP>
-__device__ __forceinline__ float row_sum(float v, float2* red) {
+// Sum over the row team (V = float or float2).
+template <bool WARP, typename V>
+__device__ __forceinline__ V row_sum(V v, float2* red) {
   if constexpr (WARP) {
     return warp_sum(v);
   } else {
     return block_sum(v, red);
-  }
-}
-
-template <bool WARP>
-__device__ __forceinline__ float2 row_sum2(float2 v, float2* red) {
-  if constexpr (WARP) {
-    return warp_sum2(v);
-  } else {
-    return block_sum2(v, red);
   }
 }
 
@@ -130,6 +122,36 @@ __device__ __forceinline__ void keep4(const int64_t* __restrict__ seed, int64_t 
   const U32x4 wd = philox4x32_10((uint64_t)__ldg(seed), philox_counter(r, c0, D));
 #pragma unroll
   for (int j = 0; j < 4; ++j) kf[j] = dropout_keep(wd.w[j], thr) ? scale : 0.f;
+}
+
+// Vec path: scale the VEC values of columns c0 .. c0+VEC-1 (c0 % 4 == 0) of row r by their
+// keep factors.
+template <int VEC>
+__device__ __forceinline__ void apply_keep(const GateArgs& a, int64_t r, int64_t c0, int64_t D, float (&v)[VEC]) {
+#pragma unroll
+  for (int g = 0; g < VEC / 4; ++g) {
+    float kf[4];
+    keep4(a.seed, r, c0 + 4 * g, D, a.thr, a.scale, kf);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) v[4 * g + j] *= kf[j];
+  }
+}
+
+// Generic path: f(c, keep factor) for this thread's columns c of row r, in groups of 4
+// (g = threadIdx.x + k * blockDim.x, one Philox call per group when `dropout`; else the
+// factor is 1), columns ascending within a group.
+template <typename F>
+__device__ __forceinline__ void for_each_column(const GateArgs& a, int64_t r, int64_t D, bool dropout, F&& f) {
+  const int64_t ngroups = ceil_div(D, 4);
+  for (int64_t g = threadIdx.x; g < ngroups; g += blockDim.x) {
+    float kf[4] = {1.f, 1.f, 1.f, 1.f};
+    if (dropout) keep4(a.seed, r, 4 * g, D, a.thr, a.scale, kf);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t c = 4 * g + j;
+      if (c < D) f(c, kf[j]);
+    }
+  }
 }
 
 // ---- vec path --------------------------------------------------------------------------------
@@ -209,15 +231,7 @@ __global__ void __launch_bounds__(kMaxThreads) gn_fwd_vec(FwdArgs<T> a) {
         float o[VEC];
 #pragma unroll
         for (int j = 0; j < VEC; ++j) o[j] = (((v[k][j] - K) - ms) * rs) * wr[k][j] + br[k][j];
-        if (a.dropout) {
-#pragma unroll
-          for (int g = 0; g < VEC / 4; ++g) {
-            float kf[4];
-            keep4(a.seed, r, (int64_t)i * VEC + 4 * g, D, a.thr, a.scale, kf);
-#pragma unroll
-            for (int j = 0; j < 4; ++j) o[4 * g + j] *= kf[j];
-          }
-        }
+        if (a.dropout) apply_keep<VEC>(a, r, (int64_t)i * VEC, D, o);
         store_pack<T, VEC>(yr + i * VEC, o);
       }
     }
@@ -335,15 +349,7 @@ __global__ void __launch_bounds__(kMaxThreads) gn_bwd_vec(BwdArgs<T> a) {
         if (i < nvec) {
           float dyv[VEC];
           unpack<T, VEC>(rdy[k], dyv);
-          if (a.dropout) {
-#pragma unroll
-            for (int g = 0; g < VEC / 4; ++g) {
-              float kf[4];
-              keep4(a.seed, r, (int64_t)i * VEC + 4 * g, D, a.thr, a.scale, kf);
-#pragma unroll
-              for (int j = 0; j < 4; ++j) dyv[4 * g + j] *= kf[j];
-            }
-          }
+          if (a.dropout) apply_keep<VEC>(a, r, (int64_t)i * VEC, D, dyv);
           // ln_weight and this batch row's bias_row: re-read per row (L1/L2 hits), not
           // held in registers across rows
           float wv[VEC], cw[VEC], cb[VEC];
@@ -367,7 +373,7 @@ __global__ void __launch_bounds__(kMaxThreads) gn_bwd_vec(BwdArgs<T> a) {
       if constexpr (!WARP) {  // prefetch the next row of this tile, then reduce
         if (t + 1 < t1) load_raw_row<T, VEC, NV>(a, off + D, lane, tpr, nvec, rdy, rz, rx);
       }
-      const float2 sums = row_sum2<WARP>(make_float2(s1, s2), red);
+      const float2 sums = row_sum<WARP>(make_float2(s1, s2), red);
       const float ma = sums.x * invD, mc = sums.y * invD;
 #pragma unroll
       for (int k = 0; k < NV; ++k) {
@@ -425,7 +431,6 @@ __global__ void __launch_bounds__(kMaxThreads) gn_fwd_generic(FwdArgs<T> a, int 
   extern __shared__ float vc[];  // [D] when cache
   __shared__ float2 red[32];
   const int64_t D = a.D;
-  const int64_t ngroups = ceil_div(D, 4);
   const float invD = 1.0f / (float)D;
   for (int64_t r = blockIdx.x; r < a.R; r += gridDim.x) {
     const int64_t bi = r / a.T;
@@ -435,46 +440,26 @@ __global__ void __launch_bounds__(kMaxThreads) gn_fwd_generic(FwdArgs<T> a, int 
     // row statistics (docs/ops.md): shift K = v[0], then two passes over v - K
     const float K = row_first<false>(threadIdx.x == 0 ? gn_v(a, zr, xr, bsr, 0) : 0.f, red);
     float s = 0.f;
-    for (int64_t g = threadIdx.x; g < ngroups; g += blockDim.x) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int64_t c = 4 * g + j;
-        if (c < D) {
-          const float v = gn_v(a, zr, xr, bsr, c);
-          if (cache) vc[c] = v;
-          s += v - K;
-        }
-      }
-    }
+    for_each_column(a, r, D, false, [&](int64_t c, float) {
+      const float v = gn_v(a, zr, xr, bsr, c);
+      if (cache) vc[c] = v;
+      s += v - K;
+    });
     const float ms = block_sum(s, red) * invD;
     float q = 0.f;
-    for (int64_t g = threadIdx.x; g < ngroups; g += blockDim.x) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int64_t c = 4 * g + j;
-        if (c < D) {
-          const float dlt = ((cache ? vc[c] : gn_v(a, zr, xr, bsr, c)) - K) - ms;
-          q += dlt * dlt;
-        }
-      }
-    }
+    for_each_column(a, r, D, false, [&](int64_t c, float) {
+      const float dlt = ((cache ? vc[c] : gn_v(a, zr, xr, bsr, c)) - K) - ms;
+      q += dlt * dlt;
+    });
     const float var = block_sum(q, red) * invD;
     const float rs = ln_rstd<float>(var, kEps);
     T* __restrict__ yr = a.y + r * D;
-    for (int64_t g = threadIdx.x; g < ngroups; g += blockDim.x) {
-      float kf[4] = {1.f, 1.f, 1.f, 1.f};
-      if (a.dropout) keep4(a.seed, r, 4 * g, D, a.thr, a.scale, kf);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int64_t c = 4 * g + j;
-        if (c < D) {
-          const float v = cache ? vc[c] : gn_v(a, zr, xr, bsr, c);
-          float o = (((v - K) - ms) * rs) * a.w[c] + a.b[c];
-          if (a.dropout) o *= kf[j];
-          yr[c] = from_f<T>(o);
-        }
-      }
-    }
+    for_each_column(a, r, D, a.dropout, [&](int64_t c, float kf) {
+      const float v = cache ? vc[c] : gn_v(a, zr, xr, bsr, c);
+      float o = (((v - K) - ms) * rs) * a.w[c] + a.b[c];
+      if (a.dropout) o *= kf;
+      yr[c] = from_f<T>(o);
+    });
     if (threadIdx.x == 0) {
       a.mean[r] = K + ms;
       a.rstd[r] = rs;
@@ -513,7 +498,6 @@ template <typename T>
 __global__ void __launch_bounds__(kMaxThreads) gn_bwd_generic(BwdArgs<T> a) {
   __shared__ float2 red[32];
   const int64_t D = a.D;
-  const int64_t ngroups = ceil_div(D, 4);
   const float invD = 1.0f / (float)D;
   float* __restrict__ pw = a.part_w + (int64_t)blockIdx.x * D;
   float* __restrict__ pb = a.part_b + (int64_t)blockIdx.x * D;
@@ -537,48 +521,27 @@ __global__ void __launch_bounds__(kMaxThreads) gn_bwd_generic(BwdArgs<T> a) {
       // the forward's row shift K = v[0] and shifted mean, recomputed from the row
       const float K = row_first<false>(threadIdx.x == 0 ? gn_bwd_v(a, off, bsr, 0) : 0.f, red);
       float s0 = 0.f;
-      for (int64_t c = threadIdx.x * 4; c < D; c += (int64_t)blockDim.x * 4) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          if (c + j < D) s0 += gn_bwd_v(a, off, bsr, c + j) - K;
-        }
-      }
+      for_each_column(a, r, D, false, [&](int64_t c, float) { s0 += gn_bwd_v(a, off, bsr, c) - K; });
       const float ms = block_sum(s0, red) * invD;
       float s1 = 0.f, s2 = 0.f;
-      for (int64_t g = threadIdx.x; g < ngroups; g += blockDim.x) {
-        float kf[4] = {1.f, 1.f, 1.f, 1.f};
-        if (a.dropout) keep4(a.seed, r, 4 * g, D, a.thr, a.scale, kf);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int64_t c = 4 * g + j;
-          if (c < D) {
-            const BwdElem e = gn_bwd_elem(a, off, bsr, c, K, ms, rs, kf[j]);
-            pb[c] += e.gy;
-            pw[c] += e.gy * e.vh;
-            const float d = e.gy * a.w[c];
-            s1 += d;
-            s2 += d * e.vh;
-          }
-        }
-      }
-      const float2 sums = block_sum2(make_float2(s1, s2), red);
+      for_each_column(a, r, D, a.dropout, [&](int64_t c, float kf) {
+        const BwdElem e = gn_bwd_elem(a, off, bsr, c, K, ms, rs, kf);
+        pb[c] += e.gy;
+        pw[c] += e.gy * e.vh;
+        const float d = e.gy * a.w[c];
+        s1 += d;
+        s2 += d * e.vh;
+      });
+      const float2 sums = block_sum(make_float2(s1, s2), red);
       const float ma = sums.x * invD, mc = sums.y * invD;
-      for (int64_t g = threadIdx.x; g < ngroups; g += blockDim.x) {
-        float kf[4] = {1.f, 1.f, 1.f, 1.f};
-        if (a.dropout) keep4(a.seed, r, 4 * g, D, a.thr, a.scale, kf);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int64_t c = 4 * g + j;
-          if (c < D) {
-            const BwdElem e = gn_bwd_elem(a, off, bsr, c, K, ms, rs, kf[j]);
-            const float dv = ln_bwd_dv<float>(e.gy * a.w[c], e.vh, ma, mc, rs);
-            const float dz = dv * e.xv * gate_eff_grad(e.g, a.alpha, a.beta);
-            a.dx[off + c] = from_f<T>(dv * gate_eff(e.g, a.alpha, a.beta));
-            a.dzpre[off + c] = from_f<T>(dz);
-            dbz[c] += dz;
-          }
-        }
-      }
+      for_each_column(a, r, D, a.dropout, [&](int64_t c, float kf) {
+        const BwdElem e = gn_bwd_elem(a, off, bsr, c, K, ms, rs, kf);
+        const float dv = ln_bwd_dv<float>(e.gy * a.w[c], e.vh, ma, mc, rs);
+        const float dz = dv * e.xv * gate_eff_grad(e.g, a.alpha, a.beta);
+        a.dx[off + c] = from_f<T>(dv * gate_eff(e.g, a.alpha, a.beta));
+        a.dzpre[off + c] = from_f<T>(dz);
+        dbz[c] += dz;
+      });
     }
   }
 }
@@ -803,9 +766,9 @@ cudaError_t gate_norm_fwd_launch(DType dtype, const void* zpre, const float* bia
                        aligned16(b);
   const FwdPlan p = plan_fwd(dtype, R, D, aligned, sms);
   VGMR_GPU_DISPATCH(dtype, {
-    FwdArgs<scalar_t> a{static_cast<const scalar_t*>(zpre), bias_row, static_cast<const scalar_t*>(x), w, b,
-                        static_cast<scalar_t*>(y), mean, rstd, R, T, D, alpha, beta, keep_threshold, keep_scale,
-                        seed, dropout};
+    const GateInputs<scalar_t> in{{alpha, beta, keep_threshold, keep_scale, seed, dropout},
+                                  static_cast<const scalar_t*>(zpre), bias_row, static_cast<const scalar_t*>(x), w};
+    const FwdArgs<scalar_t> a{in, b, static_cast<scalar_t*>(y), mean, rstd, R, T, D};
     return launch_fwd<scalar_t>(p, a, stream);
   });
   return cudaSuccess;
@@ -854,11 +817,10 @@ cudaError_t gate_norm_bwd_launch(DType dtype, const void* dy, const void* zpre, 
   float* part_b = workspace + (int64_t)p.grid * D;
   float* part_bias = workspace + 2 * (int64_t)p.grid * D;
   VGMR_GPU_DISPATCH(dtype, {
-    BwdArgs<scalar_t> a{static_cast<const scalar_t*>(dy),
-                        static_cast<const scalar_t*>(zpre),
-                        bias_row,
-                        static_cast<const scalar_t*>(x),
-                        w,
+    const GateInputs<scalar_t> in{{alpha, beta, keep_threshold, keep_scale, seed, dropout},
+                                  static_cast<const scalar_t*>(zpre), bias_row, static_cast<const scalar_t*>(x), w};
+    BwdArgs<scalar_t> a{in,
+                        static_cast<const scalar_t*>(dy),
                         mean,
                         rstd,
                         static_cast<scalar_t*>(dzpre),
@@ -870,13 +832,7 @@ cudaError_t gate_norm_bwd_launch(DType dtype, const void* dy, const void* zpre, 
                         T,
                         D,
                         p.nsplit,
-                        p.tc,
-                        alpha,
-                        beta,
-                        keep_threshold,
-                        keep_scale,
-                        seed,
-                        dropout};
+                        p.tc};
     e = launch_bwd<scalar_t>(p, a, stream);
   });
   if (e != cudaSuccess) return e;

@@ -18,12 +18,10 @@ template <typename T, typename I>
 __global__ void __launch_bounds__(256)
     interaction_fwd_kernel(const T* __restrict__ s, T* __restrict__ u, I M, I D, I total) {
   const I W = (3 * M - 1) * D;  // width of one u[b, m] row
-  const I stride = (I)gridDim.x * (I)blockDim.x;
-  for (I idx = (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x; idx < total; idx += stride) {
-    const I bm = idx / D;
-    const I c = idx - bm * D;
-    const I b = bm / M;
-    const I m = bm - b * M;
+  const I stride = grid_stride<I>();
+  for (I idx = first_index<I>(); idx < total; idx += stride) {
+    const auto [bm, c] = split_index(idx, D);
+    const auto [b, m] = split_index(bm, M);
     const T* __restrict__ sb = s + b * M * D + c;  // s[b, 0, c]
     T* __restrict__ ur = u + bm * W + c;            // u[b, m, block 0, c]
     const T sm_raw = sb[m * D];
@@ -50,12 +48,10 @@ __global__ void __launch_bounds__(256)
                            I total) {
   const I W = (3 * M - 1) * D;
   const float inv_other = 1.0f / (float)(M - 1);
-  const I stride = (I)gridDim.x * (I)blockDim.x;
-  for (I idx = (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x; idx < total; idx += stride) {
-    const I bm = idx / D;
-    const I c = idx - bm * D;
-    const I b = bm / M;
-    const I m = bm - b * M;
+  const I stride = grid_stride<I>();
+  for (I idx = first_index<I>(); idx < total; idx += stride) {
+    const auto [bm, c] = split_index(idx, D);
+    const auto [b, m] = split_index(bm, M);
     const T* __restrict__ sb = s + b * M * D + c;     // s[b, 0, c]
     const T* __restrict__ dub = du + b * M * W + c;   // du[b, 0, block 0, c]
     const T* __restrict__ dum = dub + m * W;          // du[b, m, block 0, c]
@@ -79,48 +75,50 @@ __global__ void __launch_bounds__(256)
   }
 }
 
+// One thread per (b, m, c); 32-bit index math when every offset into u / du (the larger
+// tensor, (3M-1) D per row) fits, grid stride included. total == 0: nothing to launch.
+struct InteractionLaunch {
+  int64_t total;
+  unsigned grid;
+  bool narrow;
+};
+
+cudaError_t plan_launch(int64_t B, int64_t M, int64_t D, InteractionLaunch* l) {
+  if (B < 0 || M < 2 || D < 0) return cudaErrorInvalidValue;
+  l->total = B * M * D;
+  if (l->total == 0) return cudaSuccess;
+  int sms = 0;
+  cudaError_t e = current_sm_count(&sms);
+  if (e != cudaSuccess) return e;
+  l->grid = grid_for(l->total, 256, 256, sms);
+  l->narrow = l->total * (3 * M - 1) + (int64_t)l->grid * 256 * (3 * M - 1) < (int64_t)INT32_MAX;
+  return cudaSuccess;
+}
+
 }  // namespace
 
 cudaError_t interaction_fwd_launch(DType dtype, const void* s, void* u, int64_t B, int64_t M, int64_t D,
                                    cudaStream_t stream) {
-  if (B < 0 || M < 2 || D < 0) return cudaErrorInvalidValue;
-  const int64_t total = B * M * D;
-  if (total == 0) return cudaSuccess;
-  int sms = 0;
-  cudaError_t e = current_sm_count(&sms);
-  if (e != cudaSuccess) return e;
-  const unsigned grid = grid_for(total, 256, 256, sms);
-  // 32-bit index math when every offset into u (the larger tensor) fits, stride included
-  if (total * (3 * M - 1) + (int64_t)grid * 256 * (3 * M - 1) < (int64_t)INT32_MAX) {
-    VGMR_GPU_DISPATCH(dtype, interaction_fwd_kernel<scalar_t, int32_t><<<grid, 256, 0, stream>>>(
-                                 static_cast<const scalar_t*>(s), static_cast<scalar_t*>(u), (int32_t)M,
-                                 (int32_t)D, (int32_t)total));
-  } else {
-    VGMR_GPU_DISPATCH(dtype, interaction_fwd_kernel<scalar_t, uint64_t><<<grid, 256, 0, stream>>>(
-                                 static_cast<const scalar_t*>(s), static_cast<scalar_t*>(u), (uint64_t)M,
-                                 (uint64_t)D, (uint64_t)total));
-  }
+  InteractionLaunch l{};
+  const cudaError_t e = plan_launch(B, M, D, &l);
+  if (e != cudaSuccess || l.total == 0) return e;
+  VGMR_GPU_INDEX_DISPATCH(l.narrow, VGMR_GPU_DISPATCH(dtype, interaction_fwd_kernel<scalar_t, index_t>
+                                                      <<<l.grid, 256, 0, stream>>>(
+                                                          static_cast<const scalar_t*>(s), static_cast<scalar_t*>(u),
+                                                          (index_t)M, (index_t)D, (index_t)l.total)));
   return cudaGetLastError();
 }
 
 cudaError_t interaction_bwd_launch(DType dtype, const void* du, const void* s, void* ds, int64_t B, int64_t M,
                                    int64_t D, cudaStream_t stream) {
-  if (B < 0 || M < 2 || D < 0) return cudaErrorInvalidValue;
-  const int64_t total = B * M * D;
-  if (total == 0) return cudaSuccess;
-  int sms = 0;
-  cudaError_t e = current_sm_count(&sms);
-  if (e != cudaSuccess) return e;
-  const unsigned grid = grid_for(total, 256, 256, sms);
-  if (total * (3 * M - 1) + (int64_t)grid * 256 * (3 * M - 1) < (int64_t)INT32_MAX) {
-    VGMR_GPU_DISPATCH(dtype, interaction_bwd_kernel<scalar_t, int32_t><<<grid, 256, 0, stream>>>(
-                                 static_cast<const scalar_t*>(du), static_cast<const scalar_t*>(s),
-                                 static_cast<scalar_t*>(ds), (int32_t)M, (int32_t)D, (int32_t)total));
-  } else {
-    VGMR_GPU_DISPATCH(dtype, interaction_bwd_kernel<scalar_t, uint64_t><<<grid, 256, 0, stream>>>(
-                                 static_cast<const scalar_t*>(du), static_cast<const scalar_t*>(s),
-                                 static_cast<scalar_t*>(ds), (uint64_t)M, (uint64_t)D, (uint64_t)total));
-  }
+  InteractionLaunch l{};
+  const cudaError_t e = plan_launch(B, M, D, &l);
+  if (e != cudaSuccess || l.total == 0) return e;
+  VGMR_GPU_INDEX_DISPATCH(l.narrow, VGMR_GPU_DISPATCH(dtype, interaction_bwd_kernel<scalar_t, index_t>
+                                                      <<<l.grid, 256, 0, stream>>>(
+                                                          static_cast<const scalar_t*>(du),
+                                                          static_cast<const scalar_t*>(s), static_cast<scalar_t*>(ds),
+                                                          (index_t)M, (index_t)D, (index_t)l.total)));
   return cudaGetLastError();
 }
 

@@ -123,12 +123,10 @@ __global__ void __launch_bounds__(256)
     summary_pool_bwd_kernel(const T* __restrict__ dmean, const T* __restrict__ dmax,
                             const uint8_t* __restrict__ mask, const int32_t* __restrict__ argmax,
                             const float* __restrict__ n_b, T* __restrict__ dh, I T_, I D, I total, float n_all) {
-  const I stride = (I)gridDim.x * (I)blockDim.x;
-  for (I idx = (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x; idx < total; idx += stride) {
-    const I r = idx / D;
-    const I d = idx - r * D;
-    const I b = r / T_;
-    const I t = r - b * T_;
+  const I stride = grid_stride<I>();
+  for (I idx = first_index<I>(); idx < total; idx += stride) {
+    const auto [r, d] = split_index(idx, D);
+    const auto [b, t] = split_index(r, T_);
     const I bd = b * D + d;
     float g = 0.f;
     if (mask == nullptr) {
@@ -180,16 +178,12 @@ cudaError_t summary_pool_bwd_launch(DType dtype, const void* dmean, const void* 
   const float n_all = (float)max64(1, T);
   const unsigned grid = grid_for(total, 256, 256, sms);
   // 32-bit index math when every offset (and idx + grid stride) fits
-  if (total + (int64_t)grid * 256 < (int64_t)INT32_MAX) {
-    VGMR_GPU_DISPATCH(dtype, summary_pool_bwd_kernel<scalar_t, int32_t><<<grid, 256, 0, stream>>>(
-                                 static_cast<const scalar_t*>(dmean), static_cast<const scalar_t*>(dmax), mask,
-                                 argmax, workspace, static_cast<scalar_t*>(dh), (int32_t)T, (int32_t)D,
-                                 (int32_t)total, n_all));
-  } else {
-    VGMR_GPU_DISPATCH(dtype, summary_pool_bwd_kernel<scalar_t, uint64_t><<<grid, 256, 0, stream>>>(
-                                 static_cast<const scalar_t*>(dmean), static_cast<const scalar_t*>(dmax), mask,
-                                 argmax, workspace, static_cast<scalar_t*>(dh), (uint64_t)T, (uint64_t)D, (uint64_t)total, n_all));
-  }
+  VGMR_GPU_INDEX_DISPATCH(total + (int64_t)grid * 256 < (int64_t)INT32_MAX,
+                          VGMR_GPU_DISPATCH(dtype, summary_pool_bwd_kernel<scalar_t, index_t>
+                                            <<<grid, 256, 0, stream>>>(
+                                                static_cast<const scalar_t*>(dmean), static_cast<const scalar_t*>(dmax),
+                                                mask, argmax, workspace, static_cast<scalar_t*>(dh), (index_t)T,
+                                                (index_t)D, (index_t)total, n_all)));
   return cudaGetLastError();
 }
 
