@@ -713,18 +713,18 @@ class VGMR(nn.Module):
                     for z, r, x, w, b in zip(zpres, rows, xs_list, lnw, lnb)]
         seeds = draw_seeds(self.num_modalities, device=xs_list[0].device)
         return [ops.gate_norm(z, r, x, w, b, alpha=self.alpha, beta=self.beta, p=p,
-                              seed=seeds[m:m + 1], backend=backend)
+                              seed=_seed_arg(seeds, m), backend=backend)
                 for m, (z, r, x, w, b) in enumerate(zip(zpres, rows, xs_list, lnw, lnb))]
 
     def _aux(self, t, zpres, rows):
-        g, M = self._g, self.num_modalities
+        g = self._g
         values = None if t is None else 0.5 * t + 0.5  # sigmoid(z), [M, B, k]
+        gates = [torch.sigmoid(z + r.unsqueeze(1).to(z.dtype)) for z, r in zip(zpres, rows)]
         return {
             "global_value": values[:, :, 0].t().contiguous() if g else None,
             "channel_value": values[:, :, g:].transpose(0, 1).contiguous() if self.use_channel_value else None,
-            "gate_mean": torch.stack([torch.sigmoid(z + r.unsqueeze(1).to(z.dtype)).float().mean(dim=(1, 2))
-                                      for z, r in zip(zpres, rows)], dim=1) if M else None,
-            "gate": [torch.sigmoid(z + r.unsqueeze(1).to(z.dtype)) for z, r in zip(zpres, rows)],
+            "gate_mean": torch.stack([G.float().mean(dim=(1, 2)) for G in gates], dim=1),
+            "gate": gates,
         }
 
 
