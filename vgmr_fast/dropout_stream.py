@@ -29,7 +29,8 @@ def threshold(p: float) -> int:
 
 
 def check_p(p: float) -> None:
-    if not (0.0 <= float(p) < 1.0):
+    """Dropout probability in [0, 1) (a ValueError naming ``p`` otherwise; NaN fails too)."""
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not (0.0 <= float(p) < 1.0):
         raise ValueError(f"dropout probability p must be in [0, 1), got {p}")
 
 

@@ -12,13 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .dropout_stream import check_p
+
 __all__ = ["Config", "parse_config", "as_modality_list", "check_inputs", "prepare", "pack", "check_p"]
-
-
-def check_p(p: float) -> None:
-    """Dropout probability in [0, 1) (a ValueError naming ``p`` otherwise)."""
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not (0.0 <= float(p) < 1.0):
-        raise ValueError(f"dropout probability p must be in [0, 1), got {p}")
 
 
 @dataclass(frozen=True)
