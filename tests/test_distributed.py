@@ -65,6 +65,26 @@ def single_process(half=None):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def train_steps(sizes=(3, 1)):
+    """``vgmr-fast train``'s own step (``train._train_step``, method "none", SGD) on whole batches
+    of ``sizes`` samples: under torchrun each process slices them itself (3 -> 1 + 2 samples,
+    1 -> an empty slice on rank 0)."""
+    import argparse as _argparse
+
+    from vgmr_fast import train as T
+
+    model = build()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    xs, masks, y = batch()
+    start = 0
+    for n in sizes:
+        sl = slice(start, start + n)
+        start += n
+        T._train_step(model, "none", [x[sl] for x in xs], [m[sl] for m in masks], y[sl], opt, None, 0,
+                      _argparse.Namespace())
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def worker(mode: str, out: str) -> None:
     import torch.distributed as dist
 
@@ -73,7 +93,9 @@ def worker(mode: str, out: str) -> None:
     try:
         model = build()
         xs, masks, y = local(*batch(), rank, world)
-        if mode == "ddp":
+        if mode == "train_steps":
+            state = train_steps()
+        elif mode == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
             ddp = DistributedDataParallel(model)
@@ -138,6 +160,26 @@ def test_fsdp2_distributed_gloo_step_matches_one_process_on_the_whole_batch(tmp_
     assert_same_as_one_process(launch("fsdp2", tmp_path))
 
 
+def test_distributed_train_steps_with_uneven_and_empty_slices_match_one_process(tmp_path):
+    """Batches of 3 and 1 samples over 2 processes: slices of 1 + 2 samples and an empty one. The
+    step must still be the whole batch's (size-weighted gradient average; the empty slice adds
+    nothing and produces no NaN)."""
+    whole = train_steps()
+    for rank, state in enumerate(launch("train_steps", tmp_path)):
+        for k in whole:
+            assert torch.isfinite(state[k]).all(), f"rank {rank}: {k}"
+            torch.testing.assert_close(state[k], whole[k], rtol=1e-4, atol=1e-5, msg=f"rank {rank}: {k}")
+
+
+def test_distributed_train_refuses_balancers_with_per_process_state(monkeypatch):
+    from vgmr_fast import train as T
+
+    monkeypatch.setattr(T, "_world", lambda: (0, 2))
+    args = argparse.Namespace(methods=["none", "vgmr+ogm", "iibalance"], out="unused", no_progress=False)
+    with pytest.raises(ValueError, match=r"--methods: \['vgmr\+ogm', 'iibalance'\].*2 processes"):
+        T._init_distributed(args)
+
+
 def test_distributed_train_cli_under_torchrun_rank0_writes(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
@@ -155,7 +197,7 @@ def test_distributed_train_cli_under_torchrun_rank0_writes(tmp_path):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("--worker", choices=["ddp", "fsdp2"], required=True)
+    ap.add_argument("--worker", choices=["ddp", "fsdp2", "train_steps"], required=True)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     torch.set_num_threads(1)

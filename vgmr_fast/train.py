@@ -223,35 +223,45 @@ def _init_distributed(args) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world = _world()
+    # OGM-GE's coefficients and IIBalance's prototypes come from each process's own slice: the
+    # processes would take different steps and drift apart, so they are refused, not run wrong.
+    per_process = [m for m in args.methods if parse_method(m)[1] in ("ogm", "iibalance")]
+    if world > 1 and per_process:
+        raise ValueError(f"--methods: {per_process} keep per-process state (OGM-GE coefficients, IIBalance "
+                         f"prototypes) and cannot run over {world} processes; run them in one process")
     if world > 1 and rank != 0:
         args.out = tempfile.mkdtemp(prefix=f"vgmr_train_rank{rank}_")
         args.no_progress = True
 
 
 def _shard(xs, masks, y):
-    """This process's slice of a batch (contiguous, the same split as ``torch.chunk``)."""
+    """This process's slice of a batch: contiguous, sizes differing by at most one (a batch smaller
+    than the number of processes leaves some slices empty; their process contributes no gradient)."""
     rank, world = _world()
     if world == 1:
         return xs, masks, y
     n = y.shape[0]
-    per = -(-n // world)
-    sl = slice(rank * per, min(n, (rank + 1) * per))
+    sl = slice(rank * n // world, (rank + 1) * n // world)
     return ([x[sl] for x in xs], None if masks is None else [None if m is None else m[sl] for m in masks], y[sl])
 
 
-def _average_gradients(model: nn.Module) -> None:
-    """Average the gradients over processes (every process then takes the same optimiser step)."""
+def _average_gradients(model: nn.Module, count: int) -> None:
+    """The whole batch's mean-loss gradient from every process's slice: each process's gradient of
+    its slice's mean loss, weighted by its ``count`` samples (slices may differ in size), summed over
+    processes and divided by the batch size; every process then takes the same optimiser step."""
     import torch.distributed as dist
 
     rank, world = _world()
     if world == 1:
         return
-    for p in model.parameters():
-        if p.requires_grad:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
-            p.grad.div_(world)
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = torch.tensor([float(count)], device=params[0].device)
+    dist.all_reduce(total)
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        p.grad.mul_(count / total.item())
+        dist.all_reduce(p.grad)
 
 
 def _apply_quick(args):
@@ -352,6 +362,10 @@ def _train_step(model, method, xs, masks, y, opt, ogm, epoch, args, step: int = 
     refiner_kind, balancer = parse_method(method)
     core = _core(model)
     opt.zero_grad(set_to_none=True)
+    if y.shape[0] == 0:  # an empty slice of a small batch: no loss here, zero gradients to the average
+        _average_gradients(model, 0)
+        opt.step()
+        return 0.0
     hs_for_ogm = None
     if balancer in ("iibalance", "decision"):
         loss, _ = model.loss(xs, masks, y)
@@ -368,7 +382,7 @@ def _train_step(model, method, xs, masks, y, opt, ogm, epoch, args, step: int = 
                 hs_for_ogm = core.encode(xs, masks)
             z = modality_logits(core, [h.detach() for h in hs_for_ogm])
         ogm.step(z, y, epoch)
-    _average_gradients(model)
+    _average_gradients(model, y.shape[0])
     opt.step()
     return float(loss.detach())
 
