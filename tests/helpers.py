@@ -73,10 +73,6 @@ def cap(backend: str, rows: int, dtype: torch.dtype | None = None) -> str:
     return device_of(backend)
 
 
-def atol_for(dtype: torch.dtype) -> float:
-    return testing.ATOL[dtype]
-
-
 def interp_slack(backend: str, dtype: torch.dtype, truth: torch.Tensor) -> torch.Tensor | float:
     """One bf16 ulp of the truth under the Triton interpreter, whose fp32 -> bf16 cast truncates
     (on a GPU it rounds to nearest even and the plain rule applies)."""

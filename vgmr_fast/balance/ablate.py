@@ -31,21 +31,23 @@ def ablate(backbone: str, seeds: Sequence[int], variants: Sequence[str], setting
     """
     from .. import train as T
     from ..analysis.diagnostics import evaluate
-    from ..analysis.probe import probe_model
+    from ..analysis.probe import probe_accuracy
     from ..data import make_benchmark
 
     parser = T.add_train_arguments(argparse.ArgumentParser())
     data = make_benchmark(setting, seed=0, **data_overrides)
     rows = []
+    budget_cache: dict = {}  # IIBalance's budgets depend on the data and the seed only
     for variant in variants:
         method, _, flags = variant.partition("|")
         accs, weak, active = [], [], []
         for seed in seeds:
             args = parser.parse_args(["--no-progress", "--cosine-points", "0", *shlex.split(flags)])
-            model, _ = T.build_model(backbone, method, data["train"], data["val"], args, seed)
+            model, _ = T.build_model(backbone, method, data["train"], data["val"], args, seed,
+                                     budget_cache=budget_cache)
             T.train_one(model, method, data, args, seed)
             accs.append(evaluate(model, data["test"])["accuracy"])
-            weak.append(probe_model(model, data["train"], data["test"])[-1])
+            weak.append(probe_accuracy(model, data["train"], data["test"], data["train"].num_modalities - 1))
             align = getattr(model, "align", None)
             if align is not None:
                 active.append(f"{float(align.trigger_rate()[-1]):.2f}")

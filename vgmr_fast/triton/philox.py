@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from vgmr_fast import philox_constants as _K
+from vgmr_fast.dropout_stream import threshold as keep_threshold  # the one rule (a leaf module)
 
 _PHILOX_M0 = tl.constexpr(_K.PHILOX_M0)
 _PHILOX_M1 = tl.constexpr(_K.PHILOX_M1)
@@ -115,16 +116,6 @@ def _keep_mask_kernel(out_ptr, R, D, row0, seed_ptr, thresh: tl.int64,
         keep = keep_block(k0, k1, rows, c0, D, th, BLOCK_R, BLOCK_D)
         m = (local < R)[:, None] & (cols < D)[None, :]
         tl.store(out_ptr + local[:, None] * D + cols[None, :], keep.to(tl.int8), mask=m)
-
-
-def keep_threshold(p: float) -> int:
-    """Keep threshold ``min(2**32 - 1, floor(p * 2**32))`` (CONVENTIONS.md), computed on the host
-    in double; ``ValueError`` naming ``p`` outside [0, 1).  The same rule as
-    ``vgmr_fast.ops.dropout.threshold`` (kernels do not import the op layer; a test compares them)."""
-    p = float(p)
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"p: dropout probability must be in [0, 1), got {p}")
-    return min(_K.MASK32, int(p * 4294967296.0))
 
 
 def seed_tensor(seed, device) -> "torch.Tensor":
