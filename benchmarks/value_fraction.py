@@ -20,6 +20,7 @@ import argparse
 import datetime
 import json
 import os
+import platform
 import statistics
 import sys
 import time
@@ -100,6 +101,15 @@ def _step_table(steps, digits: int) -> list:
     return L + [""]
 
 
+def _machine() -> dict:
+    """The machine the results come from: a file label and a phrase (never a fixed guess)."""
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        return {"label": name.lower().replace(" ", "-"), "text": name}
+    cores = os.cpu_count() or 0
+    return {"label": f"cpu-{cores}core", "text": f"{platform.processor() or platform.machine()} CPU, {cores} cores"}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", default="0,1,2")
@@ -126,9 +136,10 @@ def main(argv=None):
         return {r["seed"]: r for r in runs if r["backbone"] == backbone and r["method"] == method}
 
     date = datetime.date.today().isoformat()
+    machine = _machine()
     L = [f"# Value supervision on a fraction of the batch: fidelity and cost ({date})\n",
          f"Command: `python benchmarks/value_fraction.py --seeds {a.seeds} --epochs {a.epochs} --n-train {a.n_train}` "
-         f"(this CPU, 2 cores shared with other jobs; torch {torch.__version__}, 1 thread). "
+         f"({machine['text']}; torch {torch.__version__}, 1 thread). "
          f"`vgmr-fast train` grid: noisy setting, n_train {a.n_train}, n_val {targs.n_val}, n_test {targs.n_test}, "
          f"{a.epochs} epochs, batch {targs.batch_size}, fused VGMR (backend `{targs.backend}`, Philox dropout), "
          f"seeds {a.seeds}; best-validation checkpoint on test. Grid wall time {grid_s:.0f} s.\n",
@@ -187,7 +198,7 @@ def main(argv=None):
                  f"{row['step_seconds']['mean'] / base['step_seconds']['mean']:.2f} |")
     L.append("")
     os.makedirs(a.results, exist_ok=True)
-    stem = os.path.join(a.results, f"cpu-2core-{date}-value-fraction")
+    stem = os.path.join(a.results, f"{machine['label']}-{date}-value-fraction")
     with open(stem + ".md", "w") as f:
         f.write("\n".join(L))
     with open(stem + ".json", "w") as f:
