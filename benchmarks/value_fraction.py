@@ -157,8 +157,13 @@ def fidelity(a) -> None:
     machine = _machine()
     stem = os.path.join(a.results, f"{machine['label']}-{date}-fidelity")
     runs, walls = [], []
+    for path in a.merge:  # runs of earlier invocations (e.g. one process per setting), shown together
+        with open(path) as f:
+            earlier = json.load(f)
+        runs += earlier["runs"]
+        walls += earlier["grids"]
     t_all = time.time()
-    for setting, names, extra in plan:
+    for setting, names, extra in ([] if a.only_merge else plan):
         t0 = time.time()
         out = os.path.join(a.out, f"{setting}-{'-'.join(extra[1::2]) or 'full'}")
         targs = T.add_train_arguments(argparse.ArgumentParser()).parse_args(
@@ -169,6 +174,9 @@ def fidelity(a) -> None:
             runs += [dict(r, variant=n) for r in res["runs"] if r["method"] == VARIANTS[n][0]]
         walls.append({"setting": setting, "variants": names, "seconds": time.time() - t0})
         _write_fidelity(stem, a, runs, walls, targs, machine, date, time.time() - t_all)
+    if a.only_merge:
+        targs = T.add_train_arguments(argparse.ArgumentParser()).parse_args(base_args)
+        _write_fidelity(stem, a, runs, walls, targs, machine, date, sum(w["seconds"] for w in walls))
 
 
 def _write_fidelity(stem, a, runs, walls, targs, machine, date, wall_s) -> None:
@@ -225,9 +233,10 @@ def _write_fidelity(stem, a, runs, walls, targs, machine, date, wall_s) -> None:
     os.makedirs(os.path.dirname(stem), exist_ok=True)
     with open(stem + ".md", "w") as f:
         f.write("\n".join(L))
+    keep = ("setting", "backbone", "method", "variant", "seed", "test", "history", "train_seconds")
     with open(stem + ".json", "w") as f:
         json.dump({"date": date, "machine": machine, "config": vars(a), "wall_seconds": wall_s, "grids": walls,
-                   "rows": rows}, f, indent=1)
+                   "rows": rows, "runs": [{k: r[k] for k in keep if k in r} for r in runs]}, f, indent=1)
     print("\n".join(L), flush=True)
 
 
@@ -244,6 +253,10 @@ def main(argv=None):
                    help=f"instead of the value-fraction study: accuracy and macro-F1 of named variants "
                         f"({', '.join(VARIANTS)}) on a setting, paired against --baseline (repeatable)")
     p.add_argument("--baseline", default="vgmr", choices=list(VARIANTS))
+    p.add_argument("--merge", action="append", default=[], metavar="JSON",
+                   help="with --fidelity: also show the runs of an earlier --fidelity JSON (its settings then "
+                        "need no --fidelity grid of their own: name them with VARIANT lists run there)")
+    p.add_argument("--only-merge", action="store_true", help="with --merge: run nothing, only write the tables")
     a = p.parse_args(argv)
     if a.fidelity:
         return fidelity(a)
