@@ -191,7 +191,7 @@ def _write_fidelity(stem, a, runs, walls, targs, machine, date, wall_s) -> None:
          + " ".join(f"--fidelity {f}" for f in a.fidelity) + f"` ({machine['text']}; torch {torch.__version__}, "
          f"1 thread). `vgmr-fast train` per variant: n_train {a.n_train}, n_val {targs.n_val}, n_test {targs.n_test}, "
          f"{a.epochs} epochs, batch {targs.batch_size}, d_model {targs.d_model}, VGMR d {targs.vgmr_d}, seeds {a.seeds}; "
-         f"best-validation checkpoint on test. Wall time so far {wall_s:.0f} s.\n",
+         f"best-validation checkpoint on test. Train grids took {wall_s:.0f} s of wall time together.\n",
          "Variants: " + "; ".join(f"`{n}` = method `{m}`" + (f" with `{' '.join(x)}`" if x else "")
                                   for n, (m, x) in VARIANTS.items()) + ". Full-rank variants run the fused "
          "`vgmr_fast.VGMR`, `--gate-rank` ones the reference `vgmr_fast.reference.VGMR` (same initial draws "
