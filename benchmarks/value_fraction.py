@@ -188,7 +188,9 @@ def _write_fidelity(stem, a, runs, walls, targs, machine, date, wall_s) -> None:
 
     L = [f"# Fidelity of cheaper VGMR variants on the controlled task ({date})\n",
          f"Command: `python benchmarks/value_fraction.py --seeds {a.seeds} --epochs {a.epochs} --n-train {a.n_train} "
-         + " ".join(f"--fidelity {f}" for f in a.fidelity) + f"` ({machine['text']}; torch {torch.__version__}, "
+         + " ".join(f"--fidelity {f}" for f in a.fidelity) + "`"
+         + (f" (the grids ran as {len(a.merge)} separate invocations, merged with `--merge ... --only-merge`)"
+            if a.merge else "") + f" ({machine['text']}; torch {torch.__version__}, "
          f"1 thread). `vgmr-fast train` per variant: n_train {a.n_train}, n_val {targs.n_val}, n_test {targs.n_test}, "
          f"{a.epochs} epochs, batch {targs.batch_size}, d_model {targs.d_model}, VGMR d {targs.vgmr_d}, seeds {a.seeds}; "
          f"best-validation checkpoint on test. Train grids took {wall_s:.0f} s of wall time together.\n",
