@@ -359,9 +359,16 @@ def layer_flops(D: int, gate_rank, tokens: int, mode: str, gate_only: bool = Fal
 
 
 # ------------------------------------------------------------------------------ tasks, report
-def tasks(ctx: Ctx, choice: str | None = None) -> list:
+PARTS = ("backbone", "sequence", "width")
+
+
+def tasks(ctx: Ctx, choice: str | None = None, parts=PARTS) -> list:
     name = grid_name(ctx, choice)
-    grid = GRIDS[name]
+    grid = dict(GRIDS[name])
+    for part, key in (("backbone", "backbones"), ("sequence", "seq"), ("width", "widths")):
+        if part not in parts:
+            ctx.skip(f"scale {part}", "left out by --scale-parts")
+            grid[key] = []
     sctx = dataclasses.replace(ctx, min_blocks=min(ctx.min_blocks, 3), min_time=min(ctx.min_time, 0.2))
     out = [Task(f"scale backbone {L}x{dm}", (lambda L=L, dm=dm: measure_backbone(sctx, grid, L, dm)),
                 group=f"scale/backbone/{L}x{dm}") for L, dm in grid["backbones"]]
@@ -369,7 +376,7 @@ def tasks(ctx: Ctx, choice: str | None = None) -> list:
             for T in grid["seq"]]
     out += [Task(f"scale width D={D}", (lambda D=D: measure_width(sctx, grid, D)), group=f"scale/width/{D}")
             for D in grid["widths"]]
-    if name != "large":
+    if name != "large" and tuple(parts) == PARTS:
         big = GRIDS["large"]
         left = ([f"backbone {L}x{dm}" for L, dm in big["backbones"] if (L, dm) not in grid["backbones"]]
                 + [f"sequence T={T}" for T in big["seq"] if T not in grid["seq"]]

@@ -34,6 +34,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                         "scale: backbone size, sequence length, feature width, vgmr_fast/bench/scale.py)")
     p.add_argument("--scale-grid", choices=("quick", "default", "large"), default=None,
                    help="grid of the scale level (default: quick with --quick, else default; large: for a GPU)")
+    p.add_argument("--scale-parts", default="backbone,sequence,width",
+                   help="comma-separated parts of the scale level: backbone, sequence, width (default: all)")
     p.add_argument("--backends", default=None,
                    help="comma-separated fused backends to measure (default: every one that runs here)")
     p.add_argument("--no-compile", action="store_true",
@@ -162,7 +164,12 @@ def run_bench(args) -> int:
         if ctx.compile:
             ctx.skip("sweep: torch.compile peers", "left out of the sweep (one compile per T)")
     if "scale" in levels:
-        tasks += scale.tasks(ctx, getattr(args, "scale_grid", None))
+        parts = [x.strip() for x in getattr(args, "scale_parts", ",".join(scale.PARTS)).split(",") if x.strip()]
+        if not set(parts) <= set(scale.PARTS):
+            print(f"vgmr-fast bench: --scale-parts: expected a subset of {list(scale.PARTS)}, got {parts}",
+                  file=sys.stderr)
+            return 2
+        tasks += scale.tasks(ctx, getattr(args, "scale_grid", None), parts)
 
     from tqdm import tqdm
 
