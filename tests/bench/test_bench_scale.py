@@ -102,3 +102,10 @@ def test_scale_is_opt_in():
     assert "scale" not in p.parse_args([]).levels.split(",")
     assert p.parse_args(["--levels", "scale", "--scale-grid", "large"]).scale_grid == "large"
     assert torch.get_num_threads() >= 1
+
+
+def test_parts_left_out_are_listed():
+    ctx = _ctx()
+    labels = [t.label for t in scale.tasks(ctx, parts=("width",))]
+    assert labels and all(label.startswith("scale width") for label in labels)
+    assert {s["what"] for s in ctx.skipped} >= {"scale backbone", "scale sequence"}
