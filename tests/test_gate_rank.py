@@ -202,3 +202,19 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(p.grad, ge[n], rtol=1e-4, atol=1e-5)
     for n in WIDTHS:
         torch.testing.assert_close(xc[n].grad, xe[n].grad, rtol=1e-4, atol=1e-5)
+
+
+def test_train_flag_builds_the_reference_with_the_rank():
+    import argparse
+
+    from vgmr_fast import train
+
+    p = train.add_train_arguments(argparse.ArgumentParser())
+    assert p.parse_args([]).gate_rank is None
+    assert p.parse_args(["--gate-rank", "16"]).gate_rank == 16
+    args = p.parse_args(["--gate-rank", "dominant=8, weak=4", "--vgmr-d", "4"])
+    assert args.gate_rank == {"dominant": 8, "weak": 4}
+    module = train._make_vgmr({"dominant": 32, "weak": 24, "noisy": 16}, args)
+    assert isinstance(module, ref.VGMR) and module.gate_ranks == [8, 4, None]
+    with pytest.raises(ValueError, match="gate_rank: unknown modality 'text'"):
+        train._make_vgmr({"dominant": 32, "weak": 24}, p.parse_args(["--gate-rank", "text=4"]))
