@@ -31,6 +31,8 @@ sys.path.insert(0, ROOT)  # this checkout's vgmr_fast, not an installed copy
 import torch  # noqa: E402
 
 from vgmr_fast import train as T  # noqa: E402
+from vgmr_fast.train.grid import load_data  # noqa: E402
+from vgmr_fast.train.loop import train_step  # noqa: E402
 
 METHODS = ["none", "vgmr", "vgmr@0.25", "vgmr%4"]
 
@@ -47,7 +49,7 @@ def _fmt(xs, nd=4, signed=False):
 
 def step_times(args, backbone: str, rounds: int):
     """Median seconds of one training step per method, on one batch, steps interleaved."""
-    data = T._load_data(args, "noisy")
+    data = load_data(args, "noisy")
     batch = data["train"].batch(torch.arange(args.batch_size))
     models = {}
     for method in METHODS:
@@ -86,7 +88,7 @@ def interleaved(models, batch, args, rounds: int):
         for method, (model, opt) in models.items():
             t0 = time.perf_counter()
             for k in range(4):  # 4 steps: one period of vgmr%4
-                T._train_step(model, method, xs, masks, y, opt, None, 0, args, step=4 * r + k)
+                train_step(model, method, xs, masks, y, opt, None, 0, args, step=4 * r + k)
             if r >= 1:  # the warm-up round is not timed
                 times[method].append((time.perf_counter() - t0) / 4)
     return {m: statistics.median(v) for m, v in times.items()}
