@@ -1,4 +1,4 @@
-"""The fused VGMR as a layer (issue 12, issue 15): launch and memory budgets, graph safety of
+"""The fused VGMR as a layer: launch and memory budgets, graph safety of
 the dropout seed, input handling shared with the reference, and the cases that used to fail."""
 import copy
 import os
