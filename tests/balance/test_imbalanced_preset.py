@@ -95,7 +95,7 @@ def test_optimizer_flag(optimizer):
 
 
 def test_ablation_rows():
-    from vgmr_fast.balance.ablate import ablate, main
+    from vgmr_fast.train.ablate import ablate, main
 
     rows = ablate("concat", [0, 1], ["none|--epochs 1", "iibalance|--epochs 1 --lambda-align 0"],
                   n_train=64, n_val=32, n_test=32)

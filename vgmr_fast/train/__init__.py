@@ -38,7 +38,8 @@ Modules, each importing only those after it: ``cli`` (options, entry points), ``
 method × seed grid, analyses, summaries, plots), ``report`` (the markdown writer), ``probes``
 (linear probes and their summaries), ``loop`` (model, optimiser, training step and epochs),
 ``distributed`` (``torchrun``: process group, slices, gradient average), ``methods`` (what a
-method names), ``stats`` (mean ± std over seeds and the verdict rule).
+method names), ``stats`` (mean ± std over seeds and the verdict rule). ``ablate``
+(``python -m vgmr_fast.train.ablate``) runs the balancing ablations on ``loop`` and ``cli``.
 """
 from .cli import add_train_arguments, main, run_train
 from .grid import train_grid
