@@ -1,6 +1,6 @@
 // Per-element math shared by the CPU (C++) and CUDA kernels, so the CPU tests
 // exercise exactly the arithmetic the GPU runs. No torch headers here.
-//   - Philox4x32-10 (Random123) and the dropout keep rule of CONVENTIONS.md
+//   - Philox4x32-10 (Random123) and the dropout keep rule (docs/math.md §5a)
 //   - the VGMR gate transform of docs/math.md §5 and its derivative
 #pragma once
 #include <math.h>
@@ -77,7 +77,7 @@ VGMR_HD uint64_t philox_counter(int64_t r, int64_t c, int64_t D) {
 // keep iff word >= threshold, threshold = min(2^32-1, floor(p * 2^32)) (host, double).
 VGMR_HD bool dropout_keep(uint32_t word, uint32_t threshold) { return word >= threshold; }
 
-// The keep threshold of CONVENTIONS.md, computed in double: min(2^32-1, floor(p * 2^32)).
+// The keep threshold (docs/math.md §5a), computed in double: min(2^32-1, floor(p * 2^32)).
 // p must already be checked to lie in [0, 1).
 VGMR_HD uint32_t dropout_threshold(double p) {
   double t = p * 4294967296.0;

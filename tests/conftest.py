@@ -1,7 +1,7 @@
 """Shared pytest setup for every test folder.
 
 TRITON_INTERPRET must be set before anything imports triton: on a machine without CUDA
-the Triton kernels then run under the interpreter (CONVENTIONS.md).
+the Triton kernels then run under the interpreter (docs/backends.md).
 """
 import os
 

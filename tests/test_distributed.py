@@ -66,12 +66,12 @@ def single_process(half=None):
 
 
 def train_steps(sizes=(3, 1)):
-    """``vgmr-fast train``'s own step (``train._train_step``, method "none", SGD) on whole batches
-    of ``sizes`` samples: under torchrun each process slices them itself (3 -> 1 + 2 samples,
-    1 -> an empty slice on rank 0)."""
+    """``vgmr-fast train``'s own step (``vgmr_fast.train.loop.train_step``, method "none", SGD) on
+    whole batches of ``sizes`` samples: under torchrun each process slices them itself (3 -> 1 + 2
+    samples, 1 -> an empty slice on rank 0)."""
     import argparse as _argparse
 
-    from vgmr_fast import train as T
+    from vgmr_fast.train.loop import train_step
 
     model = build()
     opt = torch.optim.SGD(model.parameters(), lr=LR)
@@ -80,8 +80,8 @@ def train_steps(sizes=(3, 1)):
     for n in sizes:
         sl = slice(start, start + n)
         start += n
-        T._train_step(model, "none", [x[sl] for x in xs], [m[sl] for m in masks], y[sl], opt, None, 0,
-                      _argparse.Namespace())
+        train_step(model, "none", [x[sl] for x in xs], [m[sl] for m in masks], y[sl], opt, None, 0,
+                   _argparse.Namespace())
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -172,12 +172,12 @@ def test_distributed_train_steps_with_uneven_and_empty_slices_match_one_process(
 
 
 def test_distributed_train_refuses_balancers_with_per_process_state(monkeypatch):
-    from vgmr_fast import train as T
+    from vgmr_fast.train import distributed
 
-    monkeypatch.setattr(T, "_world", lambda: (0, 2))
+    monkeypatch.setattr(distributed, "rank_and_size", lambda: (0, 2))
     args = argparse.Namespace(methods=["none", "vgmr+ogm", "iibalance"], out="unused", no_progress=False)
     with pytest.raises(ValueError, match=r"--methods: \['vgmr\+ogm', 'iibalance'\].*2 processes"):
-        T._init_distributed(args)
+        distributed.init_distributed(args)
 
 
 def test_distributed_train_cli_under_torchrun_rank0_writes(tmp_path):

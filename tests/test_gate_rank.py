@@ -208,13 +208,14 @@ def test_train_flag_builds_the_reference_with_the_rank():
     import argparse
 
     from vgmr_fast import train
+    from vgmr_fast.train import loop
 
     p = train.add_train_arguments(argparse.ArgumentParser())
     assert p.parse_args([]).gate_rank is None
     assert p.parse_args(["--gate-rank", "16"]).gate_rank == 16
     args = p.parse_args(["--gate-rank", "dominant=8, weak=4", "--vgmr-d", "4"])
     assert args.gate_rank == {"dominant": 8, "weak": 4}
-    module = train._make_vgmr({"dominant": 32, "weak": 24, "noisy": 16}, args)
+    module = loop._make_vgmr({"dominant": 32, "weak": 24, "noisy": 16}, args)
     assert isinstance(module, ref.VGMR) and module.gate_ranks == [8, 4, None]
     with pytest.raises(ValueError, match="gate_rank: unknown modality 'text'"):
-        train._make_vgmr({"dominant": 32, "weak": 24}, p.parse_args(["--gate-rank", "text=4"]))
+        loop._make_vgmr({"dominant": 32, "weak": 24}, p.parse_args(["--gate-rank", "text=4"]))

@@ -214,3 +214,19 @@ def test_label_batch_mismatch_names_y():
         O.vgmr_objective(reg, xs, None, torch.randn(5, 2), task="regression")
     with pytest.raises(ValueError, match=r"^y: "):
         O.task_loss(torch.zeros(5, 1), torch.zeros(6), task="regression")
+
+
+def test_value_fraction_one_is_the_paper_objective_bit_for_bit():
+    """rho = 1 takes every sample as it is (no index_select): the loss is exactly the sum of the
+    §6 parts computed on the whole batch."""
+    torch.manual_seed(6)
+    model = Transformer(W, d_model=8, nhead=2, num_layers=1, dropout=0.0, refiner=VGMR(W, d=4, dropout=0.0))
+    xs, y = inputs(B=6)
+    masks = [torch.rand(6, x.shape[1]) > 0.3 for x in xs]
+    loss, parts = O.vgmr_objective(model, xs, masks, y, value_fraction=1.0)
+    logits, aux = model(xs, masks, return_aux=True)
+    targets = O.value_targets(model, aux["refined"], aux["masks"], y)
+    expected = (O.task_loss(logits, y) + 0.1 * O.value_loss(aux["global_value"], aux["channel_value"], targets)
+                + 0.01 * O.reg_loss(aux["global_value"], aux["channel_value"], 0.05))
+    assert torch.equal(parts["targets"], targets) and torch.equal(loss, expected)
+    assert torch.equal(parts["value_index"], torch.arange(6))

@@ -1,4 +1,4 @@
-"""The reference VGMR (issue 2): shapes, docs/math.md identities, gradients, state, errors."""
+"""The reference VGMR: shapes, docs/math.md identities, gradients, state, errors."""
 import pytest
 import torch
 import torch.nn.functional as F

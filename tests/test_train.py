@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from vgmr_fast import train as T
+from vgmr_fast.train.loop import train_step
 
 
 def _args(tmp_path, *extra):
@@ -135,7 +136,7 @@ def test_value_fraction_method_and_flag_reach_the_objective(tmp_path):
         model.backbone_logits = lambda f, m: seen.append(f[0].shape[0]) or orig(f, m)
         opt = torch.optim.AdamW(model.parameters())
         for step in range(4):
-            T._train_step(model, method, xs, masks, y, opt, None, 0, args, step)
+            train_step(model, method, xs, masks, y, opt, None, 0, args, step)
         assert seen == [n * (M + 1) for n in samples], (method, extra)  # ONE removal pass per such step
 
 
@@ -162,3 +163,60 @@ def test_results_have_step_times_and_ratio_to_the_bare_backbone(tmp_path):
     line = next(l for l in md.splitlines() if l.startswith("| bimodal | concat | none |") and l.endswith("| 1.00 |"))
     assert line
     assert res["environment"]["world_size"] == 1
+
+
+@pytest.mark.parametrize("delta, expected", [
+    ({"mean": float("nan"), "std": float("nan"), "n": 0}, "–"),
+    ({"mean": 0.0, "std": 0.0, "n": 1}, "ties"),
+    ({"mean": 0.0, "std": 0.1, "n": 3}, "ties"),
+    ({"mean": 0.02, "std": 0.0, "n": 1}, "is ahead on one seed (not conclusive) of"),
+    ({"mean": -0.02, "std": 0.0, "n": 1}, "is behind on one seed (not conclusive) of"),
+    # two standard errors of n = 4, std 0.1: 0.1 exactly; the rule is strict
+    ({"mean": 0.1, "std": 0.1, "n": 4}, "is within seed noise of"),
+    ({"mean": 0.1001, "std": 0.1, "n": 4}, "beats"),
+    ({"mean": -0.1, "std": 0.1, "n": 4}, "is within seed noise of"),
+    ({"mean": -0.1001, "std": 0.1, "n": 4}, "is worse than"),
+    ({"mean": 0.01, "std": 0.0, "n": 2}, "beats"),
+])
+def test_verdict_boundaries(delta, expected):
+    from vgmr_fast.train.stats import verdict
+
+    assert verdict(delta) == expected
+
+
+def test_one_verdict_in_both_tables(tmp_path):
+    """The VGMR comparison and the probe table phrase one seed's result with the same rule."""
+    from vgmr_fast.train.stats import verdict
+
+    args = _args(tmp_path, "--settings", "bimodal", "--backbones", "concat", "--methods", "none,vgmr",
+                 "--epochs", "1", "--probes")
+    args.noise_ratios, args.noise_weights = [0.0], [1.0]
+    res = T.train_grid(args)
+    row = next(r for r in res["probes"] if r["method"] == "vgmr")
+    phrase = verdict(row["delta_accuracy"])
+    md = open(tmp_path / "results.md").read()
+    assert f"bimodal, concat: VGMR {phrase} the bare backbone" in md
+    assert f"| {phrase} bare (" in md
+
+
+def test_unimodal_models_are_trained_once_for_probes_and_decision_diagnostics(tmp_path, monkeypatch):
+    """With --probes the seed-0 unimodal Concat of each modality serves both the probe reference and
+    the decision-layer diagnostics: one training per modality, not two."""
+    from vgmr_fast.train import probes
+
+    calls = []
+    real = probes.train_one
+
+    def counting(model, method, data, args, seed, progress=None):
+        calls.append(data["train"].num_modalities)
+        return real(model, method, data, args, seed, progress)
+
+    monkeypatch.setattr(probes, "train_one", counting)
+    args = _args(tmp_path, "--settings", "bimodal", "--backbones", "concat", "--methods", "none",
+                 "--epochs", "1", "--probes")
+    args.noise_ratios, args.noise_weights = [0.0], [1.0]
+    res = T.train_grid(args)
+    modalities = len(res["runs"][0]["probe"]["names"])
+    assert calls == [1] * modalities
+    assert [r["modality"] for r in res["analyses"]["decision"]["bimodal"]["unimodal"]] == \
+        res["runs"][0]["probe"]["names"]

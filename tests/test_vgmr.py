@@ -80,7 +80,7 @@ def run(module, xs, masks, seed=123):
 
 
 def assert_rule(got, ref_same_dtype, truth, atol):
-    """CONVENTIONS test rule: |fused - truth| <= 2 |reference - truth| + atol (elementwise max),
+    """The docs/math.md §9 test rule: |fused - truth| <= 2 |reference - truth| + atol (elementwise max),
     atol scaled by the tensor's magnitude (gradients sum many terms)."""
     for a, b, t in zip(got, ref_same_dtype, truth):
         assert (a is None) == (t is None)
@@ -185,7 +185,7 @@ def test_training_dropout_matches_reference(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_error_within_rule(backend, dtype):
-    """CONVENTIONS: fused error vs float64 truth <= 2x the eager reference's error in that dtype + atol."""
+    """docs/math.md §9: fused error vs float64 truth <= 2x the eager reference's error in that dtype + atol."""
     widths = [24, 7, 3]
     r, f = pair(widths, backend)
     xs, masks = inputs(widths)

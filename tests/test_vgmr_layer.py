@@ -1,4 +1,4 @@
-"""The fused VGMR as a layer (issue 12, issue 15): launch and memory budgets, graph safety of
+"""The fused VGMR as a layer: launch and memory budgets, graph safety of
 the dropout seed, input handling shared with the reference, and the cases that used to fail."""
 import copy
 import os
@@ -10,6 +10,7 @@ import torch
 
 from vgmr_fast import reference as R
 from vgmr_fast.bench.opcount import count_aten_ops, saved_tensor_bytes
+from vgmr_fast.ops import backend as ops_backend
 from vgmr_fast.vgmr import VGMR, from_reference
 
 from test_vgmr import check_module, grads, inputs
@@ -177,20 +178,59 @@ def test_cuda_graph_capture_forward_backward_fresh_masks():
 
 
 # ---- input handling shared with the reference ----------------------------------------------
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Run in a fresh interpreter: the package imports (and its warning) happen once per process.
+_REFERENCE_RUNS = (
+    "import vgmr_fast.reference as R, torch\n"
+    "m = R.VGMR([5, 3], d=4, dropout=0.2).train()\n"
+    "y = m([torch.randn(2, 3, 5), torch.randn(2, 4, 3)])\n"
+    "assert all(torch.isfinite(t).all() for t in y)\n"
+    "import vgmr_fast\n"
+    "assert not hasattr(torch.ops.vgmr, 'summary_pool'), 'ops registered without the extension'\n"
+)
+_BROKEN_EXTENSION = (
+    "import importlib.abc, importlib.util, sys\n"
+    "class Broken(importlib.abc.MetaPathFinder, importlib.abc.Loader):\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        return importlib.util.spec_from_loader(name, self) if name == 'vgmr_fast._C' else None\n"
+    "    def create_module(self, spec):\n"
+    "        return None\n"
+    "    def exec_module(self, module):\n"
+    "        raise ImportError('undefined symbol: _ZN3c10 (a build for another torch)')\n"
+    "sys.meta_path.insert(0, Broken())\n"
+)
+
+
+def _run(code):
+    done = subprocess.run([sys.executable, "-W", "always", "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
 def test_reference_imports_without_the_extension():
-    code = (
-        "import sys\n"
-        "sys.modules['vgmr_fast._C'] = None  # importing it now raises ImportError\n"
-        "import vgmr_fast.reference as R, torch\n"
-        "m = R.VGMR([5, 3], d=4, dropout=0.2).train()\n"
-        "y = m([torch.randn(2, 3, 5), torch.randn(2, 4, 3)])\n"
-        "assert all(torch.isfinite(t).all() for t in y)\n"
-        "assert 'vgmr_fast.ops' not in sys.modules, 'the reference imported the op layer'\n"
-        "print('ok')\n"
-    )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+    done = _run("import sys\n"
+                "sys.modules['vgmr_fast._C'] = None  # importing it now raises ImportError\n"
+                + _REFERENCE_RUNS +
+                "assert 'vgmr_fast.ops' not in sys.modules, 'the package imported the op layer without a build'\n"
+                "print('ok')\n")
+    assert done.stdout.strip() == "ok" and "Warning" not in done.stderr, done.stderr
+
+
+def test_a_broken_extension_warns_and_the_reference_still_works():
+    done = _run(_BROKEN_EXTENSION + _REFERENCE_RUNS + "print('ok')\n")
+    assert done.stdout.strip() == "ok", done.stderr
+    assert "RuntimeWarning: vgmr_fast: the compiled extension vgmr_fast._C did not load" in done.stderr
+    assert "undefined symbol" in done.stderr
+
+
+@pytest.mark.skipif(not ops_backend.has_cpp(), reason=f"vgmr_fast._C not built here: {ops_backend.cpp_error()}")
+def test_importing_the_package_registers_the_ops():
+    done = _run("import sys, torch, vgmr_fast\n"
+                "op = torch.ops.vgmr.summary_pool\n"
+                "print(type(op).__name__)\n")
+    assert done.stdout.strip() == "OpOverloadPacket" and "Warning" not in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize("make", [R.VGMR, lambda *a, **k: VGMR(*a, backend="cpu", **k)])

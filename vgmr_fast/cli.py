@@ -49,7 +49,7 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     add_bench_arguments(p_bench)
 
     p_train = sub.add_parser("train", help="train the backbones with and without VGMR (vgmr_fast.train)",
-                             description="Training runs; see vgmr_fast/train.py.")
+                             description="Training runs; see the vgmr_fast.train package.")
     p_train.set_defaults(_train_error=None)
     # The train options come from vgmr_fast.train; import it only when `train` is the command.
     if _first_positional(argv) == "train":

@@ -1,4 +1,4 @@
-"""The dropout random stream every backend shares (CONVENTIONS.md), in plain torch.
+"""The dropout random stream every backend shares (docs/math.md §5a, docs/backends.md), in plain torch.
 
 A leaf module (no op layer, no extension), so the reference imports it without loading
 ``vgmr_fast._C``; ``vgmr_fast.ops.dropout`` re-exports it for the op layer.

@@ -181,17 +181,15 @@ def vgmr_objective(model, xs, masks, y, *, lambda_v: float = 0.1, lambda_r: floa
         n = value_rows(B, value_fraction)
         if n < B:
             index = torch.randperm(B, generator=generator)[:n].sort().values.to(logits.device)
-            refined = [r.index_select(0, index) for r in aux["refined"]]
-            sub_masks = [None if mk is None else mk.index_select(0, index) for mk in aux["masks"]]
-            targets = value_targets(model, refined, sub_masks, y.index_select(0, index), tau=tau,
-                                    value_target=value_target, task=task)
-            l_value = value_loss(None if g is None else g.index_select(0, index),
-                                 None if v is None else v.index_select(0, index), targets)
-        else:
+        else:  # every sample: the tensors themselves, no copy (rho = 1 is the paper's objective as is)
             index = torch.arange(B, device=logits.device)
-            targets = value_targets(model, aux["refined"], aux["masks"], y, tau=tau, value_target=value_target,
-                                    task=task)
-            l_value = value_loss(g, v, targets)
+
+        def rows(t):
+            return t if t is None or n == B else t.index_select(0, index)
+
+        targets = value_targets(model, [rows(r) for r in aux["refined"]], [rows(mk) for mk in aux["masks"]], rows(y),
+                                tau=tau, value_target=value_target, task=task)
+        l_value = value_loss(rows(g), rows(v), targets)
     l_reg = reg_loss(g, v, kappa)
     loss = l_task + lambda_v * l_value + lambda_r * l_reg
     parts = {"task": l_task.detach(), "value": l_value.detach(), "reg": l_reg.detach(),

@@ -1,6 +1,6 @@
 """The pass rule: one definition, used by the tests (tests/helpers.py) and by ``vgmr-fast check``.
 
-CONVENTIONS.md: truth is the reference in float64 on the same (dtype-rounded) inputs; a fused
+docs/math.md §9: truth is the reference in float64 on the same (dtype-rounded) inputs; a fused
 result in dtype X passes when ::
 
     max |fused - truth| <= max(2 * max |eager - truth| + atol(X) * s,  floor(X) * s)

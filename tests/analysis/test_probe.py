@@ -12,7 +12,7 @@ def _dataset(n=40, seed=0, widths=(5, 3), lengths=(4, 3), classes=3):
     g = torch.Generator().manual_seed(seed)
     xs = [torch.randn(n, t, d, generator=g) for t, d in zip(lengths, widths)]
     y = torch.randint(0, classes, (n,), generator=g)
-    return MultimodalDataset(xs, y, ["a", "b"][: len(widths)], None, classes)
+    return MultimodalDataset(xs, y, ["a", "b", "c"][: len(widths)], None, classes)
 
 
 def test_probe_separable_features_reach_full_accuracy():
@@ -113,3 +113,22 @@ def test_probe_model_reads_the_label_information_of_each_modality():
     assert probe_accuracy(model, tr, te, 0) == acc_a
     with pytest.raises(ValueError, match="m must index"):
         modality_features(model, tr, 2)
+
+
+@pytest.mark.parametrize("backbone", ["concat", "transformer"])
+def test_probe_model_refines_each_split_once_with_the_per_modality_results(backbone):
+    """probe_model runs the refiner once per batch of each split (2 passes, not 2 per modality)
+    and gives exactly what probe_accuracy gives modality by modality."""
+    train, evaluation = _dataset(n=40, seed=3, widths=(5, 3, 4), lengths=(4, 3, 2)), \
+        _dataset(n=24, seed=4, widths=(5, 3, 4), lengths=(4, 3, 2))
+    torch.manual_seed(0)
+    refiner = VGMR(train.widths, d=4)
+    model = (Concat(train.widths, 3, hidden=7, refiner=refiner) if backbone == "concat"
+             else Transformer(train.widths, 3, d_model=8, nhead=2, refiner=refiner))
+    calls = []
+    refine = model.refine
+    model.refine = lambda xs, masks: calls.append(1) or refine(xs, masks)
+    joint = probe_model(model, train, evaluation)
+    assert len(calls) == 2
+    assert joint == [probe_accuracy(model, train, evaluation, m) for m in range(3)]
+    assert len(calls) == 2 + 2 * 3

@@ -3,7 +3,7 @@
 On a machine without a GPU these run under the Triton interpreter (TRITON_INTERPRET=1
 set before triton is imported, by tests/conftest.py or on the command line) with a few
 dozen rows; the large and CUDA-graph cases run only on a GPU.
-Test rule (CONVENTIONS.md): truth = reference in float64 on upcast inputs; a fused result
+Test rule (docs/math.md §9): truth = reference in float64 on upcast inputs; a fused result
 in dtype X passes when its max error is <= 2x the eager reference's error in dtype X,
 plus 1e-6 (fp32) or 1e-3 (half).
 """

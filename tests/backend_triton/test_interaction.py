@@ -1,7 +1,7 @@
 """vgmr_triton::interaction and interaction_backward against vgmr_fast.reference.interaction.
 
 Interpreter-sized on a CPU machine (TRITON_INTERPRET=1); large sizes on a GPU only.
-Test rule (CONVENTIONS.md): error <= 2x the eager reference's error in the same dtype
+Test rule (docs/math.md §9): error <= 2x the eager reference's error in the same dtype
 + 1e-6 (fp32) / 1e-3 (half), truth = reference in float64.
 """
 from __future__ import annotations

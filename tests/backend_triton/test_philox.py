@@ -1,4 +1,4 @@
-"""The Triton Philox4x32-10 (vgmr_fast/triton/philox.py) against CONVENTIONS.md's test vectors
+"""The Triton Philox4x32-10 (vgmr_fast/triton/philox.py) against the test vectors of docs/backends.md
 and the pure-torch stream vgmr_fast.ops.dropout (keep_mask bit for bit), including 64-bit
 seeds and counters >= 2**32."""
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """vgmr_triton::summary_pool and summary_pool_backward against vgmr_fast.reference.summary_pool.
 
 Interpreter-sized on a CPU machine (TRITON_INTERPRET=1); large sizes on a GPU only.
-Test rule (CONVENTIONS.md): error <= 2x the eager reference's error in the same dtype
+Test rule (docs/math.md §9): error <= 2x the eager reference's error in the same dtype
 + 1e-6 (fp32) / 1e-3 (half), truth = reference in float64.  max and argmax are
 selections and must match exactly (argmax: first valid maximal step, NaN maximal,
 -1 where no step is valid).

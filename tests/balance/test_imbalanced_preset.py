@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from vgmr_fast import train as T
+from vgmr_fast.train.probes import single_modality
 from vgmr_fast.analysis.probe import probe_accuracy, probe_model
 from vgmr_fast.data import make_benchmark
 
@@ -32,7 +33,7 @@ def _gaps(setting, method="none", seed=0, **overrides):
     joint = probe_model(model, data["train"], data["test"])
     uni = []
     for m in range(data["train"].num_modalities):
-        sub = {k: T._single_modality(v, m) for k, v in data.items()}
+        sub = {k: single_modality(v, m) for k, v in data.items()}
         umodel, _ = T.build_model("concat", "none", sub["train"], sub["val"], args, seed)
         T.train_one(umodel, "none", sub, args, seed)
         uni.append(probe_accuracy(umodel, sub["train"], sub["test"], 0))
@@ -94,7 +95,7 @@ def test_optimizer_flag(optimizer):
 
 
 def test_ablation_rows():
-    from vgmr_fast.balance.ablate import ablate, main
+    from vgmr_fast.train.ablate import ablate, main
 
     rows = ablate("concat", [0, 1], ["none|--epochs 1", "iibalance|--epochs 1 --lambda-align 0"],
                   n_train=64, n_val=32, n_test=32)

@@ -121,3 +121,18 @@ def test_generated_kernels_of_a_real_inductor_compile():
     assert k["graphs"] == 2  # forward and backward
     assert k["by_kind"].get("library call", 0) >= 2  # x @ w forward, and the weight gradient
     assert k["by_kind"].get("inductor kernel", 0) >= 1
+
+
+def test_count_step_is_the_op_counter_of_one_call():
+    from vgmr_fast.bench.common import count_step
+    from vgmr_fast.bench.opcount import count_aten_ops
+
+    x = torch.randn(4, 8)
+
+    def step():
+        torch.nn.functional.gelu(x @ x.t()).sum()
+
+    counted = count_step(step, "cpu")
+    _, counter = count_aten_ops(step)
+    assert counted["aten_ops"] == counter.total == 3
+    assert counted["aten_ops_by_name"] == dict(counter.by_name)

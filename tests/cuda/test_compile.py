@@ -1,4 +1,4 @@
-"""The CUDA sources compile, warning-free, on a machine without a GPU (issue 4).
+"""The CUDA sources compile, warning-free, on a machine without a GPU.
 
 - every ``csrc/cuda/*.cu`` with ``nvcc -arch=sm_90 -std=c++17 -Icsrc -c`` (and -std=c++20) and the flags torch's
   CUDAExtension adds (``-D__CUDA_NO_HALF_CONVERSIONS__`` & co.), every warning an error,

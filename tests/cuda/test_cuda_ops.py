@@ -1,4 +1,4 @@
-"""The CUDA C++ kernels (csrc/cuda/, issue 4) on a GPU, against vgmr_fast.reference.
+"""The CUDA C++ kernels (csrc/cuda/) on a GPU, against vgmr_fast.reference.
 
 Everything goes through the public op layer with ``backend="cuda"`` (autograd included),
 plus the raw ``torch.ops.vgmr`` ops where an output is not public (argmax, mean/rstd).
@@ -8,7 +8,7 @@ Each case covers the kernel paths the launchers choose between:
   generic kernel otherwise (odd D, D > 4096 backward, misaligned views), and T split over
   several tiles (dbias_row partials) when B is small and T large;
 - summary_pool / interaction: 32-bit and 64-bit index variants (the latter in the 2^31 tests).
-Rule of CONVENTIONS.md: error <= 2 x (eager reference in the same dtype) + atol, against the
+Rule of docs/math.md §9: error <= 2 x (eager reference in the same dtype) + atol, against the
 reference in float64; outputs are NaN-filled before the kernels run (vgmr_debug_nan_fill).
 
 Skipped, visibly, without a CUDA device. A CUDA device with an extension built without the
@@ -317,7 +317,7 @@ def test_gate_norm_dropout_mask_is_keep_mask(seed, D, dtype):
 
 
 def test_gate_norm_dropout_vectors():
-    # CONVENTIONS.md keep mask for seed 20261123, p = 0.5, R = 3, D = 6 (ln_weight 0, ln_bias 1)
+    # docs/backends.md keep mask for seed 20261123, p = 0.5, R = 3, D = 6 (ln_weight 0, ln_bias 1)
     D = 6
     args, _ = _gn_make(1, 3, D, torch.float32, seed=2)
     zpre, _, x, _, _ = args

@@ -1,4 +1,4 @@
-"""The shared dropout stream (CONVENTIONS.md): Philox4x32-10 test vectors and the 3x6 keep
+"""The shared dropout stream (docs/backends.md): Philox4x32-10 test vectors and the 3x6 keep
 mask, for the pure-torch stream (vgmr_fast.ops.dropout) and the C++ header
 (csrc/vgmr_math.h, through the debug op vgmr::philox_words and through gate_norm)."""
 from __future__ import annotations

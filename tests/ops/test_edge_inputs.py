@@ -1,4 +1,4 @@
-"""Inputs at the edges of the ops' domain (issue 15):
+"""Inputs at the edges of the ops' domain:
 
 - meta tensors: the public ops (``backend="auto"`` and explicit) infer shapes through the fake
   kernels, forward and backward, so a model can be built on ``device="meta"``;

@@ -1,4 +1,4 @@
-"""What the fused ops refuse, each with a clear error naming the op or the argument (issue 15):
+"""What the fused ops refuse, each with a clear error naming the op or the argument:
 
 - non-finite ``alpha`` / ``beta`` (they would make every output NaN);
 - double backward: a backward run with ``create_graph=True`` that would build a graph through

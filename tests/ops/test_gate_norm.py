@@ -1,6 +1,6 @@
 """gate_norm (docs/math.md §5, docs/ops.md) against vgmr_fast.reference.gate_norm.
 
-Forward and all five gradients by the CONVENTIONS.md rule, dropout from the shared Philox
+Forward and all five gradients by the docs/math.md §9 rule, dropout from the shared Philox
 stream (same mask as the reference for the same seed), determinism of the reductions.
 """
 from __future__ import annotations

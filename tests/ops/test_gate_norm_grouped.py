@@ -1,4 +1,4 @@
-"""gate_norm_grouped (docs/ops.md, CONTRACT.md): every modality in one call, bit-identical to
+"""gate_norm_grouped (docs/ops.md): every modality in one call, bit-identical to
 per-modality gate_norm with seed = seeds[m], forward and every gradient, with and without
 dropout; one raw-op call and one autograd node on the C++ backends; clear errors."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""gate_norm's row statistics (docs/ops.md, issue 15), on every backend:
+"""gate_norm's row statistics (docs/ops.md), on every backend:
 
 - shift each row by its first element K = v[0], then two passes; a row constant along D gives
   exactly ``ln_bias`` (the unshifted statistics were off by ~5e-5 at |x| ~ 1, ~2e-3 at ~100);

@@ -1,4 +1,4 @@
-"""One fact in one place (issue 15) for the C++ sources: the Philox constants and round are
+"""One fact in one place for the C++ sources: the Philox constants and round are
 defined once (csrc/vgmr_math.h) and the SIMD stream is built on them; the argument checks of
 the CPU kernels and the CUDA binding come from one header (csrc/op_checks.h)."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The dropout seed as a tensor (docs/ops.md, issue 12): the raw ops take a one-element int64
+"""The dropout seed as a tensor (docs/ops.md): the raw ops take a one-element int64
 tensor the kernels read from memory; the public op takes an int or such a tensor.
 
 Same keep mask for the same seed value whichever way it is passed; the kernel (not the host)

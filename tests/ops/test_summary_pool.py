@@ -1,6 +1,6 @@
 """summary_pool (docs/math.md §1, docs/ops.md) against vgmr_fast.reference.summary_pool.
 
-Forward (mean, max), the saved argmax and the gradient, judged by the CONVENTIONS.md rule
+Forward (mean, max), the saved argmax and the gradient, judged by the docs/math.md §9 rule
 (truth = reference in float64 on the upcast inputs).
 """
 from __future__ import annotations

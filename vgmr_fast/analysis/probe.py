@@ -63,25 +63,33 @@ def _stream_features(core: nn.Module, m: int, x: torch.Tensor, mask: Optional[to
                     "(expected Concat-style 'encoders' or Transformer-style 'proj' + 'encoder')")
 
 
-@torch.no_grad()
 def modality_features(model: nn.Module, ds, m: int, batch_size: int = 512) -> torch.Tensor:
     """Frozen pooled features ``[N, H]`` of modality ``m``'s encoder over dataset ``ds`` (eval mode)."""
+    return _features(model, ds, [m], batch_size)[0]
+
+
+@torch.no_grad()
+def _features(model: nn.Module, ds, modalities: Sequence[int], batch_size: int = 512) -> List[torch.Tensor]:
+    """:func:`modality_features` of each of ``modalities``, one pass over ``ds`` (the refiner, when
+    there is one, runs once per batch for all of them)."""
     core = _core(model)
-    if not 0 <= m < ds.num_modalities:
-        raise ValueError(f"m must index one of the {ds.num_modalities} modalities of ds, got {m}")
+    for m in modalities:
+        if not 0 <= m < ds.num_modalities:
+            raise ValueError(f"m must index one of the {ds.num_modalities} modalities of ds, got {m}")
     was = model.training
     model.eval()
-    out = []
+    out: List[List[torch.Tensor]] = [[] for _ in modalities]
     try:
         for xs, masks, _ in ds.batches(batch_size, shuffle=False):
             if getattr(core, "refiner", None) is not None:
                 feats, masks_l, _ = core.refine(xs, masks)
             else:
                 feats, masks_l = list(xs), (list(masks) if masks is not None else [None] * len(xs))
-            out.append(_stream_features(core, m, feats[m], masks_l[m]).float())
+            for k, m in enumerate(modalities):
+                out[k].append(_stream_features(core, m, feats[m], masks_l[m]).float())
     finally:
         model.train(was)
-    return torch.cat(out) if out else torch.zeros(0, 0)
+    return [torch.cat(o) if o else torch.zeros(0, 0) for o in out]
 
 
 def fit_linear_probe(f_train: torch.Tensor, y_train: torch.Tensor, f_eval: torch.Tensor, y_eval: torch.Tensor,
@@ -143,8 +151,12 @@ def probe_accuracy(model: nn.Module, train, evaluation, m: int, model_modality: 
 
 
 def probe_model(model: nn.Module, train, evaluation, **probe_kwargs) -> List[float]:
-    """Probe accuracy of every modality of a multimodal model → ``[M]`` list."""
-    return [probe_accuracy(model, train, evaluation, m, **probe_kwargs) for m in range(train.num_modalities)]
+    """Probe accuracy of every modality of a multimodal model → ``[M]`` list; the same numbers as
+    :func:`probe_accuracy` per modality, from one pass over each split."""
+    modalities = range(train.num_modalities)
+    f_tr, f_ev = _features(model, train, modalities), _features(model, evaluation, modalities)
+    return [fit_linear_probe(a, train.y, b, evaluation.y, train.num_classes, **probe_kwargs)["accuracy"]
+            for a, b in zip(f_tr, f_ev)]
 
 
 def probe_gap(unimodal: Sequence[float], joint: Sequence[float]) -> List[float]:

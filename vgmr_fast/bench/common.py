@@ -119,11 +119,13 @@ def _first_call(step, peer: str, counts: bool, info: dict) -> None:
 
 def count_step(step, device: str) -> dict:
     """ATen ops one call of ``step`` dispatches (views left out): ``{"aten_ops", "aten_ops_by_name"}``."""
-    from .opcount import OpCounter
+    from .opcount import count_aten_ops
 
-    with OpCounter() as counter:
+    def synced():
         step()
         timing.sync(device)
+
+    _, counter = count_aten_ops(synced)
     return {"aten_ops": counter.total, "aten_ops_by_name": dict(counter.by_name.most_common())}
 
 

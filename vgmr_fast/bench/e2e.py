@@ -11,8 +11,8 @@ compiled); the fused VGMR per backend. Also the Concat backbone: bare, reference
 Training step = ``zero_grad`` + forward + loss + backward + ``Adam.step``; for VGMR rows the loss is
 ``vgmr_objective`` (task + value supervision, whose M+1 backbone passes without gradient are part
 of the step), for the others cross entropy. The fused rows are repeated with
-``vgmr_objective(..., value_fraction=0.25)`` (the cheaper value pass; training only); where the installed
-objective has no such keyword the row is printed as unavailable with the reason. Inference = eval
+``vgmr_objective(..., value_fraction=0.25)`` (the cheaper value pass; training only). A row that
+cannot be built here is printed in its table as unavailable, with the reason. Inference = eval
 mode, ``torch.inference_mode``, one batch. Every figure is also given as a ratio to the bare
 backbone, beside the paper's ratios.
 """
@@ -68,20 +68,6 @@ def split_value_fraction(row: str):
     return row, None
 
 
-def objective_value_fraction_support() -> str | None:
-    """``None`` if ``vgmr_objective`` takes ``value_fraction``, else why the row is unavailable."""
-    import inspect
-
-    try:
-        params = inspect.signature(vgmr_objective).parameters
-    except (TypeError, ValueError) as exc:
-        return f"cannot inspect vgmr_objective ({exc})"
-    if "value_fraction" not in params:
-        return ("vgmr_objective in this install has no value_fraction keyword (the cheaper value pass is not "
-                "available)")
-    return None
-
-
 def row_label(row: str) -> str:
     row, vf = split_value_fraction(row)
     if vf is not None:
@@ -118,11 +104,7 @@ def transformer_width(ctx: Ctx, s: Setting) -> int:
 
 
 def build_model(ctx: Ctx, s: Setting, backbone: str, row: str):
-    row, vf = split_value_fraction(row)
-    if vf is not None:
-        why = objective_value_fraction_support()
-        if why:
-            raise Skip(why)
+    row, _ = split_value_fraction(row)
     widths = list(s.widths)
     torch.manual_seed(0)
     vgmr_ref = ref.VGMR(widths, s.d)

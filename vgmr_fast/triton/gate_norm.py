@@ -1,4 +1,4 @@
-"""``vgmr_triton::gate_norm`` and ``gate_norm_backward`` (docs/math.md §5, docs/ops.md, CONTRACT.md).
+"""``vgmr_triton::gate_norm`` and ``gate_norm_backward`` (docs/math.md §5, docs/ops.md, docs/backends.md).
 
 Forward, per row ``r = b*T + t`` of ``D`` elements::
 

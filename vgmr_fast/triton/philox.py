@@ -1,4 +1,4 @@
-"""Philox4x32-10 in Triton: the dropout stream every VGMR backend shares (CONVENTIONS.md).
+"""Philox4x32-10 in Triton: the dropout stream every VGMR backend shares (docs/math.md §5a, docs/backends.md).
 
 Why not ``tl.randint4x``: it keys Philox with ``(lo32(seed), hi32(seed))`` only when
 its counter block is 32-bit; given an int64 counter it switches to Philox4x64 with
@@ -6,7 +6,7 @@ key ``(seed, 0)``, which is a different stream.  Our counters
 ``n = r * ceil(D / 4) + c // 4`` pass 2**32 on large tensors, so the generator is
 written here in uint32 arithmetic (``tl.umulhi`` + wrapping ``*``) with the counter
 ``(lo32(n), hi32(n), 0, 0)``; ``tests/backend_triton/test_philox.py`` proves it against the
-test vectors of CONVENTIONS.md and against ``vgmr_fast.ops.dropout.philox4x32``.
+test vectors of docs/backends.md and against ``vgmr_fast.ops.dropout.philox4x32``.
 
 Triton APIs: ``tl.umulhi``, ``tl.static_range``, ``tl.join``, ``tl.reshape`` (all in
 Triton 3.0).

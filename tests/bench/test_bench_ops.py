@@ -1,5 +1,5 @@
 """Per-op benchmarks (pytest-benchmark): each op over all modalities of a setting, as in
-`vgmr-fast bench`'s ops level (same inputs, rotation and peers; see benchmarks/README.md)."""
+`vgmr-fast bench`'s ops level (same inputs, rotation and peers; see benchmarks/README.md). Only with ``--benchmark-only``.."""
 import pytest
 
 from vgmr_fast.bench import ops

@@ -1,11 +1,11 @@
 """Ablations of the balancing methods on the ``imbalanced`` preset (docs/balance.md).
 
-``python -m vgmr_fast.balance.ablate BACKBONE SEEDS 'METHOD|TRAIN FLAGS' ...``, e.g.::
+``python -m vgmr_fast.train.ablate BACKBONE SEEDS 'METHOD|TRAIN FLAGS' ...``, e.g.::
 
-    python -m vgmr_fast.balance.ablate concat 0,1,2 'none|' 'ogm|--ogm-alpha 0.8 --ogm-modulation step'
+    python -m vgmr_fast.train.ablate concat 0,1,2 'none|' 'ogm|--ogm-alpha 0.8 --ogm-modulation step'
 
-Each variant is trained with the ``train`` command's own :func:`~vgmr_fast.train.build_model` and
-:func:`~vgmr_fast.train.train_one` (its flags, defaults otherwise) on ``make_benchmark("imbalanced",
+Each variant is trained with the ``train`` command's own :func:`~vgmr_fast.train.loop.build_model` and
+:func:`~vgmr_fast.train.loop.train_one` (its flags, defaults otherwise) on ``make_benchmark("imbalanced",
 seed=0)``, for every seed; one markdown row per variant: test accuracy and the weak modality's
 linear-probe accuracy (mean ± std over seeds), and for iibalance the fraction of training steps on
 which the weak modality's alignment term was active, per seed. No analyses, no unimodal references:
@@ -20,6 +20,9 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from .cli import add_train_arguments
+from .loop import build_model, train_one
+
 __all__ = ["ablate", "main"]
 
 
@@ -29,12 +32,11 @@ def ablate(backbone: str, seeds: Sequence[int], variants: Sequence[str], setting
 
     ``data_overrides``: fields of the benchmark config (e.g. smaller splits in tests).
     """
-    from .. import train as T
     from ..analysis.diagnostics import evaluate
     from ..analysis.probe import probe_accuracy
     from ..data import make_benchmark
 
-    parser = T.add_train_arguments(argparse.ArgumentParser())
+    parser = add_train_arguments(argparse.ArgumentParser())
     data = make_benchmark(setting, seed=0, **data_overrides)
     rows = []
     budget_cache: dict = {}  # IIBalance's budgets depend on the data and the seed only
@@ -43,9 +45,9 @@ def ablate(backbone: str, seeds: Sequence[int], variants: Sequence[str], setting
         accs, weak, active = [], [], []
         for seed in seeds:
             args = parser.parse_args(["--no-progress", "--cosine-points", "0", *shlex.split(flags)])
-            model, _ = T.build_model(backbone, method, data["train"], data["val"], args, seed,
-                                     budget_cache=budget_cache)
-            T.train_one(model, method, data, args, seed)
+            model, _ = build_model(backbone, method, data["train"], data["val"], args, seed,
+                                   budget_cache=budget_cache)
+            train_one(model, method, data, args, seed)
             accs.append(evaluate(model, data["test"])["accuracy"])
             weak.append(probe_accuracy(model, data["train"], data["test"], data["train"].num_modalities - 1))
             align = getattr(model, "align", None)

@@ -1,8 +1,8 @@
-"""Fidelity and cost of the cheaper value supervision (issue 14): value_fraction 0.25 against 1.
+"""Fidelity and cost of the cheaper value supervision: value_fraction 0.25 against 1.
 
 One command (from the repository root):
 
-    python benchmarks/value_fraction.py [--seeds 0,1,2] [--epochs 10] [--n-train 1600] [--out DIR]
+    python -m vgmr_fast.bench.value_fraction [--seeds 0,1,2] [--epochs 10] [--n-train 1600] [--out DIR]
 
 1. ``vgmr-fast train`` on the controlled benchmark, noisy setting, both backbones, methods
    ``none`` (bare backbone), ``vgmr`` (value fraction 1, the paper), ``vgmr@0.25`` (value
@@ -11,7 +11,8 @@ One command (from the repository root):
 2. A step-time comparison on one fixed batch, the methods' steps interleaved
    (``rounds`` rounds, median per method), so a busy shared machine slows all three alike.
 3. ``benchmarks/results/<machine>-<date>-value-fraction.md`` (and ``.json``): accuracy and
-   macro-F1 (mean ± std over seeds), the paired difference 0.25 − 1 per seed, the Table 4.4
+   macro-F1 (mean ± std over seeds), the paired difference 0.25 − 1 per seed and its verdict
+   (``vgmr_fast.train.stats.verdict``, the rule of ``vgmr-fast train``'s tables), the Table 4.4
    value/gate shifts under noise on the first modality (mean ± std over seeds), step times.
 """
 from __future__ import annotations
@@ -22,32 +23,25 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # this checkout's vgmr_fast, not an installed copy
+import torch
 
-import torch  # noqa: E402
-
-from vgmr_fast import train as T  # noqa: E402
+from .. import train as T
+from ..train.grid import load_data
+from ..train.loop import train_step
+from ..train.stats import aggregate, fmt, verdict
 
 METHODS = ["none", "vgmr", "vgmr@0.25", "vgmr%4"]
 
 
-def _agg(xs):
-    xs = [float(x) for x in xs]
-    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
 def _fmt(xs, nd=4, signed=False):
-    m, s = _agg(xs)
-    return f"{m:{'+' if signed else ''}.{nd}f} ± {s:.{nd}f}"
+    return fmt(aggregate([float(x) for x in xs]), nd, signed)
 
 
 def step_times(args, backbone: str, rounds: int):
     """Median seconds of one training step per method, on one batch, steps interleaved."""
-    data = T._load_data(args, "noisy")
+    data = load_data(args, "noisy")
     batch = data["train"].batch(torch.arange(args.batch_size))
     models = {}
     for method in METHODS:
@@ -59,14 +53,14 @@ def step_times(args, backbone: str, rounds: int):
 def mosei_size_models(backbone: str):
     """The bench's MOSEI-like size (B 32, T 50, widths 768/74/35, VGMR d 128; Transformer d_model 176,
     2 layers, 4 heads: about the paper's 0.72M-parameter backbone), one model per method."""
-    import vgmr_fast
-    from vgmr_fast.models import Concat, Transformer
+    from .. import VGMR
+    from ..models import Concat, Transformer
 
     widths = [768, 74, 35]
     models = {}
     for method in METHODS:
         torch.manual_seed(0)
-        refiner = None if method == "none" else vgmr_fast.VGMR(widths, d=128, dropout=0.1)
+        refiner = None if method == "none" else VGMR(widths, d=128, dropout=0.1)
         if backbone == "transformer":
             models[method] = Transformer(widths, 2, d_model=176, nhead=4, num_layers=2, refiner=refiner)
         else:
@@ -86,7 +80,7 @@ def interleaved(models, batch, args, rounds: int):
         for method, (model, opt) in models.items():
             t0 = time.perf_counter()
             for k in range(4):  # 4 steps: one period of vgmr%4
-                T._train_step(model, method, xs, masks, y, opt, None, 0, args, step=4 * r + k)
+                train_step(model, method, xs, masks, y, opt, None, 0, args, step=4 * r + k)
             if r >= 1:  # the warm-up round is not timed
                 times[method].append((time.perf_counter() - t0) / 4)
     return {m: statistics.median(v) for m, v in times.items()}
@@ -187,7 +181,7 @@ def _write_fidelity(stem, a, runs, walls, targs, machine, date, wall_s) -> None:
                 if r["setting"] == setting and r["backbone"] == backbone and r["variant"] == variant}
 
     L = [f"# Fidelity of cheaper VGMR variants on the controlled task ({date})\n",
-         f"Command: `python benchmarks/value_fraction.py --seeds {a.seeds} --epochs {a.epochs} --n-train {a.n_train} "
+         f"Command: `python -m vgmr_fast.bench.value_fraction --seeds {a.seeds} --epochs {a.epochs} --n-train {a.n_train} "
          + " ".join(f"--fidelity {f}" for f in a.fidelity) + "`"
          + (f" (the grids ran as {len(a.merge)} separate invocations, merged with `--merge ... --only-merge`)"
             if a.merge else "") + f" ({machine['text']}; torch {torch.__version__}, "
@@ -243,17 +237,18 @@ def _write_fidelity(stem, a, runs, walls, targs, machine, date, wall_s) -> None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m vgmr_fast.bench.value_fraction", description=__doc__.split("\n")[0])
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--n-train", type=int, default=1600)
     p.add_argument("--rounds", type=int, default=15, help="interleaved rounds of the step-time comparison")
     p.add_argument("--mosei-rounds", type=int, default=6, help="rounds of the MOSEI-size step-time comparison")
     p.add_argument("--out", default="vgmr_value_fraction_out", help="vgmr-fast train's output directory")
-    p.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"))
+    p.add_argument("--results", default=os.path.join("benchmarks", "results"),
+                   help="folder of the written .md/.json (default: benchmarks/results of the current directory)")
     p.add_argument("--fidelity", action="append", default=[], metavar="SETTING:VARIANT,...",
                    help=f"instead of the value-fraction study: accuracy and macro-F1 of named variants "
-                        f"({', '.join(VARIANTS)}) on a setting, paired against --baseline (repeatable)")
+                        f"({', '.join(VARIANTS).replace('%', '%%')}) on a setting, paired against --baseline (repeatable)")
     p.add_argument("--baseline", default="vgmr", choices=list(VARIANTS))
     p.add_argument("--merge", action="append", default=[], metavar="JSON",
                    help="with --fidelity: also show the runs of an earlier --fidelity JSON (its settings then "
@@ -280,7 +275,7 @@ def main(argv=None):
     date = datetime.date.today().isoformat()
     machine = _machine()
     L = [f"# Value supervision on a fraction of the batch: fidelity and cost ({date})\n",
-         f"Command: `python benchmarks/value_fraction.py --seeds {a.seeds} --epochs {a.epochs} --n-train {a.n_train}` "
+         f"Command: `python -m vgmr_fast.bench.value_fraction --seeds {a.seeds} --epochs {a.epochs} --n-train {a.n_train}` "
          f"({machine['text']}; torch {torch.__version__}, 1 thread). "
          f"`vgmr-fast train` grid: noisy setting, n_train {a.n_train}, n_val {targs.n_val}, n_test {targs.n_test}, "
          f"{a.epochs} epochs, batch {targs.batch_size}, fused VGMR (backend `{targs.backend}`, Philox dropout), "
@@ -289,8 +284,8 @@ def main(argv=None):
          "targets and L_value for a random ⌈0.25 B⌉ samples per step (removal pass 4× fewer rows); "
          "`vgmr%4` = the paper's value supervision on every 4th step only (same mean removal rows).\n",
          "## Test accuracy and macro-F1 (mean ± std over seeds)\n",
-         "| backbone | method | accuracy | macro-F1 | paired Δacc vs vgmr | paired ΔF1 vs vgmr |",
-         "|---|---|---|---|---|---|"]
+         "| backbone | method | accuracy | macro-F1 | paired Δacc vs vgmr | paired ΔF1 vs vgmr | verdict (acc) |",
+         "|---|---|---|---|---|---|---|"]
     out = {"date": date, "grid_seconds": grid_s, "config": vars(a), "step_seconds": steps,
            "step_seconds_mosei_size": steps_mosei, "rows": []}
     for b in ("concat", "transformer"):
@@ -302,8 +297,9 @@ def main(argv=None):
             d_acc = [rs[s]["test"]["accuracy"] - full[s]["test"]["accuracy"] for s in sorted(rs)]
             d_f1 = [rs[s]["test"]["macro_f1"] - full[s]["test"]["macro_f1"] for s in sorted(rs)]
             paired = m != "vgmr"
+            says = f"{verdict(aggregate(d_acc))} vgmr" if paired else "–"
             L.append(f"| {b} | {m} | {_fmt(acc)} | {_fmt(f1)} | {_fmt(d_acc, signed=True) if paired else '–'} | "
-                     f"{_fmt(d_f1, signed=True) if paired else '–'} |")
+                     f"{_fmt(d_f1, signed=True) if paired else '–'} | {says} |")
             out["rows"].append({"backbone": b, "method": m, "seeds": sorted(rs), "accuracy": acc, "macro_f1": f1})
     L.append("")
     L.append("## Table 4.4 statistics: shift under noise (noisy − clean test split), mean ± std over seeds\n")

@@ -1,8 +1,8 @@
-"""pytest-benchmark suite (not part of the default test run: pyproject's testpaths is `tests`).
+"""Helpers of the pytest-benchmark suite (run only with ``--benchmark-only``; see conftest.py).
 
-    python -m pytest benchmarks --benchmark-only                 # all
-    python -m pytest benchmarks --benchmark-only -k gate_norm    # one op
-    python -m pytest benchmarks --benchmark-only --benchmark-json out.json
+    python -m pytest tests/bench --benchmark-only                 # all
+    python -m pytest tests/bench --benchmark-only -k gate_norm    # one op
+    python -m pytest tests/bench --benchmark-only --benchmark-json out.json
 
 Sizes: VGMR_BENCH_SETTINGS=mosei,large (default: mosei). The device is CUDA when available.
 """

@@ -1,5 +1,5 @@
 """Whole-layer benchmarks (pytest-benchmark): reference VGMR (eager) vs fused VGMR per backend
-and the GEMM-only floor, train step (fwd+bwd) and inference, as `vgmr-fast bench`'s layer level."""
+and the GEMM-only floor, train step (fwd+bwd) and inference, as `vgmr-fast bench`'s layer level. Only with ``--benchmark-only``."""
 import pytest
 
 from vgmr_fast.bench import layer
