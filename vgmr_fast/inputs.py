@@ -14,7 +14,7 @@ import torch
 
 from .dropout_stream import check_p
 
-__all__ = ["Config", "parse_config", "as_modality_list", "check_inputs", "prepare", "pack", "check_p"]
+__all__ = ["Config", "parse_config", "parse_gate_rank", "as_modality_list", "check_inputs", "prepare", "pack", "check_p"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,36 @@ def parse_config(widths, d, alpha, beta, dropout, use_global_value=True, use_cha
         raise ValueError(f"projection: expected 'mlp' or 'linear', got {projection!r}")
     return Config(names, dims, d, alpha, beta, float(dropout), bool(use_global_value), bool(use_channel_value),
                   bool(use_agreement), bool(use_discrepancy), projection)
+
+
+def _gate_rank_of(r, D: int, where: str):
+    """One modality's rank from a per-modality entry: None (full rank) or an int in [1, D)."""
+    if r is None:
+        return None
+    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r < D:
+        raise ValueError(f"gate_rank: expected None or an int r with 1 <= r < D_m = {D} for {where}, got {r!r}")
+    return r
+
+
+def parse_gate_rank(gate_rank, names, widths) -> list:
+    """The raw gate's rank per modality, in modality order: None = full rank (the paper's ``D_m × D_m``).
+
+    ``gate_rank``: None (every modality full rank); an int ``r >= 1`` (every modality wider than ``r``
+    gets rank ``r``, the others stay full rank); or a mapping from modality name (index, for a module
+    built from a sequence of widths) to None or an int in ``[1, D_m)``, modalities left out staying
+    full rank. Anything else is a ValueError naming ``gate_rank``.
+    """
+    if gate_rank is None:
+        return [None] * len(widths)
+    if isinstance(gate_rank, Mapping):
+        keys = list(names) if names is not None else list(range(len(widths)))
+        unknown = [k for k in gate_rank if k not in keys]
+        if unknown:
+            raise ValueError(f"gate_rank: unknown modality {unknown[0]!r}; expected keys from {keys}")
+        return [_gate_rank_of(gate_rank.get(k), D, f"modality {k!r}") for k, D in zip(keys, widths)]
+    if isinstance(gate_rank, bool) or not isinstance(gate_rank, int) or gate_rank < 1:
+        raise ValueError(f"gate_rank: expected None, a positive int or a mapping modality -> rank, got {gate_rank!r}")
+    return [gate_rank if D > gate_rank else None for D in widths]
 
 
 def as_modality_list(xs, count: int, names: list[str] | None, what: str):

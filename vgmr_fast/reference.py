@@ -21,6 +21,8 @@ EPS = 1e-5
 __all__ = [
     "VGMR",
     "ModalityBlock",
+    "LowRankLinear",
+    "low_rank_init",
     "summary_pool",
     "interaction",
     "interaction_blocks",
@@ -112,6 +114,40 @@ def gate_norm(
     return y
 
 
+def low_rank_init(D: int, r: int):
+    """``(u, v, bias)`` of a fresh rank-``r`` raw gate (§4a): ``V`` drawn as ``nn.Linear(D, r)``'s
+    weight (variance ``1/(3D)``), then ``U`` uniform with variance ``1/r``, then the bias as
+    ``nn.Linear(D, D)``'s. Each entry of ``U Vᵀ`` then has the variance of ``nn.Linear(D, D)``'s
+    weight entries, ``r · (1/r) · 1/(3D)``. Drawn in this order from torch's generator, so a module
+    that lays the parameters out differently gets the same values under the same seed."""
+    v = nn.Linear(D, r, bias=False).weight.detach().t().contiguous()  # [D, r]
+    bound = (3.0 / r) ** 0.5
+    u = torch.empty(D, r).uniform_(-bound, bound)
+    bias = torch.empty(D).uniform_(-1.0 / D ** 0.5, 1.0 / D ** 0.5)
+    return u, v, bias
+
+
+class LowRankLinear(nn.Module):
+    """§4a the rank-``r`` raw gate ``x ↦ (x V) Uᵀ + b`` with ``U, V ∈ R^{D×r}``.
+
+    Parameters (and ``state_dict`` keys under ``gate_raw.``): ``u`` [D, r], ``v`` [D, r] and ``bias`` [D],
+    the same bias key as the full-rank ``nn.Linear``.
+    """
+
+    def __init__(self, D: int, r: int):
+        super().__init__()
+        self.in_features = self.out_features = D
+        self.rank = r
+        u, v, bias = low_rank_init(D, r)
+        self.u, self.v, self.bias = nn.Parameter(u), nn.Parameter(v), nn.Parameter(bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.v.t()), self.u, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"D={self.out_features}, rank={self.rank}"
+
+
 def mlp2(d_in: int, d: int) -> nn.Sequential:
     """§1 the paper's two-layer MLP: Linear(d_in -> d), GELU, Linear(d -> d)."""
     return nn.Sequential(nn.Linear(d_in, d), nn.GELU(), nn.Linear(d, d))
@@ -123,18 +159,19 @@ class ModalityBlock(nn.Module):
     - ``proj``: P_m (two-layer MLP, or one Linear with ``projection="linear"``)
     - ``summary``: E_m on ``[mean; max]``; ``value``: V_m on ``u_m``
     - ``global_head`` (w_m, b_m), ``channel_head`` (W_vm, b_vm)
-    - ``gate_raw`` (W_rm), ``gate_latent`` (W_hm), ``gate_global`` (A_gm), ``gate_channel`` (A_cm)
+    - ``gate_raw`` (W_rm; a :class:`LowRankLinear` ``(U_m, V_m)`` when ``gate_rank`` is an int), ``gate_latent`` (W_hm), ``gate_global`` (A_gm), ``gate_channel`` (A_cm)
     - ``norm``: the LayerNorm of §5
     """
 
-    def __init__(self, D: int, d: int, u_width: int, use_global: bool, use_channel: bool, projection: str):
+    def __init__(self, D: int, d: int, u_width: int, use_global: bool, use_channel: bool, projection: str,
+                 gate_rank: int | None = None):
         super().__init__()
         self.proj = mlp2(D, d) if projection == "mlp" else nn.Linear(D, d)
         self.summary = mlp2(2 * d, d)
         self.value = mlp2(u_width, d)
         self.global_head = nn.Linear(d, 1) if use_global else None
         self.channel_head = nn.Linear(d, d) if use_channel else None
-        self.gate_raw = nn.Linear(D, D)
+        self.gate_raw = nn.Linear(D, D) if gate_rank is None else LowRankLinear(D, gate_rank)
         self.gate_latent = nn.Linear(d, D)
         self.gate_global = nn.Linear(1, D) if use_global else None
         self.gate_channel = nn.Linear(d, D) if use_channel else None
@@ -170,6 +207,10 @@ class VGMR(nn.Module):
         use_agreement / use_discrepancy: ablate the ⊙ / |−| blocks from the interaction input.
         projection: ``"mlp"`` (the paper's two-layer P_m) or ``"linear"`` (a lighter variant; lets the
             fused module fold W_h into W_r, §4).
+        gate_rank: the raw gate's rank (§4a, an extension): None (the paper, ``D_m × D_m``); an int r
+            (every modality wider than r gets ``(X V) Uᵀ``, ``U, V ∈ R^{D_m×r}``; narrower ones stay
+            full rank); or a mapping modality name (index, for a sequence of widths) -> int or None.
+            ``gate_ranks`` holds the resolved rank per modality (None = full rank).
 
     Forward takes one ``[B, T_m, D_m]`` tensor per modality (dict or sequence, like ``widths``)
     and optional ``[B, T_m]`` bool masks (True = valid step), and returns refined features of the
@@ -201,10 +242,13 @@ class VGMR(nn.Module):
         use_agreement: bool = True,
         use_discrepancy: bool = True,
         projection: str = "mlp",
+        gate_rank=None,
     ):
         super().__init__()
         cfg = inputs.parse_config(widths, d, alpha, beta, dropout, use_global_value, use_channel_value,
                                   use_agreement, use_discrepancy, projection)
+        self.gate_rank = gate_rank
+        self.gate_ranks = inputs.parse_gate_rank(gate_rank, cfg.names, cfg.widths)
         self.names, self.widths, self.d = cfg.names, cfg.widths, cfg.d
         self.alpha, self.beta, self.p = cfg.alpha, cfg.beta, cfg.p
         self.use_global_value, self.use_channel_value = cfg.use_global_value, cfg.use_channel_value
@@ -215,8 +259,8 @@ class VGMR(nn.Module):
         self.u_blocks = interaction_blocks(M, use_agreement, use_discrepancy)
         u_width = len(self.u_blocks) * d
         self.blocks = nn.ModuleList(
-            ModalityBlock(D, d, u_width, self.use_global_value, self.use_channel_value, self.projection)
-            for D in dims
+            ModalityBlock(D, d, u_width, self.use_global_value, self.use_channel_value, self.projection, r)
+            for D, r in zip(dims, self.gate_ranks)
         )
 
     @property
@@ -228,6 +272,7 @@ class VGMR(nn.Module):
             f"widths={self.widths}, d={self.d}, alpha={self.alpha}, beta={self.beta}, dropout={self.p}, "
             f"global={self.use_global_value}, channel={self.use_channel_value}, "
             f"agreement={self.use_agreement}, discrepancy={self.use_discrepancy}, projection={self.projection!r}"
+            + ("" if self.gate_rank is None else f", gate_rank={self.gate_rank!r}")
         )
 
     # -- helpers --------------------------------------------------------------------

@@ -14,12 +14,13 @@ import time
 
 import torch
 
-from . import e2e, layer, memory, ops, report, timing
+from . import e2e, layer, memory, ops, report, scale, timing
 from .backends import probe_backends
 from .common import Ctx, Skip
 from .settings import settings_for, sweep_for
 
 LEVELS = ("ops", "layer", "e2e", "sweep")
+OPT_IN_LEVELS = ("scale",)  # measured only when named in --levels
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,7 +30,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="device to benchmark (default: cuda when available, else cpu)")
     p.add_argument("--levels", default=",".join(LEVELS),
-                   help=f"comma-separated subset of {','.join(LEVELS)} (default: all)")
+                   help=f"comma-separated subset of {','.join(LEVELS + OPT_IN_LEVELS)} (default: {','.join(LEVELS)}; "
+                        "scale: backbone size, sequence length, feature width, vgmr_fast/bench/scale.py)")
+    p.add_argument("--scale-grid", choices=("quick", "default", "large"), default=None,
+                   help="grid of the scale level (default: quick with --quick, else default; large: for a GPU)")
+    p.add_argument("--scale-parts", default="backbone,sequence,width",
+                   help="comma-separated parts of the scale level: backbone, sequence, width (default: all)")
     p.add_argument("--backends", default=None,
                    help="comma-separated fused backends to measure (default: every one that runs here)")
     p.add_argument("--no-compile", action="store_true",
@@ -93,9 +99,9 @@ def run_bench(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     levels = [x.strip() for x in args.levels.split(",") if x.strip()]
-    bad = [x for x in levels if x not in LEVELS]
+    bad = [x for x in levels if x not in LEVELS + OPT_IN_LEVELS]
     if bad:
-        print(f"vgmr-fast bench: unknown level(s) {bad}; choose from {list(LEVELS)}", file=sys.stderr)
+        print(f"vgmr-fast bench: unknown level(s) {bad}; choose from {list(LEVELS + OPT_IN_LEVELS)}", file=sys.stderr)
         return 2
     quick, tiny = bool(args.quick), bool(getattr(args, "tiny", False))
     only = [b.strip() for b in args.backends.split(",")] if args.backends else None
@@ -157,6 +163,13 @@ def run_bench(args) -> int:
         tasks += layer.sweep_tasks(ctx, sweep_base, Ts)
         if ctx.compile:
             ctx.skip("sweep: torch.compile peers", "left out of the sweep (one compile per T)")
+    if "scale" in levels:
+        parts = [x.strip() for x in getattr(args, "scale_parts", ",".join(scale.PARTS)).split(",") if x.strip()]
+        if not set(parts) <= set(scale.PARTS):
+            print(f"vgmr-fast bench: --scale-parts: expected a subset of {list(scale.PARTS)}, got {parts}",
+                  file=sys.stderr)
+            return 2
+        tasks += scale.tasks(ctx, getattr(args, "scale_grid", None), parts)
 
     from tqdm import tqdm
 
@@ -209,6 +222,8 @@ def run_bench(args) -> int:
     }
     settings_d = [s.to_dict() for s in settings]
     text = report.render(meta, ctx_info, ctx.records, settings_d, ctx.skipped)
+    if "scale" in levels:
+        text += "\n\n" + scale.render(ctx.records, ctx.skipped)
     ctx_info["elapsed_s"] = time.perf_counter() - t_start
     text += f"\n\n(total {ctx_info['elapsed_s']:.0f} s)"
     print()
@@ -222,5 +237,8 @@ def run_bench(args) -> int:
     wrote = [base + ".json", base + ".md"]
     if report.plot_sweep(base + ".png", ctx.records):
         wrote.append(base + ".png")
+    scale_png = base + ("-scale.png" if base + ".png" in wrote else ".png")
+    if scale.plot(scale_png, ctx.records):
+        wrote.append(scale_png)
     print("\nwrote " + ", ".join(wrote))
     return 0

@@ -104,6 +104,138 @@ def _machine() -> dict:
     return {"label": f"cpu-{cores}core", "text": f"{platform.processor() or platform.machine()} CPU, {cores} cores"}
 
 
+# --------------------------------------------------------------- fidelity of named variants
+#: name -> (``vgmr-fast train`` method, extra ``vgmr-fast train`` arguments)
+VARIANTS = {
+    "vgmr": ("vgmr", []),
+    "vgmr@0.25": ("vgmr@0.25", []),
+    "vgmr%4": ("vgmr%4", []),
+    "vgmr@0.25%4": ("vgmr@0.25%4", []),
+    "rank16": ("vgmr", ["--gate-rank", "16"]),
+    "rank64": ("vgmr", ["--gate-rank", "64"]),
+}
+
+
+def _full_rank_everywhere(variant: str, setting: str) -> bool:
+    """Whether a gate-rank variant leaves every modality of ``setting`` full rank (the same model as
+    full rank, so it is not run again)."""
+    from vgmr_fast.data.synthetic import PRESETS, BenchmarkConfig
+    from vgmr_fast.inputs import parse_gate_rank
+
+    extra = VARIANTS[variant][1]
+    if "--gate-rank" not in extra:
+        return False
+    widths = BenchmarkConfig(**PRESETS[setting]).widths
+    return all(r is None for r in parse_gate_rank(int(extra[extra.index("--gate-rank") + 1]), None, widths))
+
+
+def fidelity(a) -> None:
+    """``--fidelity SETTING:V1,V2,...`` (repeatable): test accuracy and macro-F1 of each named variant
+    (``VARIANTS``) on the controlled task, both backbones, paired Δ per seed against ``--baseline``."""
+    base_args = ["--backbones", "concat,transformer", "--seeds", a.seeds, "--epochs", str(a.epochs),
+                 "--n-train", str(a.n_train), "--no-progress", "--noise-ratios", "0", "--noise-weights", "0",
+                 "--noise-seeds", "1", "--cosine-points", "1"]
+    plan = []  # (setting, [variant names], extra args): one train grid per setting and extra args
+    for spec in a.fidelity:
+        setting, _, names = spec.partition(":")
+        names = [n.strip() for n in names.split(",") if n.strip()]
+        unknown = [n for n in names if n not in VARIANTS]
+        if unknown or not names:
+            raise SystemExit(f"--fidelity {spec!r}: expected SETTING:VARIANT,... with variants from {list(VARIANTS)}")
+        groups: dict = {}
+        for n in [a.baseline] + [n for n in names if n != a.baseline]:
+            if not _full_rank_everywhere(n, setting):
+                groups.setdefault(tuple(VARIANTS[n][1]), []).append(n)
+        plan += [(setting, ns, list(extra)) for extra, ns in groups.items()]
+    date = datetime.date.today().isoformat()
+    machine = _machine()
+    stem = os.path.join(a.results, f"{machine['label']}-{date}-fidelity")
+    runs, walls = [], []
+    for path in a.merge:  # runs of earlier invocations (e.g. one process per setting), shown together
+        with open(path) as f:
+            earlier = json.load(f)
+        runs += earlier["runs"]
+        walls += earlier["grids"]
+    t_all = time.time()
+    for setting, names, extra in ([] if a.only_merge else plan):
+        t0 = time.time()
+        out = os.path.join(a.out, f"{setting}-{'-'.join(extra[1::2]) or 'full'}")
+        targs = T.add_train_arguments(argparse.ArgumentParser()).parse_args(
+            base_args + ["--settings", setting, "--methods", ",".join(VARIANTS[n][0] for n in names), "--out", out]
+            + extra)
+        res = T.train_grid(targs)
+        for n in names:
+            runs += [dict(r, variant=n) for r in res["runs"] if r["method"] == VARIANTS[n][0]]
+        walls.append({"setting": setting, "variants": names, "seconds": time.time() - t0})
+        _write_fidelity(stem, a, runs, walls, targs, machine, date, time.time() - t_all)
+    if a.only_merge:
+        targs = T.add_train_arguments(argparse.ArgumentParser()).parse_args(base_args)
+        _write_fidelity(stem, a, runs, walls, targs, machine, date, sum(w["seconds"] for w in walls))
+
+
+def _write_fidelity(stem, a, runs, walls, targs, machine, date, wall_s) -> None:
+    def per_seed(setting, backbone, variant):
+        if _full_rank_everywhere(variant, setting):
+            variant = a.baseline
+        return {r["seed"]: r for r in runs
+                if r["setting"] == setting and r["backbone"] == backbone and r["variant"] == variant}
+
+    L = [f"# Fidelity of cheaper VGMR variants on the controlled task ({date})\n",
+         f"Command: `python -m vgmr_fast.bench.value_fraction --seeds {a.seeds} --epochs {a.epochs} --n-train {a.n_train} "
+         + " ".join(f"--fidelity {f}" for f in a.fidelity) + "`"
+         + (f" (the grids ran as {len(a.merge)} separate invocations, merged with `--merge ... --only-merge`)"
+            if a.merge else "") + f" ({machine['text']}; torch {torch.__version__}, "
+         f"1 thread). `vgmr-fast train` per variant: n_train {a.n_train}, n_val {targs.n_val}, n_test {targs.n_test}, "
+         f"{a.epochs} epochs, batch {targs.batch_size}, d_model {targs.d_model}, VGMR d {targs.vgmr_d}, seeds {a.seeds}; "
+         f"best-validation checkpoint on test. Train grids took {wall_s:.0f} s of wall time together.\n",
+         "Variants: " + "; ".join(f"`{n}` = method `{m}`" + (f" with `{' '.join(x)}`" if x else "")
+                                  for n, (m, x) in VARIANTS.items()) + ". Full-rank variants run the fused "
+         "`vgmr_fast.VGMR`, `--gate-rank` ones the reference `vgmr_fast.reference.VGMR` (same initial draws "
+         "order, same Philox dropout stream). A rank variant that leaves every modality of a setting full rank "
+         "(every D_m <= r) is the baseline model itself and is not run again (marked =).\n",
+         "| setting | backbone | variant | accuracy | macro-F1 | paired Δacc vs " + a.baseline + " | paired ΔF1 |",
+         "|---|---|---|---|---|---|---|"]
+    rows = []
+    for spec in a.fidelity:
+        setting, _, names = spec.partition(":")
+        names = [a.baseline] + [n.strip() for n in names.split(",") if n.strip() and n.strip() != a.baseline]
+        for b in ("concat", "transformer"):
+            full = per_seed(setting, b, a.baseline)
+            for n in names:
+                rs = per_seed(setting, b, n)
+                seeds = sorted(set(rs) & set(full))
+                if not seeds:
+                    L.append(f"| {setting} | {b} | {n} | not run yet | | | |")
+                    continue
+                acc = [rs[s]["test"]["accuracy"] for s in seeds]
+                f1 = [rs[s]["test"]["macro_f1"] for s in seeds]
+                d_acc = [rs[s]["test"]["accuracy"] - full[s]["test"]["accuracy"] for s in seeds]
+                d_f1 = [rs[s]["test"]["macro_f1"] - full[s]["test"]["macro_f1"] for s in seeds]
+                same = _full_rank_everywhere(n, setting)
+                paired = n != a.baseline and not same
+                L.append(f"| {setting} | {b} | {n}{' (= ' + a.baseline + ')' if same else ''} | {_fmt(acc)} | "
+                         f"{_fmt(f1)} | {_fmt(d_acc, signed=True) if paired else '–'} | "
+                         f"{_fmt(d_f1, signed=True) if paired else '–'} |")
+                rows.append({"setting": setting, "backbone": b, "variant": n, "seeds": seeds, "accuracy": acc,
+                             "macro_f1": f1, "delta_accuracy": d_acc, "delta_macro_f1": d_f1,
+                             "same_as_baseline": same,
+                             "step_seconds": [rs[s]["history"]["step_seconds"] for s in seeds]})
+    L += ["", "Mean optimisation-step time inside the grid (not interleaved; the machine is shared):\n",
+          "| setting | backbone | variant | step ms |", "|---|---|---|---|"]
+    L += [f"| {r['setting']} | {r['backbone']} | {r['variant']} | {1e3 * statistics.mean(r['step_seconds']):.1f} |"
+          for r in rows if not r["same_as_baseline"]]
+    L += ["", "Wall time per train grid: " + "; ".join(f"{w['setting']} {','.join(w['variants'])}: {w['seconds']:.0f} s"
+                                                    for w in walls), ""]
+    os.makedirs(os.path.dirname(stem), exist_ok=True)
+    with open(stem + ".md", "w") as f:
+        f.write("\n".join(L))
+    keep = ("setting", "backbone", "method", "variant", "seed", "test", "history", "train_seconds")
+    with open(stem + ".json", "w") as f:
+        json.dump({"date": date, "machine": machine, "config": vars(a), "wall_seconds": wall_s, "grids": walls,
+                   "rows": rows, "runs": [{k: r[k] for k in keep if k in r} for r in runs]}, f, indent=1)
+    print("\n".join(L), flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m vgmr_fast.bench.value_fraction", description=__doc__.split("\n")[0])
     p.add_argument("--seeds", default="0,1,2")
@@ -114,7 +246,17 @@ def main(argv=None):
     p.add_argument("--out", default="vgmr_value_fraction_out", help="vgmr-fast train's output directory")
     p.add_argument("--results", default=os.path.join("benchmarks", "results"),
                    help="folder of the written .md/.json (default: benchmarks/results of the current directory)")
+    p.add_argument("--fidelity", action="append", default=[], metavar="SETTING:VARIANT,...",
+                   help=f"instead of the value-fraction study: accuracy and macro-F1 of named variants "
+                        f"({', '.join(VARIANTS).replace('%', '%%')}) on a setting, paired against --baseline (repeatable)")
+    p.add_argument("--baseline", default="vgmr", choices=list(VARIANTS))
+    p.add_argument("--merge", action="append", default=[], metavar="JSON",
+                   help="with --fidelity: also show the runs of an earlier --fidelity JSON (its settings then "
+                        "need no --fidelity grid of their own: name them with VARIANT lists run there)")
+    p.add_argument("--only-merge", action="store_true", help="with --merge: run nothing, only write the tables")
     a = p.parse_args(argv)
+    if a.fidelity:
+        return fidelity(a)
     targs = T.add_train_arguments(argparse.ArgumentParser()).parse_args(
         ["--settings", "noisy", "--backbones", "concat,transformer", "--methods", ",".join(METHODS),
          "--seeds", a.seeds, "--epochs", str(a.epochs), "--n-train", str(a.n_train), "--out", a.out,

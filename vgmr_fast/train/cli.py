@@ -93,6 +93,17 @@ def _add_objective_arguments(parser: argparse.ArgumentParser) -> None:
                    help="share of each batch with exact value targets, in (0, 1]; 1 = the paper")
     v.add_argument("--value-every", type=int, default=1,
                    help="value supervision every k-th step (1 = every step, the paper)")
+    v.add_argument("--gate-rank", type=_gate_rank, default=None, metavar="R|NAME=R,...",
+                   help="low-rank raw gate (docs/math.md §4a): an int r for every modality wider than r, or "
+                        "name=r pairs; default full rank. Builds the reference VGMR (vgmr_fast.reference.VGMR; "
+                        "--backend is not used), since the fused module has no gate_rank yet")
+
+
+def _gate_rank(text: str):
+    """``--gate-rank``: ``"16"`` -> 16, ``"text=64,audio=16"`` -> ``{"text": 64, "audio": 16}``."""
+    if "=" not in text:
+        return int(text)
+    return {k.strip(): int(r) for k, _, r in (pair.partition("=") for pair in _csv(text))}
 
 
 def run_train(args) -> int:

@@ -23,6 +23,10 @@ def _make_vgmr(widths, args) -> nn.Module:
     """The fused VGMR of a run (its default dropout stream: the shared Philox one)."""
     from ..vgmr import VGMR
 
+    if getattr(args, "gate_rank", None) is not None:
+        from ..reference import VGMR as ReferenceVGMR
+
+        return ReferenceVGMR(widths, d=args.vgmr_d, dropout=args.dropout, gate_rank=args.gate_rank)
     return VGMR(widths, d=args.vgmr_d, dropout=args.dropout, backend=getattr(args, "backend", "auto"))
 
 
