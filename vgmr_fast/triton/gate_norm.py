@@ -38,6 +38,7 @@ Seed: a one-element int64 tensor, loaded by the kernels (``seed_key``), never re
 ``p == 0``.  No host synchronisation: every launch parameter is derived from shapes.
 """
 
+import functools
 from typing import Tuple
 
 import torch
@@ -332,18 +333,24 @@ _BWD = {True: {"per_thread": 8, "max_single": None, "chunk": None},
 def fwd_configs():
     """Forward configurations: one single-block entry per power-of-two ``BLOCK_D`` from
     ``MIN_BLOCK_D`` up to ``gn_max_single_d``, one tiled entry (``BLOCK_D`` = ``gn_chunk_d``).
-    ``BLOCK_R`` rows per program fill a tile of ``gn_max_tile`` elements."""
+    ``BLOCK_R`` rows per program fill a tile of ``gn_max_tile`` elements.  Built once per
+    value of those three settings (a tuple: callers must not modify the entries)."""
+    return _fwd_table(CONFIG["gn_max_single_d"], CONFIG["gn_chunk_d"], CONFIG["gn_max_tile"])
+
+
+@functools.lru_cache(maxsize=None)
+def _fwd_table(max_single_d: int, chunk_d: int, max_tile: int):
     out = []
-    top = triton.next_power_of_2(CONFIG["gn_max_single_d"])
+    top = triton.next_power_of_2(max_single_d)
     bd = min(MIN_BLOCK_D, top)
     while bd <= top:
-        br = max(1, CONFIG["gn_max_tile"] // bd)
+        br = max(1, max_tile // bd)
         out.append(_config(f"single_d{bd}", True, bd, br, num_warps_for(br * bd)))
         bd *= 2
-    chunk = max(4, triton.next_power_of_2(CONFIG["gn_chunk_d"]))
-    br = max(1, CONFIG["gn_max_tile"] // chunk)
+    chunk = max(4, triton.next_power_of_2(chunk_d))
+    br = max(1, max_tile // chunk)
     out.append(_config(f"tiled_d{chunk}", False, chunk, br, num_warps_for(br * chunk)))
-    return out
+    return tuple(out)
 
 
 def bwd_configs(aligned: bool = True):
@@ -351,11 +358,18 @@ def bwd_configs(aligned: bool = True):
     power-of-two ``BLOCK_D`` (single block up to ``gn_bwd_max_single_d``, then one tiled
     chunk width; see ``_BWD``), ``BLOCK_R`` either the tile's full height (256 threads'
     worth of values) or the shortest tile that fills one warp (short sequences: a program's
-    rows never straddle a batch, so a tall tile over ``T`` < its height would idle lanes)."""
+    rows never straddle a batch, so a tall tile over ``T`` < its height would idle lanes).
+    Built once per value of the two settings and the alignment (a tuple: callers must not
+    modify the entries)."""
+    return _bwd_table(bool(aligned), CONFIG["gn_bwd_max_single_d"], CONFIG["gn_bwd_chunk_d"])
+
+
+@functools.lru_cache(maxsize=None)
+def _bwd_table(aligned: bool, max_single_d: int, chunk_d: int):
     per = _BWD[aligned]["per_thread"]
     tag = "" if aligned else "_unaligned"
     out = []
-    top = triton.next_power_of_2(_bwd_max_single())
+    top = triton.next_power_of_2(max_single_d)
     if not aligned and _BWD[False]["max_single"]:
         top = min(top, _BWD[False]["max_single"])
     bd = min(MIN_BLOCK_D, top)
@@ -364,20 +378,13 @@ def bwd_configs(aligned: bool = True):
         for br in sorted({full, min(full, max(1, 32 * per // bd))}, reverse=True):
             out.append(_config(f"single_d{bd}_r{br}{tag}", True, bd, br, max(1, min(8, br * bd // (32 * per)))))
         bd *= 2
-    chunk = max(4, triton.next_power_of_2(_bwd_chunk(aligned)))
+    if not aligned and _BWD[False]["chunk"]:
+        chunk_d = min(chunk_d, _BWD[False]["chunk"])
+    chunk = max(4, triton.next_power_of_2(chunk_d))
     full = max(1, 8 * 32 * per // chunk)
     for br in sorted({full, min(full, max(1, 32 * per // chunk))}, reverse=True):
         out.append(_config(f"tiled_d{chunk}_r{br}{tag}", False, chunk, br, max(1, min(8, br * chunk // (32 * per)))))
-    return out
-
-
-def _bwd_max_single() -> int:
-    return CONFIG["gn_bwd_max_single_d"]
-
-
-def _bwd_chunk(aligned: bool) -> int:
-    c = CONFIG["gn_bwd_chunk_d"]
-    return c if aligned or not _BWD[False]["chunk"] else min(c, _BWD[False]["chunk"])
+    return tuple(out)
 
 
 def _pick_fwd(D: int):
