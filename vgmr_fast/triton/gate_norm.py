@@ -318,6 +318,15 @@ def _config(name, single, block_d, block_r, warps):
     return {"name": name, "SINGLE": single, "BLOCK_D": block_d, "BLOCK_R": block_r, "num_warps": warps}
 
 
+def _bwd_config(name, single, block_d, block_r, warps):
+    # maxnreg: the register file's share per thread (255 up to 8 warps).  Without an explicit
+    # limit ptxas 12.8 (Triton 3.6) settles below what these kernels need and spills a few
+    # bytes (the AOT compile: 4-12 bytes at 80-128 registers); with it, none.
+    cfg = _config(name, single, block_d, block_r, warps)
+    cfg["maxnreg"] = min(255, 65536 // (32 * warps))
+    return cfg
+
+
 #: Backward tiles per row alignment: values per thread and the largest single-block / chunk
 #: width.  The backward keeps about a dozen fp32 values per element live (~190 registers at
 #: 8 values per thread).  Aligned rows (D % 16 == 0): 8 values per thread, what a 128-bit
@@ -376,14 +385,16 @@ def _bwd_table(aligned: bool, max_single_d: int, chunk_d: int):
     while bd <= top:
         full = max(1, 8 * 32 * per // bd)
         for br in sorted({full, min(full, max(1, 32 * per // bd))}, reverse=True):
-            out.append(_config(f"single_d{bd}_r{br}{tag}", True, bd, br, max(1, min(8, br * bd // (32 * per)))))
+            out.append(_bwd_config(f"single_d{bd}_r{br}{tag}", True, bd, br,
+                                   max(1, min(8, br * bd // (32 * per)))))
         bd *= 2
     if not aligned and _BWD[False]["chunk"]:
         chunk_d = min(chunk_d, _BWD[False]["chunk"])
     chunk = max(4, triton.next_power_of_2(chunk_d))
     full = max(1, 8 * 32 * per // chunk)
     for br in sorted({full, min(full, max(1, 32 * per // chunk))}, reverse=True):
-        out.append(_config(f"tiled_d{chunk}_r{br}{tag}", False, chunk, br, max(1, min(8, br * chunk // (32 * per)))))
+        out.append(_bwd_config(f"tiled_d{chunk}_r{br}{tag}", False, chunk, br,
+                               max(1, min(8, br * chunk // (32 * per)))))
     return tuple(out)
 
 
@@ -548,7 +559,8 @@ def gate_norm_backward(
         launch(_gn_bwd_stats_kernel, (triton.cdiv(R, block_r),),
                rowstat, dy, zpre, bias_row, x, ln_weight, rstd, seed,
                R, T, D, float(alpha), float(beta), thresh, keep_div,
-               BLOCK_R=block_r, BLOCK_D=block_d, HAS_DROPOUT=has_drop, num_warps=warps)
+               BLOCK_R=block_r, BLOCK_D=block_d, HAS_DROPOUT=has_drop, num_warps=warps,
+               maxnreg=cfg["maxnreg"])
     if n_tb == 1:
         dbias = alloc((B, D), torch.float32, dev)
         dbias_part = dbias
@@ -561,7 +573,8 @@ def gate_norm_backward(
            dy, zpre, bias_row, x, ln_weight, rstd, rowstat, seed,
            B, T, D, n_col, n_tb, b_per_prog, t_per_prog,
            float(alpha), float(beta), thresh, keep_div,
-           BLOCK_R=block_r, BLOCK_D=block_d, SINGLE=single, HAS_DROPOUT=has_drop, num_warps=warps)
+           BLOCK_R=block_r, BLOCK_D=block_d, SINGLE=single, HAS_DROPOUT=has_drop, num_warps=warps,
+           maxnreg=cfg["maxnreg"])
     if n_tb != 1:
         dbias = dbias_part.view(B, n_tb, D).sum(dim=1)
     dln_w = dw_part.sum(dim=0)
