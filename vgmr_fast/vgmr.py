@@ -689,10 +689,12 @@ class VGMR(nn.Module):
         spec = _Spec(*(M, self.d, self.alpha, self.beta, p, backend, self.projection == "mlp", self._k, self._nb,
                       tuple(self.u_blocks), self.recompute_gate_gemm,
                       self._grouped and backend in ("cpu", "cuda")))
-        params = [*self.x_weight, *self.x_bias]
+        # list(), not [*...]: torch 2.11's Dynamo cannot unpack a ParameterList with *
+        params = list(self.x_weight) + list(self.x_bias)
         if spec.mlp:
             params += [self.proj2_weight, self.proj2_bias]
-        params += [*self.gate_latent_weight, self.summary_w1, self.summary_b1, self.summary_w2, self.summary_b2,
+        params += list(self.gate_latent_weight)
+        params += [self.summary_w1, self.summary_b1, self.summary_w2, self.summary_b2,
                    self.value_w1, self.value_b1, self.value_w2, self.value_b2]
         if self._k:
             params += [self.head_weight, self.head_bias]

@@ -57,6 +57,11 @@ except Exception as exc:  # ImportError, or a broken install
     triton = None
     _IMPORT_ERROR = exc
 
+try:  # what triton.jit returns under TRITON_INTERPRET=1
+    from triton.runtime.interpreter import InterpretedFunction as _InterpretedFunction
+except Exception:  # no Triton, or one without an interpreter
+    _InterpretedFunction = ()
+
 _HAS_TRITON_OP = (
     hasattr(torch.library, "triton_op")
     and hasattr(torch.library, "wrap_triton")
@@ -162,9 +167,17 @@ _RECORDER = None
 
 
 def launch(kernel, grid, *args, **meta) -> None:
-    """``wrap_triton(kernel)[grid](*args, **meta)``; while :func:`recording`, only record it."""
+    """``wrap_triton(kernel)[grid](*args, **meta)``; while :func:`recording`, only record it.
+
+    An interpreted kernel (``TRITON_INTERPRET=1``: ``triton.jit`` gives an
+    ``InterpretedFunction``, not a ``JITFunction``) is launched directly: it carries none of
+    the compile metadata ``wrap_triton``'s traceable wrapper needs, and torch 2.11's
+    ``wrap_triton`` rejects it (later torch returns it unchanged, the same launch)."""
     if _RECORDER is not None:
         _RECORDER.append((kernel, grid, args, meta))
+        return
+    if isinstance(kernel, _InterpretedFunction):
+        kernel[grid](*args, **meta)
         return
     wrap_triton(kernel)[grid](*args, **meta)
 

@@ -4,7 +4,7 @@ The variants are not listed by hand: each launcher's named configuration table
 (``gate_norm.fwd_configs`` / ``bwd_configs``, ``summary_pool.configs``,
 ``interaction.configs``) gives probe shapes, and the launchers themselves run on those
 probes under :func:`vgmr_fast.triton.recording`, which records every launch (kernel,
-arguments, constexprs, ``num_warps``) instead of launching.  Each probe runs for every
+arguments, constexprs, ``num_warps`` and ``maxnreg``) instead of launching.  Each probe runs for every
 dtype, with aligned inputs (``D % 16 == 0``, 16-byte aligned pointers: the divisibility
 specialisation Triton's launcher gives them) and unaligned ones (odd ``D``, pointers one
 element off).  The signature and attributes are derived from the recorded arguments the
@@ -231,14 +231,17 @@ def variants():
             thunk()
         for kernel, _grid, args, meta in launches:
             meta = dict(meta)
-            num_warps = meta.pop("num_warps", 4)
+            # launch keywords that are no kernel argument are compile options (num_warps, maxnreg)
+            options = {k: meta.pop(k) for k in list(meta) if k not in kernel.arg_names}
+            options.setdefault("num_warps", 4)
             sig, constexprs, attrs = specialize(kernel, args, meta)
             key = (kernel.__name__, json.dumps(sig, sort_keys=True), json.dumps(constexprs, sort_keys=True),
-                   json.dumps(sorted((k[0], v) for k, v in attrs.items())), num_warps)
+                   json.dumps(sorted((k[0], v) for k, v in attrs.items())), json.dumps(options, sort_keys=True))
             v = seen.setdefault(key, {
                 "kernel": kernel.__name__, "module": kernel.fn.__module__, "signature": sig,
                 "constexprs": constexprs, "attrs": {str(k[0]): v for k, v in attrs.items()},
-                "num_warps": num_warps, "aligned": aligned, "dtype": dname, "configs": set(), "ops": set(),
+                "num_warps": options["num_warps"], "options": options,
+                "aligned": aligned, "dtype": dname, "configs": set(), "ops": set(),
                 "native": native_signature(kernel, args, meta), "ours": (sig, attrs),
             })
             v["configs"].add(cfg)
@@ -345,11 +348,11 @@ def compile_variant(v: dict, arch: int) -> dict:
     ptxas_log = _ptxas_log_on()
     t0 = time.perf_counter()
     res = {"kernel": v["kernel"], "arch": arch, "configs": v["configs"], "dtype": v["dtype"],
-           "aligned": v["aligned"], "num_warps": v["num_warps"],
+           "aligned": v["aligned"], "num_warps": v["num_warps"], "maxnreg": v["options"].get("maxnreg"),
            "constexprs": {k: c for k, c in v["constexprs"].items()}}
     try:
         with contextlib.redirect_stdout(log):
-            k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": v["num_warps"]})
+            k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(v["options"]))
     except Exception as exc:  # noqa: BLE001  (any compiler failure is a finding)
         res["error"] = f"{type(exc).__name__}: {exc}"[:2000]
         return res
@@ -434,6 +437,8 @@ def problems(vs, results) -> list[str]:
 # ---------------------------------------------------------------------------
 def _cfg_text(r) -> str:
     keep = {k: c for k, c in r["constexprs"].items() if k.isupper()}
+    if r.get("maxnreg"):
+        keep["maxnreg"] = r["maxnreg"]
     return " ".join(f"{k}={c}" for k, c in keep.items())
 
 

@@ -38,6 +38,7 @@ Seed: a one-element int64 tensor, loaded by the kernels (``seed_key``), never re
 ``p == 0``.  No host synchronisation: every launch parameter is derived from shapes.
 """
 
+import functools
 from typing import Tuple
 
 import torch
@@ -317,6 +318,15 @@ def _config(name, single, block_d, block_r, warps):
     return {"name": name, "SINGLE": single, "BLOCK_D": block_d, "BLOCK_R": block_r, "num_warps": warps}
 
 
+def _bwd_config(name, single, block_d, block_r, warps):
+    # maxnreg: the register file's share per thread (255 up to 8 warps).  Without an explicit
+    # limit ptxas 12.8 (Triton 3.6) settles below what these kernels need and spills a few
+    # bytes (the AOT compile: 4-12 bytes at 80-128 registers); with it, none.
+    cfg = _config(name, single, block_d, block_r, warps)
+    cfg["maxnreg"] = min(255, 65536 // (32 * warps))
+    return cfg
+
+
 #: Backward tiles per row alignment: values per thread and the largest single-block / chunk
 #: width.  The backward keeps about a dozen fp32 values per element live (~190 registers at
 #: 8 values per thread).  Aligned rows (D % 16 == 0): 8 values per thread, what a 128-bit
@@ -332,18 +342,24 @@ _BWD = {True: {"per_thread": 8, "max_single": None, "chunk": None},
 def fwd_configs():
     """Forward configurations: one single-block entry per power-of-two ``BLOCK_D`` from
     ``MIN_BLOCK_D`` up to ``gn_max_single_d``, one tiled entry (``BLOCK_D`` = ``gn_chunk_d``).
-    ``BLOCK_R`` rows per program fill a tile of ``gn_max_tile`` elements."""
+    ``BLOCK_R`` rows per program fill a tile of ``gn_max_tile`` elements.  Built once per
+    value of those three settings (a tuple: callers must not modify the entries)."""
+    return _fwd_table(CONFIG["gn_max_single_d"], CONFIG["gn_chunk_d"], CONFIG["gn_max_tile"])
+
+
+@functools.lru_cache(maxsize=None)
+def _fwd_table(max_single_d: int, chunk_d: int, max_tile: int):
     out = []
-    top = triton.next_power_of_2(CONFIG["gn_max_single_d"])
+    top = triton.next_power_of_2(max_single_d)
     bd = min(MIN_BLOCK_D, top)
     while bd <= top:
-        br = max(1, CONFIG["gn_max_tile"] // bd)
+        br = max(1, max_tile // bd)
         out.append(_config(f"single_d{bd}", True, bd, br, num_warps_for(br * bd)))
         bd *= 2
-    chunk = max(4, triton.next_power_of_2(CONFIG["gn_chunk_d"]))
-    br = max(1, CONFIG["gn_max_tile"] // chunk)
+    chunk = max(4, triton.next_power_of_2(chunk_d))
+    br = max(1, max_tile // chunk)
     out.append(_config(f"tiled_d{chunk}", False, chunk, br, num_warps_for(br * chunk)))
-    return out
+    return tuple(out)
 
 
 def bwd_configs(aligned: bool = True):
@@ -351,33 +367,35 @@ def bwd_configs(aligned: bool = True):
     power-of-two ``BLOCK_D`` (single block up to ``gn_bwd_max_single_d``, then one tiled
     chunk width; see ``_BWD``), ``BLOCK_R`` either the tile's full height (256 threads'
     worth of values) or the shortest tile that fills one warp (short sequences: a program's
-    rows never straddle a batch, so a tall tile over ``T`` < its height would idle lanes)."""
+    rows never straddle a batch, so a tall tile over ``T`` < its height would idle lanes).
+    Built once per value of the two settings and the alignment (a tuple: callers must not
+    modify the entries)."""
+    return _bwd_table(bool(aligned), CONFIG["gn_bwd_max_single_d"], CONFIG["gn_bwd_chunk_d"])
+
+
+@functools.lru_cache(maxsize=None)
+def _bwd_table(aligned: bool, max_single_d: int, chunk_d: int):
     per = _BWD[aligned]["per_thread"]
     tag = "" if aligned else "_unaligned"
     out = []
-    top = triton.next_power_of_2(_bwd_max_single())
+    top = triton.next_power_of_2(max_single_d)
     if not aligned and _BWD[False]["max_single"]:
         top = min(top, _BWD[False]["max_single"])
     bd = min(MIN_BLOCK_D, top)
     while bd <= top:
         full = max(1, 8 * 32 * per // bd)
         for br in sorted({full, min(full, max(1, 32 * per // bd))}, reverse=True):
-            out.append(_config(f"single_d{bd}_r{br}{tag}", True, bd, br, max(1, min(8, br * bd // (32 * per)))))
+            out.append(_bwd_config(f"single_d{bd}_r{br}{tag}", True, bd, br,
+                                   max(1, min(8, br * bd // (32 * per)))))
         bd *= 2
-    chunk = max(4, triton.next_power_of_2(_bwd_chunk(aligned)))
+    if not aligned and _BWD[False]["chunk"]:
+        chunk_d = min(chunk_d, _BWD[False]["chunk"])
+    chunk = max(4, triton.next_power_of_2(chunk_d))
     full = max(1, 8 * 32 * per // chunk)
     for br in sorted({full, min(full, max(1, 32 * per // chunk))}, reverse=True):
-        out.append(_config(f"tiled_d{chunk}_r{br}{tag}", False, chunk, br, max(1, min(8, br * chunk // (32 * per)))))
-    return out
-
-
-def _bwd_max_single() -> int:
-    return CONFIG["gn_bwd_max_single_d"]
-
-
-def _bwd_chunk(aligned: bool) -> int:
-    c = CONFIG["gn_bwd_chunk_d"]
-    return c if aligned or not _BWD[False]["chunk"] else min(c, _BWD[False]["chunk"])
+        out.append(_bwd_config(f"tiled_d{chunk}_r{br}{tag}", False, chunk, br,
+                               max(1, min(8, br * chunk // (32 * per)))))
+    return tuple(out)
 
 
 def _pick_fwd(D: int):
@@ -541,7 +559,8 @@ def gate_norm_backward(
         launch(_gn_bwd_stats_kernel, (triton.cdiv(R, block_r),),
                rowstat, dy, zpre, bias_row, x, ln_weight, rstd, seed,
                R, T, D, float(alpha), float(beta), thresh, keep_div,
-               BLOCK_R=block_r, BLOCK_D=block_d, HAS_DROPOUT=has_drop, num_warps=warps)
+               BLOCK_R=block_r, BLOCK_D=block_d, HAS_DROPOUT=has_drop, num_warps=warps,
+               maxnreg=cfg["maxnreg"])
     if n_tb == 1:
         dbias = alloc((B, D), torch.float32, dev)
         dbias_part = dbias
@@ -554,7 +573,8 @@ def gate_norm_backward(
            dy, zpre, bias_row, x, ln_weight, rstd, rowstat, seed,
            B, T, D, n_col, n_tb, b_per_prog, t_per_prog,
            float(alpha), float(beta), thresh, keep_div,
-           BLOCK_R=block_r, BLOCK_D=block_d, SINGLE=single, HAS_DROPOUT=has_drop, num_warps=warps)
+           BLOCK_R=block_r, BLOCK_D=block_d, SINGLE=single, HAS_DROPOUT=has_drop, num_warps=warps,
+           maxnreg=cfg["maxnreg"])
     if n_tb != 1:
         dbias = dbias_part.view(B, n_tb, D).sum(dim=1)
     dln_w = dw_part.sum(dim=0)

@@ -14,6 +14,8 @@ agreement, discrepancy and the context ``1/(M-1)``).  ``d|x|/dx = sign(x)`` with
 count); ``BLOCK_D`` comes from the named table :func:`configs` (``aot.py`` compiles each entry).
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -91,15 +93,21 @@ MIN_BLOCK_D = 256
 
 def configs():
     """Named configurations: one per power-of-two ``BLOCK_D`` from ``MIN_BLOCK_D`` to
-    ``ia_block_d``; warps chosen so a thread holds 16 bytes of a row (a 128-bit access)."""
+    ``ia_block_d``; warps chosen so a thread holds 16 bytes of a row (a 128-bit access).
+    Built once per value of that setting (a tuple: callers must not modify the entries)."""
+    return _table(CONFIG["ia_block_d"])
+
+
+@functools.lru_cache(maxsize=None)
+def _table(block_d: int):
     out = []
-    top = triton.next_power_of_2(CONFIG["ia_block_d"])
+    top = triton.next_power_of_2(block_d)
     bd = min(MIN_BLOCK_D, top)
     while bd <= top:
         # 8 values per thread: 16 bytes of bf16/fp16 (fp32 rows get two 128-bit accesses)
         out.append({"name": f"d{bd}", "BLOCK_D": bd, "num_warps": max(1, min(8, bd // (32 * 8)))})
         bd *= 2
-    return out
+    return tuple(out)
 
 
 def _pick(D: int):

@@ -13,6 +13,7 @@ Backward: one program per ``(b, T-block, D-block)``:
 Tiles come from the named table :func:`configs` (``aot.py`` compiles every entry).
 """
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -129,14 +130,20 @@ def _warps(elements: int, block_d: int) -> int:
 def configs():
     """Named configurations: ``BLOCK_D`` from ``sp_block_d`` halved down to 32 (narrower
     blocks when ``B * D-blocks`` would underfill the GPU), ``BLOCK_T`` filling a tile of
-    ``sp_max_tile`` elements, ``num_warps`` for that tile."""
+    ``sp_max_tile`` elements, ``num_warps`` for that tile.  Built once per value of the two
+    settings (a tuple: callers must not modify the entries)."""
+    return _table(CONFIG["sp_block_d"], CONFIG["sp_max_tile"])
+
+
+@functools.lru_cache(maxsize=None)
+def _table(block_d: int, max_tile: int):
     out = []
-    bd = triton.next_power_of_2(CONFIG["sp_block_d"])
+    bd = triton.next_power_of_2(block_d)
     while True:
-        bt = max(1, CONFIG["sp_max_tile"] // bd)
+        bt = max(1, max_tile // bd)
         out.append({"name": f"d{bd}_t{bt}", "BLOCK_D": bd, "BLOCK_T": bt, "num_warps": _warps(bt * bd, bd)})
         if bd <= 32:
-            return out
+            return tuple(out)
         bd //= 2
 
 
