@@ -1,4 +1,4 @@
-"""The fused VGMR as a layer (issue 12, issue 15): launch and memory budgets, graph safety of
+"""The fused VGMR as a layer: launch and memory budgets, graph safety of
 the dropout seed, input handling shared with the reference, and the cases that used to fail."""
 import copy
 import os
@@ -16,7 +16,7 @@ from test_vgmr import check_module, grads, inputs
 
 # The size the budgets are set at (a MOSEI-like layer): B=32, T=50, widths 768/74/35, d=128, fp32.
 B, T, WIDTHS, D_LATENT = 32, 50, [768, 74, 35], 128
-INFERENCE_BUDGET, TRAINING_BUDGET, SAVED_FRACTION = 30, 100, 0.35
+INFERENCE_BUDGET, TRAINING_BUDGET, SAVED_FRACTION, SAVED_FRACTION_NO_INPUT_GRAD = 30, 100, 0.35, 0.37
 
 
 def _layer(seed=0, **kw):
@@ -291,3 +291,131 @@ def test_double_backward_raises_naming_the_layer_and_reference_supports_it():
         penalty = sum(gi.pow(2).sum() for gi in g)
         penalty.backward()
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+
+# ---- only the gradients asked for ----------------------------------------------------------
+# Frozen groups, named by the fused module's parameters (the reference's keys follow from the
+# state-dict slots, so both modules freeze the same weights).
+FROZEN = {
+    "nothing": (),
+    "norms": ("norm_weight", "norm_bias"),
+    "gate weights": ("gate_latent_weight", "row_weight"),
+    "all parameters": None,  # every parameter
+}
+
+
+def _freeze(r, f, group):
+    names = [n for n, _ in f.named_parameters()] if FROZEN[group] is None else \
+        [n for n, _ in f.named_parameters() if n.split(".")[0] in FROZEN[group]]
+    for n in names:
+        f.get_parameter(n).requires_grad_(False)
+    keys = {key for key, pname, _ in f._slots if pname in names}
+    for key, p in r.named_parameters():
+        if key in keys:
+            p.requires_grad_(False)
+
+
+def _grads_with(module, xs, masks, x_grad, seed=123):
+    torch.manual_seed(seed)
+    xg = [x.detach().clone().requires_grad_(need) for x, need in zip(xs, x_grad)]
+    out = module(xg, masks)
+    loss = sum((o.double() * torch.linspace(-1, 1, o.shape[-1], dtype=torch.float64)).sum() for o in out)
+    module.zero_grad(set_to_none=True)
+    if loss.requires_grad:
+        loss.backward()
+    return out, grads(module, xg)
+
+
+# (nothing frozen and no feature requiring grad is test_nothing_requires_grad_runs_no_backward)
+@pytest.mark.parametrize("x_grad,group", [
+    (x_grad, group) for x_grad in [(True, True, True), (False, True, False), (False, False, False)]
+    for group in FROZEN if not (group == "all parameters" and not any(x_grad))])
+@pytest.mark.parametrize("kw", [{}, {"projection": "linear", "use_global_value": False}])
+def test_only_the_gradients_asked_for_match_the_reference(x_grad, group, kw):
+    """Every gradient computed equals the reference's under the pass rule; every None sits where
+    the reference's None is (frozen parameters, inputs that don't require grad)."""
+    from vgmr_fast.testing import compare
+
+    widths = [12, 5, 3]
+    torch.manual_seed(6)
+    r = R.VGMR(widths, d=8, dropout=0.2, **kw).train()
+    f = from_reference(r, backend="cpu")
+    truth = copy.deepcopy(r).double()
+    _freeze(r, f, group)
+    _freeze(truth, f, group)  # same keys (the fused module is already frozen: idempotent)
+    xs, masks = inputs(widths)
+    _, g_t = _grads_with(truth, [x.double() for x in xs], masks, x_grad)
+    _, g_r = _grads_with(r, xs, masks, x_grad)
+    _, g_f = _grads_with(f, xs, masks, x_grad)
+    assert len(g_f) == len(g_t)
+    for i, (a, b, t) in enumerate(zip(g_f, g_r, g_t)):
+        assert (a is None) == (t is None), (i, a is None, t is None)
+        if t is not None:
+            c = compare(a, b, t, torch.float32)
+            assert c.ok, (i, c)
+
+
+def test_nothing_requires_grad_runs_no_backward():
+    widths = [12, 5, 3]
+    r = R.VGMR(widths, d=8)
+    f = from_reference(r, backend="cpu")
+    _freeze(r, f, "all parameters")
+    xs, masks = inputs(widths)
+    out = f(xs, masks)
+    assert not any(o.requires_grad for o in out)
+
+
+def _no_grad_step(module, xs, masks):
+    gy = [torch.randn_like(x) for x in xs]
+
+    def step():
+        torch.autograd.backward(list(module(xs, masks)), gy)
+
+    return step
+
+
+def test_op_budget_and_saved_bytes_without_input_grad():
+    """Features that don't require grad (pre-extracted features): no dX GEMM, no gate_norm dX,
+    fewer ops than the step with input gradients, the same saved bytes."""
+    _, f, xs, masks = _layer()
+    f.train()
+    _, with_x = count_aten_ops(_training_step(f, xs, masks))
+    f.zero_grad(set_to_none=True)
+    _, without_x = count_aten_ops(_no_grad_step(f, xs, masks))
+    assert without_x.total <= TRAINING_BUDGET, dict(without_x.by_name)
+    # the dX GEMMs (two per modality, accumulating into gate_norm's dX) are gone
+    assert with_x.by_name["aten::addmm_"] - without_x.by_name.get("aten::addmm_", 0) == 2 * len(WIDTHS)
+    assert with_x.total - without_x.total == 2 * len(WIDTHS), (dict(with_x.by_name), dict(without_x.by_name))
+    r, _, _, _ = _layer()
+    r.train()
+    _, ref_saved = saved_tensor_bytes(r, xs, masks, exclude=list(r.parameters()) + xs + masks)
+    _, saved = saved_tensor_bytes(f, xs, masks, exclude=list(f.parameters()) + xs + masks)
+    xg = [x.clone().requires_grad_() for x in xs]
+    _, saved_x = saved_tensor_bytes(f, xg, masks, exclude=list(f.parameters()) + xg + masks)
+    assert saved == saved_x  # the same tensors either way: each one serves a weight gradient
+    # the reference saves less without input gradients; the fused module's share stays below
+    assert saved <= SAVED_FRACTION_NO_INPUT_GRAD * ref_saved, (saved, ref_saved)
+
+
+def test_frozen_module_computes_input_gradients_only():
+    """A frozen refiner (every parameter frozen) with features that need grad: only dX."""
+    r, f, xs, masks = _layer()
+    _freeze(r, f, "all parameters")
+    f.train()
+    _, c = count_aten_ops(_training_step(f, xs, masks))
+    full_r, full_f, _, _ = _layer()
+    full_f.train()
+    _, full = count_aten_ops(_training_step(full_f, xs, masks))
+    assert c.total < full.total - 20, (dict(c.by_name), dict(full.by_name))
+
+
+def test_meta_device_forward_and_backward():
+    """A module moved to ``device="meta"`` runs forward and backward as shape inference."""
+    widths = [12, 5, 3]
+    f = VGMR(widths, d=8, dropout=0.1).to("meta").train()
+    xs = [torch.randn(2, 4, D, device="meta", requires_grad=True) for D in widths]
+    out = f(xs)
+    assert [o.shape for o in out] == [x.shape for x in xs] and out[0].device.type == "meta"
+    sum(o.sum() for o in out).backward()
+    assert all(x.grad is not None and x.grad.shape == x.shape for x in xs)
+    assert all(p.grad is not None and p.grad.device.type == "meta" for p in f.parameters())

@@ -29,6 +29,7 @@ from torch import nn
 
 from . import inputs
 from . import reference as ref
+from .ops import backend as _backend
 from .dropout_stream import draw_seeds
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
@@ -40,6 +41,11 @@ def _warn_once(key: str, msg: str) -> None:
     if key not in _warned:
         _warned.add(key)
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def _autocast_on(device: torch.device) -> bool:
+    """Whether autocast is on for ``device`` (meta and other devices without autocast: never)."""
+    return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
 
 
 def _linear_init(out_features: int, in_features: int):
@@ -62,18 +68,6 @@ class _ReferenceOps:
     @staticmethod
     def gate_norm(zpre, bias_row, x, ln_weight, ln_bias, *, alpha, beta, p=0.0, seed=0, backend=None):
         return ref.gate_norm(zpre, bias_row, x, ln_weight, ln_bias, alpha, beta, p, seed)
-
-
-def _has_grouped_gate_norm() -> bool:
-    """Whether the C++ backends have the grouped gate_norm (one call for every modality); asked
-    once per module, at construction (a schema query does not trace)."""
-    try:
-        from . import ops  # noqa: F401  (loads the extension's schemas when it is built)
-
-        torch.ops.vgmr.gate_norm_grouped_backward.default
-    except (ImportError, AttributeError, RuntimeError, OSError):
-        return False
-    return True
 
 
 # Static configuration of one fused call (a named tuple: compilers treat it as a constant).
@@ -102,7 +96,7 @@ class _FusedVGMR(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec, seeds, *flat):
         M, d, k = spec.M, spec.d, spec.k
-        ns = torch.ops.vgmr_triton if spec.backend == "triton" else torch.ops.vgmr
+        ns = _backend.namespace(spec.backend)
         # the raw ops read dense rows (no-ops for the usual contiguous inputs)
         xs = [x.contiguous() for x in flat[:M]]
         masks = [None if mk is None else mk.contiguous() for mk in flat[M:2 * M]]
@@ -183,7 +177,7 @@ class _FusedVGMR(torch.autograd.Function):
                 "backend='reference' (or use vgmr_fast.reference.VGMR) for higher-order gradients")
         spec = ctx.spec
         M, d, k = spec.M, spec.d, spec.k
-        ns = torch.ops.vgmr_triton if spec.backend == "triton" else torch.ops.vgmr
+        ns = _backend.namespace(spec.backend)
         B, Ts, dims = ctx.shape
         saved = list(ctx.saved_tensors)
         seeds = saved.pop(0)
@@ -218,16 +212,30 @@ class _FusedVGMR(torch.autograd.Function):
         pdt = _pdt(xs[0])
         lnws = [w.to(pdt) for w in P["lnw"].split(dims)]
 
+        # Only the gradients asked for: the inputs' and each parameter's needs_input_grad, and
+        # each stage of the chain back to X only when something before it needs it.
+        need_x = list(ctx.needs_input_grad[2:2 + M])
+        need = _unflatten_params(spec, ctx.needs_input_grad[2 + 2 * M:])
+        need_p1 = [need_x[m] or need["xw"][m] or need["xb"][m] for m in range(M)]  # P's first layer
+        need_h = [need_p1[m] or (spec.mlp and (need["w2"] or need["b2"])) for m in range(M)]  # dH_m
+        chain, below = {}, any(need_h)
+        for stage in ("e1", "e2", "v1", "v2", "heads"):  # from the summary back to the heads
+            w_name, b_name = {"e1": ("ew1", "eb1"), "e2": ("ew2", "eb2"), "v1": ("vw1", "vb1"),
+                              "v2": ("vw2", "vb2"), "heads": ("hw", "hb")}[stage]
+            below = below or bool(need.get(w_name)) or bool(need.get(b_name))
+            chain[stage] = bool(k) and below
+
         # §5 gate_norm
         dys = [torch.zeros_like(x) if dy is None else dy.to(x.dtype).contiguous() for dy, x in zip(dys, xs)]
         if spec.grouped:
             grouped = ns.gate_norm_grouped_backward(dys, zpres, rows_p, list(xs), lnws, stats[0::2], stats[1::2],
-                                                    spec.alpha, spec.beta, spec.p, seeds)
+                                                    spec.alpha, spec.beta, spec.p, seeds, need_x)
             per_modality = list(zip(*grouped))
         else:
             per_modality = [ns.gate_norm_backward(dys[m], zpres[m], rows_p[m], xs[m], lnws[m], stats[2 * m],
                                                   stats[2 * m + 1], spec.alpha, spec.beta, spec.p,
-                                                  _seed_arg(seeds, m)) for m in range(M)]
+                                                  _seed_arg(seeds, m), need_x[m]) for m in range(M)]
+        dys = zpres = stats = None
         dzs, drows, dxs, dlnw, dlnb = [], [], [], [], []
         for m in range(M):
             dz, drow, dx, dw, db = per_modality[m]
@@ -237,33 +245,38 @@ class _FusedVGMR(torch.autograd.Function):
                 drow = drow + drow_extra[m]
             dzs.append(dz.view(B * Ts[m], dims[m]))
             drows.append(drow.to(P["rw"].dtype))
-            dxs.append(dx)
+            dxs.append(dx if need_x[m] else None)
             dlnw.append(dw)
             dlnb.append(db)
+        per_modality = None
         # One workspace holds every gradient that gathers per-modality pieces: each GEMM writes its
         # piece in place (out=), so gathering costs one allocation instead of a cat / stack each.
         ws = _Workspace(xs[0])
         width = len(spec.u_blocks) * d
-        ws_rw = ws.take(sum(dims), P["rw"].shape[1])
-        if k:
+        ws_rw = ws.take(sum(dims), P["rw"].shape[1]) if need["rw"] else None
+        if chain["heads"]:
             ws_dt = ws.take(M, B, k)
-            ws_du = ws.take(B, M, width) if width == (3 * M - 1) * d else None
-        if spec.mlp:
-            ws_w2 = ws.take(M, d, d)
-            ws_dact = ws.take(sum(B * T for T in Ts), d)
+            ws_du = ws.take(B, M, width) if chain["e2"] and width == (3 * M - 1) * d else None
+        ws_w2 = ws.take(M, d, d) if spec.mlp and need["w2"] else None
+        ws_dh = ws.take(sum(B * T for T in Ts), d) if spec.mlp and need["b2"] else None  # b2: one reduction
+        ws_dact = ws.take(sum(B * T for T in Ts), d) if spec.mlp and all(need_p1) else None
+        ws_xw = [ws.take(d + D, D) if need["xw"][m] else None for m, D in enumerate(dims)]
+        ws_xb = [ws.take(d + D) if need["xb"][m] else None for m, D in enumerate(dims)]
         ws.allocate()
         g = {}
-        g["lnw"] = torch.cat(dlnw).to(P["lnw"].dtype)
-        g["lnb"] = torch.cat(dlnb).to(P["lnb"].dtype)
+        if need["lnw"]:
+            g["lnw"] = torch.cat(dlnw).to(P["lnw"].dtype)
+        if need["lnb"]:
+            g["lnb"] = torch.cat(dlnb).to(P["lnb"].dtype)
+        dlnw = dlnb = None
         # §4 bias rows: rows_m = (t_ext_m RW_m^T) / 2
-        t_parts = t_ext.unbind(0)
-        rw_pieces = ws_rw().split(dims)
-        for dr, tm, out in zip(drows, t_parts, rw_pieces):
-            torch.addmm(P["zero"], dr.t(), tm, beta=0.0, alpha=0.5, out=out)
-        g["rw"] = ws_rw()
-        g["wh"] = [torch.mm(dz.t(), h) for dz, h in zip(dzs, hs)]
+        if ws_rw is not None:
+            for dr, tm, out in zip(drows, t_ext.unbind(0), ws_rw().split(dims)):
+                torch.addmm(P["zero"], dr.t(), tm, beta=0.0, alpha=0.5, out=out)
+            g["rw"] = ws_rw()
+        g["wh"] = [torch.mm(dz.t(), h) if need["wh"][m] else None for m, (dz, h) in enumerate(zip(dzs, hs))]
         dhs = [None] * M
-        if k:
+        if chain["heads"]:
             # heads: t = tanh((hb + r hw^T) / 2), so dz = tanh'(.) dt / 2; the 1/2 rides on the GEMMs
             dt_half = ws_dt()
             for dr, rw, out in zip(drows, P["rw"].split(dims), dt_half.unbind(0)):
@@ -271,15 +284,28 @@ class _FusedVGMR(torch.autograd.Function):
             if dt_extra is not None:
                 dt_half = dt_half + 0.5 * dt_extra
             dzh = torch.ops.aten.tanh_backward(dt_half, t)
-            g["hw"] = _bmm_t(dzh, r)
-            g["hb"] = dzh.sum(1)
-            dr_ = torch.bmm(dzh, P["hw"])
+            dt_half = None
+            if need["hw"]:
+                g["hw"] = _bmm_t(dzh, r)
+            if need["hb"]:
+                g["hb"] = dzh.sum(1)
+        drows = None
+        if chain["v2"]:
             # §3 values
-            g["vw2"] = _bmm_t(dr_, r1)
-            g["vb2"] = dr_.sum(1)
+            dr_ = torch.bmm(dzh, P["hw"])
+            dzh = None
+            if need["vw2"]:
+                g["vw2"] = _bmm_t(dr_, r1)
+            if need["vb2"]:
+                g["vb2"] = dr_.sum(1)
+        if chain["v1"]:
             dr_pre = torch.ops.aten.gelu_backward(torch.bmm(dr_, P["vw2"]), r_pre)
-            g["vw1"] = _bmm_t(dr_pre, u.transpose(0, 1))
-            g["vb1"] = dr_pre.sum(1)
+            dr_ = None
+            if need["vw1"]:
+                g["vw1"] = _bmm_t(dr_pre, u.transpose(0, 1))
+            if need["vb1"]:
+                g["vb1"] = dr_pre.sum(1)
+        if chain["e2"]:
             if ws_du is not None and not torch.compiler.is_compiling():
                 # written as [B, M, width], the layout the interaction reads (a compiler fuses the
                 # transpose itself, and Dynamo takes no strided out=)
@@ -287,47 +313,82 @@ class _FusedVGMR(torch.autograd.Function):
                 torch.bmm(dr_pre, P["vw1"], out=du.transpose(0, 1))
             else:
                 du = torch.bmm(dr_pre, P["vw1"]).transpose(0, 1)  # [B, M, width]
+            dr_pre = None
             if len(spec.u_blocks) != 3 * M - 1:
                 full = du.new_zeros(B, M, 3 * M - 1, d)
                 full[:, :, list(spec.u_blocks)] = du.reshape(B, M, len(spec.u_blocks), d)
                 du = full.view(B, M, (3 * M - 1) * d)
             # §2 interaction, §1 summary
             ds = ns.interaction_backward(du.contiguous(), s_bm).transpose(0, 1)  # [M, B, d]
-            g["ew2"] = _bmm_t(ds, e)
-            g["eb2"] = ds.sum(1)
+            du = None
+            if need["ew2"]:
+                g["ew2"] = _bmm_t(ds, e)
+            if need["eb2"]:
+                g["eb2"] = ds.sum(1)
+        if chain["e1"]:
             de_pre = torch.ops.aten.gelu_backward(torch.bmm(ds, P["ew2"]), e_pre)
-            g["ew1"] = _bmm_t(de_pre, summary_in)
-            g["eb1"] = de_pre.sum(1)
-            dmean = torch.bmm(de_pre, P["ew1"][:, :, :d])  # [M, B, d], contiguous per modality
-            dmax = torch.bmm(de_pre, P["ew1"][:, :, d:])
-            dhs = [ns.summary_pool_backward(dmean[m], dmax[m], masks[m], argmaxes[m], Ts[m]).view(B * Ts[m], d)
-                   for m in range(M)]
+            ds = None
+            if need["ew1"]:
+                g["ew1"] = _bmm_t(de_pre, summary_in)
+            if need["eb1"]:
+                g["eb1"] = de_pre.sum(1)
+            if any(need_h):
+                dmean = torch.bmm(de_pre, P["ew1"][:, :, :d])  # [M, B, d], contiguous per modality
+                dmax = torch.bmm(de_pre, P["ew1"][:, :, d:])
+                dhs = [ns.summary_pool_backward(dmean[m], dmax[m], masks[m], argmaxes[m], Ts[m]).view(B * Ts[m], d)
+                       if need_h[m] else None for m in range(M)]
+                dmean = dmax = None
+            de_pre = None
         # gate GEMM: zpre = (x W_r^T + b_r) + h W_h^T
-        dhs = [dz @ wh if dh is None else dh.addmm_(dz, wh) for dh, dz, wh in zip(dhs, dzs, P["wh"])]
-        if spec.mlp:
-            g["w2"] = ws_w2()
-            for dh, a, out in zip(dhs, acts, g["w2"].unbind(0)):
-                torch.mm(dh.t(), a, out=out)
-            lengths = torch.tensor([B * T for T in Ts], device=pre_all.device)
-            g["b2"] = torch.segment_reduce(torch.cat(dhs), "sum", lengths=lengths)  # [M, d], one launch
-            dact = ws_dact()
-            for dh, w2, out in zip(dhs, P["w2"].unbind(0), dact.split([B * T for T in Ts])):
-                torch.mm(dh, w2, out=out)
-            dpres = torch.ops.aten.gelu_backward(dact, pre_all).split([B * T for T in Ts])
+        if ws_dh is not None:  # every modality's dH, written into one buffer
+            pieces = ws_dh().split([B * T for T in Ts])
+            dhs = [torch.mm(dz, wh, out=out) if dh is None else torch.addmm(dh, dz, wh, out=out)
+                   for dh, dz, wh, out in zip(dhs, dzs, P["wh"], pieces)]
         else:
-            dpres = dhs
-        # [P1; W_r] share one GEMM on X; dX accumulates in place into gate_norm's dX (no second
-        # [BT, D] buffer alive at the backward's peak)
-        g["xw"], g["xb"], dx_out = [], [], []
+            dhs = [None if not need_h[m] else dz @ wh if dh is None else dh.addmm_(dz, wh)
+                   for m, (dh, dz, wh) in enumerate(zip(dhs, dzs, P["wh"]))]
+        dpres = dhs
+        if spec.mlp:
+            if ws_w2 is not None:
+                g["w2"] = ws_w2()
+                for dh, a, out in zip(dhs, acts, g["w2"].unbind(0)):
+                    torch.mm(dh.t(), a, out=out)
+            if need["b2"]:
+                lengths = torch.tensor([B * T for T in Ts], device=pre_all.device)
+                g["b2"] = torch.segment_reduce(ws_dh(), "sum", lengths=lengths)  # [M, d], one launch
+            acts = None
+            if ws_dact is not None:  # every modality: one GELU backward over all rows
+                dact = ws_dact()
+                for dh, w2, out in zip(dhs, P["w2"].unbind(0), dact.split([B * T for T in Ts])):
+                    torch.mm(dh, w2, out=out)
+                dhs = None
+                dpres = list(torch.ops.aten.gelu_backward(dact, pre_all).split([B * T for T in Ts]))
+                dact = None
+            else:
+                pres = pre_all.split([B * T for T in Ts])
+                dpres = [torch.ops.aten.gelu_backward(dh @ w2, pre) if need_p1[m] else None
+                         for m, (dh, w2, pre) in enumerate(zip(dhs, P["w2"].unbind(0), pres))]
+                dhs = None
+        # [P1; W_r] share one GEMM on X: each half of its weight gradient is written into its
+        # final buffer, and dX accumulates in place into gate_norm's dX (no [BT, d + D] buffer)
+        g["xw"], g["xb"], dx_out = [None] * M, [None] * M, [None] * M
         for m in range(M):
-            dxo = torch.cat([dpres[m], dzs[m]], dim=1)  # [BT, d + D]
-            g["xw"].append(torch.mm(dxo.t(), x2s[m]))
-            g["xb"].append(dxo.sum(0))
-            dx = dxs[m].view(B * Ts[m], dims[m]).addmm_(dxo, P["xw"][m])
-            dx_out.append(dx.view(B, Ts[m], dims[m]))
-        if not k:
-            for name in ("ew1", "eb1", "ew2", "eb2", "vw1", "vb1", "vw2", "vb2"):
-                g[name] = None  # the value path does not reach the output (both heads ablated)
+            dpre, dz, x2 = dpres[m], dzs[m], x2s[m]
+            if ws_xw[m] is not None:
+                gw = ws_xw[m]()
+                torch.mm(dpre.t(), x2, out=gw[:d])
+                torch.mm(dz.t(), x2, out=gw[d:])
+                g["xw"][m] = gw
+            if ws_xb[m] is not None:
+                gb = ws_xb[m]()
+                torch.sum(dpre, 0, out=gb[:d])
+                torch.sum(dz, 0, out=gb[d:])
+                g["xb"][m] = gb
+            if need_x[m]:
+                w = P["xw"][m]
+                dx = dxs[m].view(B * Ts[m], dims[m]).addmm_(dpre, w[:d]).addmm_(dz, w[d:])
+                dx_out[m] = dx.view(B, Ts[m], dims[m])
+            dpres[m] = dzs[m] = None  # free each modality's buffers at their last use
         return (None, None, *dx_out, *[None] * M, *_flatten_grads(spec, g, flat_params))
 
 
@@ -447,7 +508,6 @@ class VGMR(nn.Module):
         self.projection = cfg.projection
         self.backend, self.gate_gemm = backend, gate_gemm
         self.recompute_gate_gemm = bool(recompute_gate_gemm)
-        self._grouped = _has_grouped_gate_norm()
         M = len(self.widths)
         self.u_blocks = ref.interaction_blocks(M, self.use_agreement, self.use_discrepancy)
         self._build(self._initial_state())
@@ -591,10 +651,8 @@ class VGMR(nn.Module):
         if self.backend == "reference":
             return "reference"
         try:
-            from .ops import backend as _backend
-
             return _backend.resolve(self.backend, device)
-        except (ImportError, RuntimeError, OSError) as exc:
+        except (RuntimeError, OSError) as exc:
             if self.backend != "auto":
                 raise
             _warn_once(f"fallback-{device.type}",
@@ -612,7 +670,7 @@ class VGMR(nn.Module):
         else:
             from . import ops
 
-            if self.gate_gemm == "two" and not torch.is_autocast_enabled(xs_list[0].device.type):
+            if self.gate_gemm == "two" and not _autocast_on(xs_list[0].device):
                 return self._forward_fused(xs, xs_list, masks_list, backend, return_aux)
         M, d, k = self.num_modalities, self.d, self._k
         dims = self.widths
@@ -688,7 +746,7 @@ class VGMR(nn.Module):
         seeds = draw_seeds(M, device=xs_list[0].device) if p > 0 else self._no_seeds
         spec = _Spec(*(M, self.d, self.alpha, self.beta, p, backend, self.projection == "mlp", self._k, self._nb,
                       tuple(self.u_blocks), self.recompute_gate_gemm,
-                      self._grouped and backend in ("cpu", "cuda")))
+                      _backend.has_grouped(backend)))
         params = [*self.x_weight, *self.x_bias]
         if spec.mlp:
             params += [self.proj2_weight, self.proj2_bias]
