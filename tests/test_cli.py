@@ -114,7 +114,7 @@ def test_bench_tiny_writes_json_md_png(tmp_path, capsys):
         torch.set_num_threads(threads)
     assert rc == 0
     out = capsys.readouterr().out
-    for title in ("ops, mosei", "VGMR layer, large", "VGMR layer summary (issue 12), mosei", "Table 7",
+    for title in ("ops, mosei", "VGMR layer, large", "VGMR layer summary, mosei", "Table 7",
                   "Concat backbone", "sweep over T", "skipped"):
         assert title in out
     for row in ("ATen ops, inference forward", "ATen ops, training forward+backward",

@@ -238,14 +238,8 @@ def launches(r) -> str:
     return f"{k['total']} gen" if k else "-"
 
 
-GOALS = {  # issue 12's goals for the layer at the MOSEI-like size
-    "ops_infer": "<= 30", "ops_train": "<= 100", "train_vs_compile": ">= 1.30x", "infer_vs_compile": ">= 1.05x",
-    "saved": "<= 0.35x reference", "memory": "<= 50%", "fullgraph": "one graph, no recompiles",
-}
-
-
 def layer_summary(records, settings, ctx_info) -> list:
-    """Issue 12's layer table, from this run's records (first setting: the paper's MOSEI-like size)."""
+    """The layer summary table, from this run's records (first setting: the paper's MOSEI-like size)."""
     from .graphcheck import describe as describe_fullgraph
 
     if not settings:
@@ -288,8 +282,8 @@ def layer_summary(records, settings, ctx_info) -> list:
              ("saved", "activations saved for backward (no inputs, no parameters)"),
              ("memory", "training-step peak memory vs eager"),
              ("fullgraph", "torch.compile(fullgraph=True) training with dropout")]
-    rows = [[label] + [cell(key, p) for p in cols[:-1]] + [GOALS[key], cell(key, "compile")] for key, label in names]
-    headers = ["", "reference"] + fused + ["goal", "torch.compile(reference)"]
+    rows = [[label] + [cell(key, p) for p in cols] for key, label in names]
+    headers = ["", "reference"] + fused + ["torch.compile(reference)"]
     text = table(headers, rows, ["l"] * len(headers))
     notes = []
     bw, op = ctx_info.get("copy_bandwidth"), ctx_info.get("op_cost")
@@ -320,7 +314,7 @@ def layer_summary(records, settings, ctx_info) -> list:
         notes.append("fullgraph row: torch.compile(fullgraph=True) of a copy of each module in train mode (dropout "
                      "0.1), backend aot_eager wrapped to count graphs (Dynamo + AOT autograd, no Inductor codegen), "
                      "3 forward+backward steps on the same input")
-    title = f"VGMR layer summary (issue 12), {s['name']} ({describe(s)})"
+    title = f"VGMR layer summary, {s['name']} ({describe(s)})"
     return [(title, text + ("\n" + "\n".join(notes) if notes else ""))]
 
 
