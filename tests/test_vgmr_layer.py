@@ -419,3 +419,105 @@ def test_meta_device_forward_and_backward():
     sum(o.sum() for o in out).backward()
     assert all(x.grad is not None and x.grad.shape == x.shape for x in xs)
     assert all(p.grad is not None and p.grad.device.type == "meta" for p in f.parameters())
+
+
+# ---- autocast: the same one-node path ------------------------------------------------------
+def _autocast_step(module, xs, masks, x_grad):
+    xg = [x.clone().requires_grad_(x_grad) for x in xs]
+    gy = [torch.randn_like(x) for x in xs]
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(xg, masks)
+        torch.autograd.backward(list(out), gy)
+
+    return step
+
+
+# Ops a bf16-autocast training step adds to the float32 one: casts as groups (one allocation and
+# one copy each: the features and GEMM weights, Zpre to float32 in the forward and again in the
+# backward, dZ to bf16, the gradients to float32), the float32 bias rows and heads' gradient, a
+# float32 workspace; minus the two LayerNorm gradient concatenations the last cast does; plus
+# one float32 accumulation of dX per modality when the features need grad.
+AUTOCAST_EXTRA_OPS = 11
+
+
+@pytest.mark.parametrize("x_grad", [False, True], ids=["features don't need grad", "features need grad"])
+def test_autocast_runs_the_one_node_path_with_grouped_casts(x_grad):
+    """bf16 autocast: one autograd node, every cast grouped (no per-tensor cast), gate_norm in
+    float32 on the features as given (float32 outputs and statistics), float32 gradients."""
+    _, f, xs, masks = _layer()
+    f.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = f(xs, masks)
+    assert type(out[0].grad_fn).__name__ == "_FusedVGMRBackward" and out[0].dtype == torch.float32
+    f.zero_grad(set_to_none=True)
+    _, low = count_aten_ops(_autocast_step(f, xs, masks, x_grad))
+    assert all(p.grad.dtype == torch.float32 for p in f.parameters() if p.requires_grad)
+    f.zero_grad(set_to_none=True)
+    step = _training_step(f, xs, masks) if x_grad else _no_grad_step(f, xs, masks)
+    _, full = count_aten_ops(step)
+    extra = AUTOCAST_EXTRA_OPS + (len(WIDTHS) if x_grad else 0)
+    assert low.total == full.total + extra, (dict(low.by_name), dict(full.by_name))
+    assert low.by_name["aten::_foreach_copy_"] == 5 and low.by_name.get("aten::_to_copy", 0) == 2, dict(low.by_name)
+
+
+def test_autocast_saved_bytes_budget():
+    """Under autocast the node saves its bf16 copies of the features and GEMM weights (the
+    reference's autocast saves its casts too) and half-size activations: the same share of the
+    reference's saved bytes under the same autocast as in float32."""
+    r, f, xs, masks = _layer()
+    r.train()
+    f.train()
+    xg = [x.clone().requires_grad_() for x in xs]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, ref_saved = saved_tensor_bytes(r, xg, masks, exclude=list(r.parameters()) + xg + masks)
+        _, saved = saved_tensor_bytes(f, xg, masks, exclude=list(f.parameters()) + xg + masks)
+    assert saved <= SAVED_FRACTION * ref_saved, (saved, ref_saved)
+
+
+def test_autocast_gradients_match_the_reference_under_autocast():
+    """The pass rule in bf16: eager = the reference under the same autocast, truth = float64."""
+    from vgmr_fast.testing import compare
+
+    widths = [12, 5, 3]
+    torch.manual_seed(7)
+    r = R.VGMR(widths, d=8, dropout=0.0).train()
+    f = from_reference(r, backend="cpu")
+    truth = copy.deepcopy(r).double()
+    xs, masks = inputs(widths)
+
+    def run(module, dtype, autocast):
+        xg = [x.detach().clone().to(dtype).requires_grad_() for x in xs]
+        module.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = module(xg, masks)
+        loss = sum((o.double() * torch.linspace(-1, 1, o.shape[-1], dtype=torch.float64)).sum() for o in out)
+        loss.backward()
+        return list(out) + grads(module, xg)
+
+    got, eager, exact = run(f, torch.float32, True), run(r, torch.float32, True), run(truth, torch.float64, False)
+    for i, (a, b, t) in enumerate(zip(got, eager, exact)):
+        assert (a is None) == (t is None), i
+        if t is not None:
+            c = compare(a, b, t, torch.bfloat16)
+            assert c.ok, (i, c)
+
+
+def test_autocast_compile_fullgraph_one_graph():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    widths = [12, 5, 3]
+    f = from_reference(R.VGMR(widths, d=8, dropout=0.3), backend="cpu").train()
+    xs, masks = inputs(widths)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(f, fullgraph=True, backend=counter)
+    for step in range(2):
+        xg = [x.clone().requires_grad_() for x in xs]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = compiled(xg, masks)
+        sum(o.float().sum() for o in out).backward()
+        assert all(x.grad is not None and x.grad.dtype == torch.float32 for x in xg)
+    assert counter.frame_count == 1, counter.frame_count
+    torch._dynamo.reset()

@@ -71,8 +71,13 @@ class _ReferenceOps:
 
 
 # Static configuration of one fused call (a named tuple: compilers treat it as a constant).
+# ``low``: the autocast dtype the layer computes in (None: the parameters' dtype).
 _Spec = collections.namedtuple("_Spec", ("M", "d", "alpha", "beta", "p", "backend", "mlp", "k", "nb", "u_blocks",
-                                         "recompute", "grouped"))
+                                         "recompute", "grouped", "low"))
+
+# Under autocast these stay in float32: the bias-row GEMM (its output feeds gate_norm's float32
+# side input), the LayerNorm parameters, and the beta = 0 input of the bias-row GEMMs.
+_FULL_PRECISION = ("rw", "lnw", "lnb", "zero")
 
 
 def _pdt(x: torch.Tensor) -> torch.dtype:
@@ -100,7 +105,16 @@ class _FusedVGMR(torch.autograd.Function):
         # the raw ops read dense rows (no-ops for the usual contiguous inputs)
         xs = [x.contiguous() for x in flat[:M]]
         masks = [None if mk is None else mk.contiguous() for mk in flat[M:2 * M]]
-        P = _unflatten_params(spec, flat[2 * M:])
+        params = list(flat[2 * M:])
+        xs_full = xs  # gate_norm reads the features as given (float32 under autocast)
+        if spec.low is not None:
+            # autocast: the features and every GEMM weight in the autocast dtype, one cast for all
+            low = [i for i, n in enumerate(_param_slots(spec)) if n not in _FULL_PRECISION]
+            _, cast = _cast_group(xs + [params[i] for i in low], spec.low)
+            xs = cast[:M]
+            for i, t in zip(low, cast[M:]):
+                params[i] = t
+        P = _unflatten_params(spec, params)
         B = xs[0].shape[0]
         Ts, dims = [x.shape[1] for x in xs], [x.shape[2] for x in xs]
         x2s = [x.reshape(B * T, D) for x, T, D in zip(xs, Ts, dims)]
@@ -132,7 +146,7 @@ class _FusedVGMR(torch.autograd.Function):
             r1 = F.gelu(r_pre)
             r = torch.baddbmm(P["vb2"].unsqueeze(1), r1, P["vw2"].transpose(1, 2))
             t = torch.tanh(torch.baddbmm(P["hb"].unsqueeze(1), r, P["hw"].transpose(1, 2), beta=0.5, alpha=0.5))
-            t_ext = F.pad(t, (0, spec.nb), value=2.0)
+            t_ext = F.pad(t, (0, spec.nb), value=2.0).to(P["rw"].dtype)
             saved_small = [summary_in, e_pre, e, s_bm, u, r_pre, r1, r, t, *argmaxes]
         else:
             t = None
@@ -142,20 +156,23 @@ class _FusedVGMR(torch.autograd.Function):
         zpres = [torch.addmm(o[:, d:], h, wh.t()).view(B, T, D)
                  for o, h, wh, T, D in zip(xo, hs, P["wh"], Ts, dims)]
         del xo
-        pdt = _pdt(xs[0])
+        # under autocast gate_norm runs in float32 on the features as given: Zpre (the GEMMs'
+        # output, in the autocast dtype) is cast once for all modalities
+        zpres_g = zpres if spec.low is None else _cast_group(zpres, xs_full[0].dtype)[1]
+        pdt = _pdt(xs_full[0])
         lnws = [w.to(pdt) for w in P["lnw"].split(dims)]
         lnbs = [b.to(pdt) for b in P["lnb"].split(dims)]
         rows_p = [r_.to(pdt) for r_ in rows]
         ys, stats = [], []
         if spec.grouped:  # every modality in one operator call
-            ys, means, rstds = ns.gate_norm_grouped(zpres, rows_p, list(xs), lnws, lnbs,
+            ys, means, rstds = ns.gate_norm_grouped(zpres_g, rows_p, list(xs_full), lnws, lnbs,
                                                     spec.alpha, spec.beta, spec.p, seeds)
             ys = list(ys)
             for mean, rstd in zip(means, rstds):
                 stats += [mean, rstd]
         else:
             for m in range(M):
-                y, mean, rstd = ns.gate_norm(zpres[m], rows_p[m], xs[m], lnws[m], lnbs[m],
+                y, mean, rstd = ns.gate_norm(zpres_g[m], rows_p[m], xs_full[m], lnws[m], lnbs[m],
                                              spec.alpha, spec.beta, spec.p, _seed_arg(seeds, m))
                 ys.append(y)
                 stats += [mean, rstd]
@@ -164,9 +181,10 @@ class _FusedVGMR(torch.autograd.Function):
         ctx.has_mask = [mk is not None for mk in masks]
         kept_z = [] if spec.recompute else zpres
         kept_h = [] if spec.mlp else hs  # H is recomputed from the saved pre-activation
-        ctx.save_for_backward(seeds, *xs, *[mk for mk in masks if mk is not None], *flat[2 * M:],
+        full_x = [] if spec.low is None else xs_full
+        ctx.save_for_backward(seeds, *xs, *full_x, *[mk for mk in masks if mk is not None], *params,
                               pre_all, *kept_h, *kept_z, t_ext, *rows_p, *stats, *saved_small)
-        return tuple(ys + ([t] if k else []) + zpres + rows)
+        return tuple(ys + ([t] if k else []) + zpres_g + rows)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -182,6 +200,7 @@ class _FusedVGMR(torch.autograd.Function):
         saved = list(ctx.saved_tensors)
         seeds = saved.pop(0)
         xs = [saved.pop(0) for _ in range(M)]
+        xs_full = xs if spec.low is None else [saved.pop(0) for _ in range(M)]
         masks = [saved.pop(0) if has else None for has in ctx.has_mask]
         n_params = _param_count(spec)
         flat_params = [saved.pop(0) for _ in range(n_params)]
@@ -199,6 +218,8 @@ class _FusedVGMR(torch.autograd.Function):
                      for x2, w, b, h, wh, T, D in zip(x2s, P["xw"], P["xb"], hs, P["wh"], Ts, dims)]
         else:
             zpres = [saved.pop(0) for _ in range(M)]
+        if spec.low is not None:  # the forward's cast again: the Zpre gate_norm saw
+            zpres = _cast_group(zpres, xs_full[0].dtype)[1]
         t_ext = saved.pop(0)
         rows_p = [saved.pop(0) for _ in range(M)]
         stats = [saved.pop(0) for _ in range(2 * M)]
@@ -209,7 +230,7 @@ class _FusedVGMR(torch.autograd.Function):
         dt_extra = grads[M] if k else None
         dz_extra = grads[M + (1 if k else 0):][:M]
         drow_extra = grads[M + (1 if k else 0) + M:][:M]
-        pdt = _pdt(xs[0])
+        pdt = _pdt(xs_full[0])
         lnws = [w.to(pdt) for w in P["lnw"].split(dims)]
 
         # Only the gradients asked for: the inputs' and each parameter's needs_input_grad, and
@@ -226,13 +247,13 @@ class _FusedVGMR(torch.autograd.Function):
             chain[stage] = bool(k) and below
 
         # §5 gate_norm
-        dys = [torch.zeros_like(x) if dy is None else dy.to(x.dtype).contiguous() for dy, x in zip(dys, xs)]
+        dys = [torch.zeros_like(x) if dy is None else dy.to(x.dtype).contiguous() for dy, x in zip(dys, xs_full)]
         if spec.grouped:
-            grouped = ns.gate_norm_grouped_backward(dys, zpres, rows_p, list(xs), lnws, stats[0::2], stats[1::2],
+            grouped = ns.gate_norm_grouped_backward(dys, zpres, rows_p, list(xs_full), lnws, stats[0::2], stats[1::2],
                                                     spec.alpha, spec.beta, spec.p, seeds, need_x)
             per_modality = list(zip(*grouped))
         else:
-            per_modality = [ns.gate_norm_backward(dys[m], zpres[m], rows_p[m], xs[m], lnws[m], stats[2 * m],
+            per_modality = [ns.gate_norm_backward(dys[m], zpres[m], rows_p[m], xs_full[m], lnws[m], stats[2 * m],
                                                   stats[2 * m + 1], spec.alpha, spec.beta, spec.p,
                                                   _seed_arg(seeds, m), need_x[m]) for m in range(M)]
         dys = zpres = stats = None
@@ -249,13 +270,17 @@ class _FusedVGMR(torch.autograd.Function):
             dlnw.append(dw)
             dlnb.append(db)
         per_modality = None
+        if spec.low is not None:  # the GEMMs below take dZ in the autocast dtype
+            dzs = _cast_group(dzs, spec.low)[1]
         # One workspace holds every gradient that gathers per-modality pieces: each GEMM writes its
-        # piece in place (out=), so gathering costs one allocation instead of a cat / stack each.
+        # piece in place (out=), so gathering costs one allocation instead of a cat / stack each
+        # (under autocast a second one, float32, for the bias-row GEMM's gradients).
         ws = _Workspace(xs[0])
+        ws_full = ws if P["rw"].dtype == xs[0].dtype else _Workspace(P["rw"])
         width = len(spec.u_blocks) * d
-        ws_rw = ws.take(sum(dims), P["rw"].shape[1]) if need["rw"] else None
+        ws_rw = ws_full.take(sum(dims), P["rw"].shape[1]) if need["rw"] else None
         if chain["heads"]:
-            ws_dt = ws.take(M, B, k)
+            ws_dt = ws_full.take(M, B, k)
             ws_du = ws.take(B, M, width) if chain["e2"] and width == (3 * M - 1) * d else None
         ws_w2 = ws.take(M, d, d) if spec.mlp and need["w2"] else None
         ws_dh = ws.take(sum(B * T for T in Ts), d) if spec.mlp and need["b2"] else None  # b2: one reduction
@@ -263,12 +288,14 @@ class _FusedVGMR(torch.autograd.Function):
         ws_xw = [ws.take(d + D, D) if need["xw"][m] else None for m, D in enumerate(dims)]
         ws_xb = [ws.take(d + D) if need["xb"][m] else None for m, D in enumerate(dims)]
         ws.allocate()
+        if ws_full is not ws:
+            ws_full.allocate()
         g = {}
-        if need["lnw"]:
-            g["lnw"] = torch.cat(dlnw).to(P["lnw"].dtype)
-        if need["lnb"]:
-            g["lnb"] = torch.cat(dlnb).to(P["lnb"].dtype)
-        dlnw = dlnb = None
+        if spec.low is None:  # (under autocast the final cast gathers them)
+            if need["lnw"]:
+                g["lnw"] = torch.cat(dlnw).to(P["lnw"].dtype)
+            if need["lnb"]:
+                g["lnb"] = torch.cat(dlnb).to(P["lnb"].dtype)
         # §4 bias rows: rows_m = (t_ext_m RW_m^T) / 2
         if ws_rw is not None:
             for dr, tm, out in zip(drows, t_ext.unbind(0), ws_rw().split(dims)):
@@ -283,7 +310,7 @@ class _FusedVGMR(torch.autograd.Function):
                 torch.addmm(P["zero"], dr, rw[:, :k], beta=0.0, alpha=0.25, out=out)
             if dt_extra is not None:
                 dt_half = dt_half + 0.5 * dt_extra
-            dzh = torch.ops.aten.tanh_backward(dt_half, t)
+            dzh = torch.ops.aten.tanh_backward(dt_half.to(t.dtype), t)
             dt_half = None
             if need["hw"]:
                 g["hw"] = _bmm_t(dzh, r)
@@ -386,9 +413,15 @@ class _FusedVGMR(torch.autograd.Function):
                 g["xb"][m] = gb
             if need_x[m]:
                 w = P["xw"][m]
-                dx = dxs[m].view(B * Ts[m], dims[m]).addmm_(dpre, w[:d]).addmm_(dz, w[d:])
+                dx = dxs[m].view(B * Ts[m], dims[m])
+                if spec.low is None:
+                    dx.addmm_(dpre, w[:d]).addmm_(dz, w[d:])
+                else:  # accumulated in float32, the features' dtype
+                    dx.add_(torch.mm(dpre, w[:d]).addmm_(dz, w[d:]))
                 dx_out[m] = dx.view(B, Ts[m], dims[m])
             dpres[m] = dzs[m] = None  # free each modality's buffers at their last use
+        if spec.low is not None:
+            return (None, None, *_full_precision_grads(spec, g, dx_out, dlnw, dlnb, need))
         return (None, None, *dx_out, *[None] * M, *_flatten_grads(spec, g, flat_params))
 
 
@@ -457,6 +490,46 @@ def _flatten_grads(spec, g: dict, flat_params) -> list:
     return out
 
 
+def _param_slots(spec) -> list:
+    """The parameter name of each flat parameter input, in order (per-modality names repeated)."""
+    return [n for n in _param_names(spec) for _ in range(spec.M if n in _PER_MODALITY else 1)]
+
+
+def _cast_group(tensors, dtype):
+    """``[t.to(dtype) for t in tensors]`` as one allocation and one copy (two ops, not one per
+    tensor): ``(buffer, views)``, the views laid out in order in the one buffer."""
+    sizes = [t.numel() for t in tensors]
+    buffer = tensors[0].new_empty(sum(sizes), dtype=dtype)
+    out = [piece.view(t.shape) for piece, t in zip(buffer.split(sizes), tensors)]
+    torch._foreach_copy_(out, list(tensors))
+    return buffer, out
+
+
+def _full_precision_grads(spec, g: dict, dx_out, dlnw, dlnb, need) -> list:
+    """Under autocast: the backward's outputs (the features' gradients, float32 already, then the
+    parameters' in input order) in float32, the inputs' dtype, through one cast; the LayerNorm
+    gradients of all modalities gathered by the same copy."""
+    M = spec.M
+    groups = []
+    for n in _param_names(spec):
+        if n in ("lnw", "lnb"):
+            if need[n]:
+                groups.append(((n, 0), dlnw if n == "lnw" else dlnb))
+            continue
+        items = (g.get(n) or [None] * M) if n in _PER_MODALITY else [g.get(n)]
+        groups += [((n, j), [gi]) for j, gi in enumerate(items) if gi is not None]
+    full = {}
+    if groups:
+        buffer, _ = _cast_group([t for _, parts in groups for t in parts], torch.float32)
+        start = 0
+        for key, parts in groups:
+            numel = sum(t.numel() for t in parts)
+            full[key] = buffer[start:start + numel].view(parts[0].shape if len(parts) == 1 else (numel,))
+            start += numel
+    grads = [full.get((n, j)) for n in _param_names(spec) for j in range(M if n in _PER_MODALITY else 1)]
+    return [*dx_out, *[None] * M, *grads]
+
+
 def _seed_arg(seeds, m: int):
     """Modality m's dropout seed as the raw ops take it: a one-element int64 tensor on the
     inputs' device, read by the kernel (no host sync)."""
@@ -476,9 +549,11 @@ class VGMR(nn.Module):
             activations saved for backward drop by ``B * sum T_m D_m`` elements, for two more
             GEMMs per modality in the backward.
 
-    On a fused backend (``gate_gemm="two"``, no autocast) the layer runs as one autograd node
-    with a hand-written backward (:class:`_FusedVGMR`); otherwise (reference backend, autocast,
-    ``gate_gemm="stacked"``, an empty batch) as torch autograd over the same grouped steps.
+    On a fused backend (``gate_gemm="two"``) the layer runs as one autograd node with a
+    hand-written backward (:class:`_FusedVGMR`); under ``torch.autocast`` that node casts the
+    features and GEMM weights to the autocast dtype in one copy, runs gate_norm with float32
+    statistics, and returns float32 gradients. Otherwise (reference backend, ``gate_gemm="stacked"``,
+    an empty batch) the layer runs as torch autograd over the same grouped steps.
 
     Dropout (training, ``dropout > 0``) draws one int64 tensor of M seeds per forward on the
     inputs' device (``torch.randint`` on that device's generator); on the CPU the reference
@@ -670,7 +745,7 @@ class VGMR(nn.Module):
         else:
             from . import ops
 
-            if self.gate_gemm == "two" and not _autocast_on(xs_list[0].device):
+            if self.gate_gemm == "two":
                 return self._forward_fused(xs, xs_list, masks_list, backend, return_aux)
         M, d, k = self.num_modalities, self.d, self._k
         dims = self.widths
@@ -743,19 +818,28 @@ class VGMR(nn.Module):
     def _forward_fused(self, xs, xs_list, masks_list, backend, return_aux):
         M = self.num_modalities
         p = self.p if self.training else 0.0
-        seeds = draw_seeds(M, device=xs_list[0].device) if p > 0 else self._no_seeds
+        device = xs_list[0].device
+        seeds = draw_seeds(M, device=device) if p > 0 else self._no_seeds
+        autocast = _autocast_on(device)
+        # autocast casts float32 only; the layer then computes in its dtype inside the one node
+        low = torch.get_autocast_dtype(device.type) if autocast and self.norm_weight.dtype == torch.float32 else None
         spec = _Spec(*(M, self.d, self.alpha, self.beta, p, backend, self.projection == "mlp", self._k, self._nb,
                       tuple(self.u_blocks), self.recompute_gate_gemm,
-                      _backend.has_grouped(backend)))
-        params = [*self.x_weight, *self.x_bias]
+                      _backend.has_grouped(backend), low))
+        # indexed, not unpacked: Dynamo traces ParameterList indexing, not its iteration
+        params = [self.x_weight[m] for m in range(M)] + [self.x_bias[m] for m in range(M)]
         if spec.mlp:
             params += [self.proj2_weight, self.proj2_bias]
-        params += [*self.gate_latent_weight, self.summary_w1, self.summary_b1, self.summary_w2, self.summary_b2,
+        params += [self.gate_latent_weight[m] for m in range(M)] + [self.summary_w1, self.summary_b1, self.summary_w2, self.summary_b2,
                    self.value_w1, self.value_b1, self.value_w2, self.value_b2]
         if self._k:
             params += [self.head_weight, self.head_bias]
         params += [self.row_weight, self.norm_weight, self.norm_bias, self._zero]
-        outs = _FusedVGMR.apply(spec, seeds, *xs_list, *masks_list, *params)
+        if autocast:  # the casts are the node's own (one for every weight), not autocast's per op
+            with torch.autocast(device.type, enabled=False):
+                outs = _FusedVGMR.apply(spec, seeds, *xs_list, *masks_list, *params)
+        else:
+            outs = _FusedVGMR.apply(spec, seeds, *xs_list, *masks_list, *params)
         ys = list(outs[:M])
         refined = inputs.pack(xs, self.names, ys)
         if not return_aux:
