@@ -21,6 +21,7 @@ The heads' sigmoid enters the gate only as ``sigma(z) - 1/2``; the module comput
 from __future__ import annotations
 
 import collections
+import functools
 import warnings
 
 import torch
@@ -82,6 +83,15 @@ _FULL_PRECISION = ("rw", "lnw", "lnb", "zero")
 
 def _pdt(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _linear_grads(g: dict, need: dict, w: str, b: str, dout: torch.Tensor, inp: torch.Tensor) -> None:
+    """Weight and bias gradients of a batched linear ``out = inp W^T + b``, each only when asked:
+    ``g[w] = dout^T inp``, ``g[b] = sum of dout over rows``."""
+    if need[w]:
+        g[w] = _bmm_t(dout, inp)
+    if need[b]:
+        g[b] = dout.sum(1)
 
 
 def _bmm_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -176,6 +186,9 @@ class _FusedVGMR(torch.autograd.Function):
                                              spec.alpha, spec.beta, spec.p, _seed_arg(seeds, m))
                 ys.append(y)
                 stats += [mean, rstd]
+        outs = tuple(ys + ([t] if k else []) + zpres_g + rows)
+        if ctx is None:  # no gradient asked for: nothing to keep
+            return outs
         ctx.set_materialize_grads(False)
         ctx.spec, ctx.shape = spec, (B, tuple(Ts), tuple(dims))
         ctx.has_mask = [mk is not None for mk in masks]
@@ -184,7 +197,7 @@ class _FusedVGMR(torch.autograd.Function):
         full_x = [] if spec.low is None else xs_full
         ctx.save_for_backward(seeds, *xs, *full_x, *[mk for mk in masks if mk is not None], *params,
                               pre_all, *kept_h, *kept_z, t_ext, *rows_p, *stats, *saved_small)
-        return tuple(ys + ([t] if k else []) + zpres_g + rows)
+        return outs
 
     @staticmethod
     def backward(ctx, *grads):
@@ -312,26 +325,17 @@ class _FusedVGMR(torch.autograd.Function):
                 dt_half = dt_half + 0.5 * dt_extra
             dzh = torch.ops.aten.tanh_backward(dt_half.to(t.dtype), t)
             dt_half = None
-            if need["hw"]:
-                g["hw"] = _bmm_t(dzh, r)
-            if need["hb"]:
-                g["hb"] = dzh.sum(1)
+            _linear_grads(g, need, "hw", "hb", dzh, r)
         drows = None
         if chain["v2"]:
             # §3 values
             dr_ = torch.bmm(dzh, P["hw"])
             dzh = None
-            if need["vw2"]:
-                g["vw2"] = _bmm_t(dr_, r1)
-            if need["vb2"]:
-                g["vb2"] = dr_.sum(1)
+            _linear_grads(g, need, "vw2", "vb2", dr_, r1)
         if chain["v1"]:
             dr_pre = torch.ops.aten.gelu_backward(torch.bmm(dr_, P["vw2"]), r_pre)
             dr_ = None
-            if need["vw1"]:
-                g["vw1"] = _bmm_t(dr_pre, u.transpose(0, 1))
-            if need["vb1"]:
-                g["vb1"] = dr_pre.sum(1)
+            _linear_grads(g, need, "vw1", "vb1", dr_pre, u.transpose(0, 1))
         if chain["e2"]:
             if ws_du is not None and not torch.compiler.is_compiling():
                 # written as [B, M, width], the layout the interaction reads (a compiler fuses the
@@ -348,17 +352,11 @@ class _FusedVGMR(torch.autograd.Function):
             # §2 interaction, §1 summary
             ds = ns.interaction_backward(du.contiguous(), s_bm).transpose(0, 1)  # [M, B, d]
             du = None
-            if need["ew2"]:
-                g["ew2"] = _bmm_t(ds, e)
-            if need["eb2"]:
-                g["eb2"] = ds.sum(1)
+            _linear_grads(g, need, "ew2", "eb2", ds, e)
         if chain["e1"]:
             de_pre = torch.ops.aten.gelu_backward(torch.bmm(ds, P["ew2"]), e_pre)
             ds = None
-            if need["ew1"]:
-                g["ew1"] = _bmm_t(de_pre, summary_in)
-            if need["eb1"]:
-                g["eb1"] = de_pre.sum(1)
+            _linear_grads(g, need, "ew1", "eb1", de_pre, summary_in)
             if any(need_h):
                 dmean = torch.bmm(de_pre, P["ew1"][:, :, :d])  # [M, B, d], contiguous per modality
                 dmax = torch.bmm(de_pre, P["ew1"][:, :, d:])
@@ -835,11 +833,14 @@ class VGMR(nn.Module):
         if self._k:
             params += [self.head_weight, self.head_bias]
         params += [self.row_weight, self.norm_weight, self.norm_bias, self._zero]
+        # no gradient asked for (inference): the forward alone, without an autograd node
+        run = (_FusedVGMR.apply if torch.is_grad_enabled() and any(t.requires_grad for t in xs_list + params)
+               else functools.partial(_FusedVGMR.forward, None))
         if autocast:  # the casts are the node's own (one for every weight), not autocast's per op
             with torch.autocast(device.type, enabled=False):
-                outs = _FusedVGMR.apply(spec, seeds, *xs_list, *masks_list, *params)
+                outs = run(spec, seeds, *xs_list, *masks_list, *params)
         else:
-            outs = _FusedVGMR.apply(spec, seeds, *xs_list, *masks_list, *params)
+            outs = run(spec, seeds, *xs_list, *masks_list, *params)
         ys = list(outs[:M])
         refined = inputs.pack(xs, self.names, ys)
         if not return_aux:

@@ -222,6 +222,22 @@ def measure(ctx: Ctx, s: Setting, mode: str, peers: list, level: str = "layer") 
                **r, **extra)
 
 
+def measure_timeline(ctx: Ctx, s: Setting, mode: str, peers: list) -> None:
+    """One training step's memory over time by category, per peer (the bench's memory PNG)."""
+    from .memory import timeline
+
+    for peer in peers:
+        try:
+            step, _ = make_step(ctx, s, peer, mode)
+            step()  # warm (compiles)
+            result = timeline(step, ctx.device)
+        except Exception as exc:  # noqa: BLE001
+            ctx.skip(f"memory timeline {s.name} {mode} {peer}", short_exc(exc))
+            continue
+        record(ctx, level="memory-timeline", setting=s.name, shape=s.describe(), dtype=s.dtype, mode=mode,
+               peer=peer, **result)
+
+
 def measure_fullgraph(ctx: Ctx, s: Setting, peers: list) -> None:
     """``torch.compile(fullgraph=True)`` of a training step with dropout, per module (graphcheck.py)."""
     from .graphcheck import fullgraph_training
@@ -266,6 +282,12 @@ def tasks(ctx: Ctx, settings: list, fullgraph: bool = True) -> list:
         for mode in MODES:
             out.append(Task(f"layer {s.name} {mode}", (lambda s=s, mode=mode, peers=peers: measure(ctx, s, mode, peers)),
                             group=f"layer/{s.name}"))
+        if i == 0:  # memory over time of the training steps, beside eager and compile
+            tl_peers = [p for p in peers if p in ("eager", "compile") or (p.startswith("fused-") and "+" not in p)]
+            for mode in TRAIN_MODES:
+                out.append(Task(f"layer {s.name} {mode} memory timeline",
+                                (lambda s=s, mode=mode, p=tl_peers: measure_timeline(ctx, s, mode, p)),
+                                group=f"layer/{s.name}"))
         if i == 0:  # the batch sweep of inference at the paper's size (B = s.B is the group above)
             for B in INFER_BATCHES:
                 if B != s.B:

@@ -496,6 +496,36 @@ def write_markdown(path, text: str, meta) -> None:
         f.write("```\n" + text + "\n```\n")
 
 
+def plot_memory(path, records) -> bool:
+    """One training step's memory over time per peer (stacked by category), one panel per mode;
+    the legend gives each category's MiB at the peak."""
+    recs = [r for r in records if r["level"] == "memory-timeline" and r.get("t_us")]
+    if not recs:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(dict.fromkeys((r["mode"], r["peer"]) for r in recs))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), sharey=True, squeeze=False)
+    for ax, (mode, peer) in zip(axes[0], panels):
+        r = next(x for x in recs if (x["mode"], x["peer"]) == (mode, peer))
+        cats = [c for c, v in r["bytes"].items() if any(v)]
+        t_ms = [t / 1e3 for t in r["t_us"]]
+        ax.stackplot(t_ms, *[[b / 2**20 for b in r["bytes"][c]] for c in cats],
+                     labels=[f"{c} {r['peak'][c] / 2**20:.1f}" for c in cats], step="post")
+        total = sum(r["peak"].values()) / 2**20
+        ax.set_title(f"{mode}, {'reference' if peer == 'eager' else peer}: peak {total:.1f} MiB", fontsize=9)
+        ax.set_xlabel("ms into the step")
+        ax.legend(fontsize=7, loc="upper left", title="MiB at the peak", title_fontsize=7)
+    axes[0][0].set_ylabel("MiB held (inputs and parameters included)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def plot_sweep(path, records) -> bool:
     recs = [r for r in records if r["level"] == "sweep" and "median_s" in r]
     if not recs:

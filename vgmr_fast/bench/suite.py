@@ -222,5 +222,7 @@ def run_bench(args) -> int:
     wrote = [base + ".json", base + ".md"]
     if report.plot_sweep(base + ".png", ctx.records):
         wrote.append(base + ".png")
+    if report.plot_memory(base + "-memory.png", ctx.records):
+        wrote.append(base + "-memory.png")
     print("\nwrote " + ", ".join(wrote))
     return 0
