@@ -216,13 +216,17 @@ def describe(s: dict) -> str:
 
 
 def layer_tables(records, settings) -> list:
+    # settings derived in the run (the inference batch sweep, <name>-B<B>) carry their shape
+    known = {s["name"] for s in settings}
+    derived = {r["setting"]: {"name": r["setting"], "shape": r["shape"]} for r in records
+               if r["level"] == "layer" and r["setting"] not in known}
     return _per_setting(
-        records, settings, "layer",
+        records, list(settings) + list(derived.values()), "layer",
         lambda r: [r["mode"], r["peer"], ms(r["median_s"]), _spread(r), ratio(r.get("vs_eager")),
                    ratio(r.get("vs_compile")), ratio(r.get("x_gemm_only")), launches(r),
                    ratio(r.get("x_floor"), 0), ratio(r.get("x_launch_floor"), 1), mb(r.get("peak_bytes")),
                    pct(r.get("mem_vs_eager")), mb(r.get("saved_bytes"))],
-        lambda s: f"VGMR layer, {s['name']} ({describe(s)})",
+        lambda s: f"VGMR layer, {s['name']} ({s['shape'] if 'shape' in s else describe(s)})",
         ["mode", "peer", "median ms", "IQR ms", "vs eager", "vs compile", "x GEMM-only", "launches",
          "x bytes floor", "x launch floor", "peak MiB", "mem % eager", "saved MiB"],
         ["l", "l"] + ["r"] * 11)
