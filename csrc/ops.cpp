@@ -9,6 +9,7 @@
 #include <Python.h>
 #include <torch/autograd.h>
 
+#include <algorithm>
 #include <initializer_list>
 #include <string>
 #include <vector>
@@ -36,7 +37,7 @@ TORCH_LIBRARY(vgmr, m) {
       tags);
   m.def(
       "gate_norm_backward(Tensor dy, Tensor zpre, Tensor bias_row, Tensor x, Tensor ln_weight, "
-      "Tensor mean, Tensor rstd, float alpha, float beta, float p, Tensor seed) "
+      "Tensor mean, Tensor rstd, float alpha, float beta, float p, Tensor seed, bool need_dx=True) "
       "-> (Tensor dzpre, Tensor dbias_row, Tensor dx, Tensor dln_weight, Tensor dln_bias)",
       tags);
   // All modalities in one call (docs/ops.md): modality m is gate_norm(..., seed = seeds[m]).
@@ -46,7 +47,7 @@ TORCH_LIBRARY(vgmr, m) {
       tags);
   m.def(
       "gate_norm_grouped_backward(Tensor[] dy, Tensor[] zpre, Tensor[] bias_row, Tensor[] x, Tensor[] ln_weight, "
-      "Tensor[] mean, Tensor[] rstd, float alpha, float beta, float p, Tensor seeds) "
+      "Tensor[] mean, Tensor[] rstd, float alpha, float beta, float p, Tensor seeds, bool[]? need_dx=None) "
       "-> (Tensor[] dzpre, Tensor[] dbias_row, Tensor[] dx, Tensor[] dln_weight, Tensor[] dln_bias)",
       tags);
   // Debug/test op: the Philox4x32-10 words of csrc/vgmr_math.h for int64 counters
@@ -110,7 +111,7 @@ std::string unsupported(const char* op, const char* what) {
 
 // torch.func transforms and forward-mode AD: torch::autograd::Function supports neither, and
 // its own error names no op. Checked before the forward runs (a TLS read when unused).
-void check_transforms(const char* op, std::initializer_list<at::Tensor> inputs) {
+void check_transforms(const char* op, at::ArrayRef<at::Tensor> inputs) {
   const auto& functorch_tls = at::functorch::functorchTLSAccessor();
   if (functorch_tls) {
     bool ok = true;
@@ -130,7 +131,7 @@ void check_transforms(const char* op, std::initializer_list<at::Tensor> inputs) 
 // The fused backward is not differentiable: when it runs with create_graph=True and would
 // build a graph (an input of the backward requires grad), raise instead of returning wrong
 // second derivatives.
-void no_double_backward(const char* op, std::initializer_list<at::Tensor> tensors) {
+void no_double_backward(const char* op, at::ArrayRef<at::Tensor> tensors) {
   if (!at::GradMode::is_enabled()) return;
   for (const at::Tensor& t : tensors) {
     TORCH_CHECK(!t.defined() || !t.requires_grad(),
@@ -207,17 +208,18 @@ struct GateNormFn : public torch::autograd::Function<GateNormFn> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static auto op = vgmr_op<Tuple5(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                     const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double, double,
-                                    const at::Tensor&)>("vgmr::gate_norm_backward");
+                                    const at::Tensor&, bool)>("vgmr::gate_norm_backward");
     const at::Tensor none;
     if (!grads[0].defined()) return {none, none, none, none, none, none, none, none, none};
     auto s = ctx->get_saved_variables();
     at::Tensor dy = grads[0];
     no_double_backward("vgmr::gate_norm", {dy, s[0], s[1], s[2], s[3]});
     if (dy.scalar_type() != s[2].scalar_type()) dy = dy.to(s[2].scalar_type());
+    const bool need_dx = ctx->needs_input_grad(2);
     auto [dzpre, dbias, dx, dw, db] =
         op.call(dy.contiguous(), s[0], s[1], s[2], s[3], s[4], s[5], ctx->saved_data["alpha"].toDouble(),
-                ctx->saved_data["beta"].toDouble(), ctx->saved_data["p"].toDouble(), s[6]);
-    return {dzpre, dbias, dx, dw, db, none, none, none, none};
+                ctx->saved_data["beta"].toDouble(), ctx->saved_data["p"].toDouble(), s[6], need_dx);
+    return {dzpre, dbias, need_dx ? dx : none, dw, db, none, none, none, none};
   }
 };
 
@@ -258,9 +260,11 @@ struct GateNormGroupedFn : public torch::autograd::Function<GateNormGroupedFn> {
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static auto op = vgmr_op<Lists5(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
-                                    at::TensorList, at::TensorList, double, double, double, const at::Tensor&)>(
-        "vgmr::gate_norm_grouped_backward");
+                                    at::TensorList, at::TensorList, double, double, double, const at::Tensor&,
+                                    const std::optional<c10::List<bool>>&)>("vgmr::gate_norm_grouped_backward");
     const size_t M = (size_t)ctx->saved_data["M"].toInt();
+    variable_list out(5 * M + 4);
+    if (std::none_of(grads.begin(), grads.begin() + M, [](const at::Tensor& g) { return g.defined(); })) return out;
     auto s = ctx->get_saved_variables();
     auto part = [&](size_t k) { return Tensors(s.begin() + k * M, s.begin() + (k + 1) * M); };
     const Tensors zpre = part(0), bias_row = part(1), x = part(2), ln_weight = part(3), mean = part(4),
@@ -272,16 +276,21 @@ struct GateNormGroupedFn : public torch::autograd::Function<GateNormGroupedFn> {
       dy[m] = g.defined() ? (g.scalar_type() == x[m].scalar_type() ? g : g.to(x[m].scalar_type())).contiguous()
                           : at::zeros_like(x[m]);
     }
-    std::vector<at::Tensor> check(dy.begin(), dy.end());
-    check.insert(check.end(), s.begin(), s.begin() + 4 * M);
-    for (const at::Tensor& t : check) no_double_backward("vgmr::gate_norm_grouped", {t});
+    no_double_backward("vgmr::gate_norm_grouped", dy);
+    no_double_backward("vgmr::gate_norm_grouped", at::ArrayRef<at::Tensor>(s.data(), 4 * M));
+    // inputs are flattened in list order: x[m] is input 2M + m
+    c10::List<bool> need_dx;
+    for (size_t m = 0; m < M; ++m) need_dx.push_back(ctx->needs_input_grad(2 * M + m));
     auto [dz, dbias, dx, dw, db] =
         op.call(dy, zpre, bias_row, x, ln_weight, mean, rstd, ctx->saved_data["alpha"].toDouble(),
-                ctx->saved_data["beta"].toDouble(), ctx->saved_data["p"].toDouble(), s[6 * M]);
-    variable_list out;
-    out.reserve(5 * M + 4);
-    for (const Tensors& l : {dz, dbias, dx, dw, db}) out.insert(out.end(), l.begin(), l.end());
-    for (int i = 0; i < 4; ++i) out.emplace_back();
+                ctx->saved_data["beta"].toDouble(), ctx->saved_data["p"].toDouble(), s[6 * M], need_dx);
+    for (size_t m = 0; m < M; ++m) {
+      out[m] = dz[m];
+      out[M + m] = dbias[m];
+      if (need_dx.get(m)) out[2 * M + m] = dx[m];
+      out[3 * M + m] = dw[m];
+      out[4 * M + m] = db[m];
+    }
     return out;
   }
 };
@@ -291,7 +300,7 @@ Lists3 gate_norm_grouped_autograd(at::TensorList zpre, at::TensorList bias_row, 
                                   double p, const at::Tensor& seeds) {
   std::vector<at::Tensor> inputs;
   for (at::TensorList l : {zpre, bias_row, x, ln_weight, ln_bias}) inputs.insert(inputs.end(), l.begin(), l.end());
-  for (const at::Tensor& t : inputs) check_transforms("vgmr::gate_norm_grouped", {t});
+  check_transforms("vgmr::gate_norm_grouped", inputs);
   auto out = GateNormGroupedFn::apply(zpre, bias_row, x, ln_weight, ln_bias, alpha, beta, p, seeds);
   const size_t M = x.size();
   return {Tensors(out.begin(), out.begin() + M), Tensors(out.begin() + M, out.begin() + 2 * M),

@@ -114,7 +114,7 @@ def test_bench_tiny_writes_json_md_png(tmp_path, capsys):
         torch.set_num_threads(threads)
     assert rc == 0
     out = capsys.readouterr().out
-    for title in ("ops, mosei", "VGMR layer, large", "VGMR layer summary (issue 12), mosei", "Table 7",
+    for title in ("ops, mosei", "VGMR layer, large", "VGMR layer summary, mosei", "Table 7",
                   "Concat backbone", "sweep over T", "skipped"):
         assert title in out
     for row in ("ATen ops, inference forward", "ATen ops, training forward+backward",
@@ -131,16 +131,23 @@ def test_bench_tiny_writes_json_md_png(tmp_path, capsys):
     assert doc["run"]["copy_bandwidth"]["bytes_per_s"] > 0
     assert doc["run"]["op_cost"]["seconds"] > 0
     levels = {r["level"] for r in doc["records"]}
-    assert levels == {"ops", "layer", "e2e", "sweep", "fullgraph"}
-    timed = [r for r in doc["records"] if r["level"] != "fullgraph" and r["mode"] != "unavailable"]
+    assert levels == {"ops", "layer", "e2e", "sweep", "fullgraph", "memory-timeline"}
+    timed = [r for r in doc["records"]
+             if r["level"] not in ("fullgraph", "memory-timeline") and r["mode"] != "unavailable"]
     for r in timed:
         assert r["median_s"] > 0 and r["q25_s"] <= r["median_s"] <= r["q75_s"] and r["samples_s"]
     layer = {(r["setting"], r["mode"], r["peer"]): r for r in doc["records"] if r["level"] == "layer"}
     for key, r in layer.items():  # counts, not times
         assert isinstance(r["aten_ops"], int) and r["aten_ops"] > 0, key
         assert r["floor_bytes"] > 0 and r["x_floor"] > 0 and r["x_launch_floor"] > 0
-    for mode in ("train", "infer"):
+    for mode in ("train", "train-xgrad", "infer"):
         assert layer[("mosei", mode, "gemm-only")]["aten_ops"] < layer[("mosei", mode, "eager")]["aten_ops"]
+    # the user's settings: features with and without gradients, the inference batch sweep
+    assert layer[("mosei", "train-xgrad", "eager")]["aten_ops"] > layer[("mosei", "train", "eager")]["aten_ops"]
+    assert {("mosei-B1", "infer"), ("mosei-B128", "infer")} <= {(k[0], k[1]) for k in layer}
+    timelines = {(r["mode"], r["peer"]) for r in doc["records"] if r["level"] == "memory-timeline"}
+    assert {("train", "eager"), ("train-xgrad", "eager")} <= timelines
+    assert (tmp_path / "tiny-memory.png").stat().st_size > 0
     eager_train = layer[("mosei", "train", "eager")]
     assert eager_train["saved_bytes"] > 0 and eager_train["saved_vs_eager"] == pytest.approx(1.0)
     assert layer[("mosei", "train", "eager")]["aten_ops"] > layer[("mosei", "infer", "eager")]["aten_ops"]

@@ -17,7 +17,7 @@ from test_vgmr import check_module, grads, inputs
 
 # The size the budgets are set at (a MOSEI-like layer): B=32, T=50, widths 768/74/35, d=128, fp32.
 B, T, WIDTHS, D_LATENT = 32, 50, [768, 74, 35], 128
-INFERENCE_BUDGET, TRAINING_BUDGET, SAVED_FRACTION = 30, 100, 0.35
+INFERENCE_BUDGET, TRAINING_BUDGET, SAVED_FRACTION, SAVED_FRACTION_NO_INPUT_GRAD = 30, 100, 0.35, 0.37
 
 
 def _layer(seed=0, **kw):
@@ -331,3 +331,233 @@ def test_double_backward_raises_naming_the_layer_and_reference_supports_it():
         penalty = sum(gi.pow(2).sum() for gi in g)
         penalty.backward()
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+
+# ---- only the gradients asked for ----------------------------------------------------------
+# Frozen groups, named by the fused module's parameters (the reference's keys follow from the
+# state-dict slots, so both modules freeze the same weights).
+FROZEN = {
+    "nothing": (),
+    "norms": ("norm_weight", "norm_bias"),
+    "gate weights": ("gate_latent_weight", "row_weight"),
+    "all parameters": None,  # every parameter
+}
+
+
+def _freeze(r, f, group):
+    names = [n for n, _ in f.named_parameters()] if FROZEN[group] is None else \
+        [n for n, _ in f.named_parameters() if n.split(".")[0] in FROZEN[group]]
+    for n in names:
+        f.get_parameter(n).requires_grad_(False)
+    keys = {key for key, pname, _ in f._slots if pname in names}
+    for key, p in r.named_parameters():
+        if key in keys:
+            p.requires_grad_(False)
+
+
+def _grads_with(module, xs, masks, x_grad, seed=123):
+    torch.manual_seed(seed)
+    xg = [x.detach().clone().requires_grad_(need) for x, need in zip(xs, x_grad)]
+    out = module(xg, masks)
+    loss = sum((o.double() * torch.linspace(-1, 1, o.shape[-1], dtype=torch.float64)).sum() for o in out)
+    module.zero_grad(set_to_none=True)
+    if loss.requires_grad:
+        loss.backward()
+    return out, grads(module, xg)
+
+
+# (nothing frozen and no feature requiring grad is test_nothing_requires_grad_runs_no_backward)
+@pytest.mark.parametrize("x_grad,group", [
+    (x_grad, group) for x_grad in [(True, True, True), (False, True, False), (False, False, False)]
+    for group in FROZEN if not (group == "all parameters" and not any(x_grad))])
+@pytest.mark.parametrize("kw", [{}, {"projection": "linear", "use_global_value": False}])
+def test_only_the_gradients_asked_for_match_the_reference(x_grad, group, kw):
+    """Every gradient computed equals the reference's under the pass rule; every None sits where
+    the reference's None is (frozen parameters, inputs that don't require grad)."""
+    from vgmr_fast.testing import compare
+
+    widths = [12, 5, 3]
+    torch.manual_seed(6)
+    r = R.VGMR(widths, d=8, dropout=0.2, **kw).train()
+    f = from_reference(r, backend="cpu")
+    truth = copy.deepcopy(r).double()
+    _freeze(r, f, group)
+    _freeze(truth, f, group)  # same keys (the fused module is already frozen: idempotent)
+    xs, masks = inputs(widths)
+    _, g_t = _grads_with(truth, [x.double() for x in xs], masks, x_grad)
+    _, g_r = _grads_with(r, xs, masks, x_grad)
+    _, g_f = _grads_with(f, xs, masks, x_grad)
+    assert len(g_f) == len(g_t)
+    for i, (a, b, t) in enumerate(zip(g_f, g_r, g_t)):
+        assert (a is None) == (t is None), (i, a is None, t is None)
+        if t is not None:
+            c = compare(a, b, t, torch.float32)
+            assert c.ok, (i, c)
+
+
+def test_nothing_requires_grad_runs_no_backward():
+    widths = [12, 5, 3]
+    r = R.VGMR(widths, d=8)
+    f = from_reference(r, backend="cpu")
+    _freeze(r, f, "all parameters")
+    xs, masks = inputs(widths)
+    out = f(xs, masks)
+    assert not any(o.requires_grad for o in out)
+
+
+def _no_grad_step(module, xs, masks):
+    gy = [torch.randn_like(x) for x in xs]
+
+    def step():
+        torch.autograd.backward(list(module(xs, masks)), gy)
+
+    return step
+
+
+def test_op_budget_and_saved_bytes_without_input_grad():
+    """Features that don't require grad (pre-extracted features): no dX GEMM, no gate_norm dX,
+    fewer ops than the step with input gradients, the same saved bytes."""
+    _, f, xs, masks = _layer()
+    f.train()
+    _, with_x = count_aten_ops(_training_step(f, xs, masks))
+    f.zero_grad(set_to_none=True)
+    _, without_x = count_aten_ops(_no_grad_step(f, xs, masks))
+    assert without_x.total <= TRAINING_BUDGET, dict(without_x.by_name)
+    # the dX GEMMs (two per modality, accumulating into gate_norm's dX) are gone
+    assert with_x.by_name["aten::addmm_"] - without_x.by_name.get("aten::addmm_", 0) == 2 * len(WIDTHS)
+    assert with_x.total - without_x.total == 2 * len(WIDTHS), (dict(with_x.by_name), dict(without_x.by_name))
+    r, _, _, _ = _layer()
+    r.train()
+    _, ref_saved = saved_tensor_bytes(r, xs, masks, exclude=list(r.parameters()) + xs + masks)
+    _, saved = saved_tensor_bytes(f, xs, masks, exclude=list(f.parameters()) + xs + masks)
+    xg = [x.clone().requires_grad_() for x in xs]
+    _, saved_x = saved_tensor_bytes(f, xg, masks, exclude=list(f.parameters()) + xg + masks)
+    assert saved == saved_x  # the same tensors either way: each one serves a weight gradient
+    # the reference saves less without input gradients; the fused module's share stays below
+    assert saved <= SAVED_FRACTION_NO_INPUT_GRAD * ref_saved, (saved, ref_saved)
+
+
+def test_frozen_module_computes_input_gradients_only():
+    """A frozen refiner (every parameter frozen) with features that need grad: only dX."""
+    r, f, xs, masks = _layer()
+    _freeze(r, f, "all parameters")
+    f.train()
+    _, c = count_aten_ops(_training_step(f, xs, masks))
+    full_r, full_f, _, _ = _layer()
+    full_f.train()
+    _, full = count_aten_ops(_training_step(full_f, xs, masks))
+    assert c.total < full.total - 20, (dict(c.by_name), dict(full.by_name))
+
+
+def test_meta_device_forward_and_backward():
+    """A module moved to ``device="meta"`` runs forward and backward as shape inference."""
+    widths = [12, 5, 3]
+    f = VGMR(widths, d=8, dropout=0.1).to("meta").train()
+    xs = [torch.randn(2, 4, D, device="meta", requires_grad=True) for D in widths]
+    out = f(xs)
+    assert [o.shape for o in out] == [x.shape for x in xs] and out[0].device.type == "meta"
+    sum(o.sum() for o in out).backward()
+    assert all(x.grad is not None and x.grad.shape == x.shape for x in xs)
+    assert all(p.grad is not None and p.grad.device.type == "meta" for p in f.parameters())
+
+
+# ---- autocast: the same one-node path ------------------------------------------------------
+def _autocast_step(module, xs, masks, x_grad):
+    xg = [x.clone().requires_grad_(x_grad) for x in xs]
+    gy = [torch.randn_like(x) for x in xs]
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(xg, masks)
+        torch.autograd.backward(list(out), gy)
+
+    return step
+
+
+# Ops a bf16-autocast training step adds to the float32 one: casts as groups (one allocation and
+# one copy each: the features and GEMM weights, Zpre to float32 in the forward and again in the
+# backward, dZ to bf16, the gradients to float32), the float32 bias rows and heads' gradient, a
+# float32 workspace; minus the two LayerNorm gradient concatenations the last cast does; plus
+# one float32 accumulation of dX per modality when the features need grad.
+AUTOCAST_EXTRA_OPS = 11
+
+
+@pytest.mark.parametrize("x_grad", [False, True], ids=["features don't need grad", "features need grad"])
+def test_autocast_runs_the_one_node_path_with_grouped_casts(x_grad):
+    """bf16 autocast: one autograd node, every cast grouped (no per-tensor cast), gate_norm in
+    float32 on the features as given (float32 outputs and statistics), float32 gradients."""
+    _, f, xs, masks = _layer()
+    f.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = f(xs, masks)
+    assert type(out[0].grad_fn).__name__ == "_FusedVGMRBackward" and out[0].dtype == torch.float32
+    f.zero_grad(set_to_none=True)
+    _, low = count_aten_ops(_autocast_step(f, xs, masks, x_grad))
+    assert all(p.grad.dtype == torch.float32 for p in f.parameters() if p.requires_grad)
+    f.zero_grad(set_to_none=True)
+    step = _training_step(f, xs, masks) if x_grad else _no_grad_step(f, xs, masks)
+    _, full = count_aten_ops(step)
+    extra = AUTOCAST_EXTRA_OPS + (len(WIDTHS) if x_grad else 0)
+    assert low.total == full.total + extra, (dict(low.by_name), dict(full.by_name))
+    assert low.by_name["aten::_foreach_copy_"] == 5 and low.by_name.get("aten::_to_copy", 0) == 2, dict(low.by_name)
+
+
+def test_autocast_saved_bytes_budget():
+    """Under autocast the node saves its bf16 copies of the features and GEMM weights (the
+    reference's autocast saves its casts too) and half-size activations: the same share of the
+    reference's saved bytes under the same autocast as in float32."""
+    r, f, xs, masks = _layer()
+    r.train()
+    f.train()
+    xg = [x.clone().requires_grad_() for x in xs]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, ref_saved = saved_tensor_bytes(r, xg, masks, exclude=list(r.parameters()) + xg + masks)
+        _, saved = saved_tensor_bytes(f, xg, masks, exclude=list(f.parameters()) + xg + masks)
+    assert saved <= SAVED_FRACTION * ref_saved, (saved, ref_saved)
+
+
+def test_autocast_gradients_match_the_reference_under_autocast():
+    """The pass rule in bf16: eager = the reference under the same autocast, truth = float64."""
+    from vgmr_fast.testing import compare
+
+    widths = [12, 5, 3]
+    torch.manual_seed(7)
+    r = R.VGMR(widths, d=8, dropout=0.0).train()
+    f = from_reference(r, backend="cpu")
+    truth = copy.deepcopy(r).double()
+    xs, masks = inputs(widths)
+
+    def run(module, dtype, autocast):
+        xg = [x.detach().clone().to(dtype).requires_grad_() for x in xs]
+        module.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = module(xg, masks)
+        loss = sum((o.double() * torch.linspace(-1, 1, o.shape[-1], dtype=torch.float64)).sum() for o in out)
+        loss.backward()
+        return list(out) + grads(module, xg)
+
+    got, eager, exact = run(f, torch.float32, True), run(r, torch.float32, True), run(truth, torch.float64, False)
+    for i, (a, b, t) in enumerate(zip(got, eager, exact)):
+        assert (a is None) == (t is None), i
+        if t is not None:
+            c = compare(a, b, t, torch.bfloat16)
+            assert c.ok, (i, c)
+
+
+def test_autocast_compile_fullgraph_one_graph():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    widths = [12, 5, 3]
+    f = from_reference(R.VGMR(widths, d=8, dropout=0.3), backend="cpu").train()
+    xs, masks = inputs(widths)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(f, fullgraph=True, backend=counter)
+    for step in range(2):
+        xg = [x.clone().requires_grad_() for x in xs]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = compiled(xg, masks)
+        sum(o.float().sum() for o in out).backward()
+        assert all(x.grad is not None and x.grad.dtype == torch.float32 for x in xg)
+    assert counter.frame_count == 1, counter.frame_count
+    torch._dynamo.reset()

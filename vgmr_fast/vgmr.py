@@ -21,6 +21,7 @@ The heads' sigmoid enters the gate only as ``sigma(z) - 1/2``; the module comput
 from __future__ import annotations
 
 import collections
+import functools
 import warnings
 
 import torch
@@ -29,6 +30,7 @@ from torch import nn
 
 from . import inputs
 from . import reference as ref
+from .ops import backend as _backend
 from .dropout_stream import draw_seeds
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
@@ -40,6 +42,11 @@ def _warn_once(key: str, msg: str) -> None:
     if key not in _warned:
         _warned.add(key)
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def _autocast_on(device: torch.device) -> bool:
+    """Whether autocast is on for ``device`` (meta and other devices without autocast: never)."""
+    return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
 
 
 def _linear_init(out_features: int, in_features: int):
@@ -64,25 +71,27 @@ class _ReferenceOps:
         return ref.gate_norm(zpre, bias_row, x, ln_weight, ln_bias, alpha, beta, p, seed)
 
 
-def _has_grouped_gate_norm() -> bool:
-    """Whether the C++ backends have the grouped gate_norm (one call for every modality); asked
-    once per module, at construction (a schema query does not trace)."""
-    try:
-        from . import ops  # noqa: F401  (loads the extension's schemas when it is built)
-
-        torch.ops.vgmr.gate_norm_grouped_backward.default
-    except (ImportError, AttributeError, RuntimeError, OSError):
-        return False
-    return True
-
-
 # Static configuration of one fused call (a named tuple: compilers treat it as a constant).
+# ``low``: the autocast dtype the layer computes in (None: the parameters' dtype).
 _Spec = collections.namedtuple("_Spec", ("M", "d", "alpha", "beta", "p", "backend", "mlp", "k", "nb", "u_blocks",
-                                         "recompute", "grouped"))
+                                         "recompute", "grouped", "low"))
+
+# Under autocast these stay in float32: the bias-row GEMM (its output feeds gate_norm's float32
+# side input), the LayerNorm parameters, and the beta = 0 input of the bias-row GEMMs.
+_FULL_PRECISION = ("rw", "lnw", "lnb", "zero")
 
 
 def _pdt(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _linear_grads(g: dict, need: dict, w: str, b: str, dout: torch.Tensor, inp: torch.Tensor) -> None:
+    """Weight and bias gradients of a batched linear ``out = inp W^T + b``, each only when asked:
+    ``g[w] = dout^T inp``, ``g[b] = sum of dout over rows``."""
+    if need[w]:
+        g[w] = _bmm_t(dout, inp)
+    if need[b]:
+        g[b] = dout.sum(1)
 
 
 def _bmm_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -102,11 +111,20 @@ class _FusedVGMR(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec, seeds, *flat):
         M, d, k = spec.M, spec.d, spec.k
-        ns = torch.ops.vgmr_triton if spec.backend == "triton" else torch.ops.vgmr
+        ns = _backend.namespace(spec.backend)
         # the raw ops read dense rows (no-ops for the usual contiguous inputs)
         xs = [x.contiguous() for x in flat[:M]]
         masks = [None if mk is None else mk.contiguous() for mk in flat[M:2 * M]]
-        P = _unflatten_params(spec, flat[2 * M:])
+        params = list(flat[2 * M:])
+        xs_full = xs  # gate_norm reads the features as given (float32 under autocast)
+        if spec.low is not None:
+            # autocast: the features and every GEMM weight in the autocast dtype, one cast for all
+            low = [i for i, n in enumerate(_param_slots(spec)) if n not in _FULL_PRECISION]
+            _, cast = _cast_group(xs + [params[i] for i in low], spec.low)
+            xs = cast[:M]
+            for i, t in zip(low, cast[M:]):
+                params[i] = t
+        P = _unflatten_params(spec, params)
         B = xs[0].shape[0]
         Ts, dims = [x.shape[1] for x in xs], [x.shape[2] for x in xs]
         x2s = [x.reshape(B * T, D) for x, T, D in zip(xs, Ts, dims)]
@@ -138,7 +156,7 @@ class _FusedVGMR(torch.autograd.Function):
             r1 = F.gelu(r_pre)
             r = torch.baddbmm(P["vb2"].unsqueeze(1), r1, P["vw2"].transpose(1, 2))
             t = torch.tanh(torch.baddbmm(P["hb"].unsqueeze(1), r, P["hw"].transpose(1, 2), beta=0.5, alpha=0.5))
-            t_ext = F.pad(t, (0, spec.nb), value=2.0)
+            t_ext = F.pad(t, (0, spec.nb), value=2.0).to(P["rw"].dtype)
             saved_small = [summary_in, e_pre, e, s_bm, u, r_pre, r1, r, t, *argmaxes]
         else:
             t = None
@@ -148,31 +166,38 @@ class _FusedVGMR(torch.autograd.Function):
         zpres = [torch.addmm(o[:, d:], h, wh.t()).view(B, T, D)
                  for o, h, wh, T, D in zip(xo, hs, P["wh"], Ts, dims)]
         del xo
-        pdt = _pdt(xs[0])
+        # under autocast gate_norm runs in float32 on the features as given: Zpre (the GEMMs'
+        # output, in the autocast dtype) is cast once for all modalities
+        zpres_g = zpres if spec.low is None else _cast_group(zpres, xs_full[0].dtype)[1]
+        pdt = _pdt(xs_full[0])
         lnws = [w.to(pdt) for w in P["lnw"].split(dims)]
         lnbs = [b.to(pdt) for b in P["lnb"].split(dims)]
         rows_p = [r_.to(pdt) for r_ in rows]
         ys, stats = [], []
         if spec.grouped:  # every modality in one operator call
-            ys, means, rstds = ns.gate_norm_grouped(zpres, rows_p, list(xs), lnws, lnbs,
+            ys, means, rstds = ns.gate_norm_grouped(zpres_g, rows_p, list(xs_full), lnws, lnbs,
                                                     spec.alpha, spec.beta, spec.p, seeds)
             ys = list(ys)
             for mean, rstd in zip(means, rstds):
                 stats += [mean, rstd]
         else:
             for m in range(M):
-                y, mean, rstd = ns.gate_norm(zpres[m], rows_p[m], xs[m], lnws[m], lnbs[m],
+                y, mean, rstd = ns.gate_norm(zpres_g[m], rows_p[m], xs_full[m], lnws[m], lnbs[m],
                                              spec.alpha, spec.beta, spec.p, _seed_arg(seeds, m))
                 ys.append(y)
                 stats += [mean, rstd]
+        outs = tuple(ys + ([t] if k else []) + zpres_g + rows)
+        if ctx is None:  # no gradient asked for: nothing to keep
+            return outs
         ctx.set_materialize_grads(False)
         ctx.spec, ctx.shape = spec, (B, tuple(Ts), tuple(dims))
         ctx.has_mask = [mk is not None for mk in masks]
         kept_z = [] if spec.recompute else zpres
         kept_h = [] if spec.mlp else hs  # H is recomputed from the saved pre-activation
-        ctx.save_for_backward(seeds, *xs, *[mk for mk in masks if mk is not None], *flat[2 * M:],
+        full_x = [] if spec.low is None else xs_full
+        ctx.save_for_backward(seeds, *xs, *full_x, *[mk for mk in masks if mk is not None], *params,
                               pre_all, *kept_h, *kept_z, t_ext, *rows_p, *stats, *saved_small)
-        return tuple(ys + ([t] if k else []) + zpres + rows)
+        return outs
 
     @staticmethod
     def backward(ctx, *grads):
@@ -183,11 +208,12 @@ class _FusedVGMR(torch.autograd.Function):
                 "backend='reference' (or use vgmr_fast.reference.VGMR) for higher-order gradients")
         spec = ctx.spec
         M, d, k = spec.M, spec.d, spec.k
-        ns = torch.ops.vgmr_triton if spec.backend == "triton" else torch.ops.vgmr
+        ns = _backend.namespace(spec.backend)
         B, Ts, dims = ctx.shape
         saved = list(ctx.saved_tensors)
         seeds = saved.pop(0)
         xs = [saved.pop(0) for _ in range(M)]
+        xs_full = xs if spec.low is None else [saved.pop(0) for _ in range(M)]
         masks = [saved.pop(0) if has else None for has in ctx.has_mask]
         n_params = _param_count(spec)
         flat_params = [saved.pop(0) for _ in range(n_params)]
@@ -205,6 +231,8 @@ class _FusedVGMR(torch.autograd.Function):
                      for x2, w, b, h, wh, T, D in zip(x2s, P["xw"], P["xb"], hs, P["wh"], Ts, dims)]
         else:
             zpres = [saved.pop(0) for _ in range(M)]
+        if spec.low is not None:  # the forward's cast again: the Zpre gate_norm saw
+            zpres = _cast_group(zpres, xs_full[0].dtype)[1]
         t_ext = saved.pop(0)
         rows_p = [saved.pop(0) for _ in range(M)]
         stats = [saved.pop(0) for _ in range(2 * M)]
@@ -215,19 +243,33 @@ class _FusedVGMR(torch.autograd.Function):
         dt_extra = grads[M] if k else None
         dz_extra = grads[M + (1 if k else 0):][:M]
         drow_extra = grads[M + (1 if k else 0) + M:][:M]
-        pdt = _pdt(xs[0])
+        pdt = _pdt(xs_full[0])
         lnws = [w.to(pdt) for w in P["lnw"].split(dims)]
 
+        # Only the gradients asked for: the inputs' and each parameter's needs_input_grad, and
+        # each stage of the chain back to X only when something before it needs it.
+        need_x = list(ctx.needs_input_grad[2:2 + M])
+        need = _unflatten_params(spec, ctx.needs_input_grad[2 + 2 * M:])
+        need_p1 = [need_x[m] or need["xw"][m] or need["xb"][m] for m in range(M)]  # P's first layer
+        need_h = [need_p1[m] or (spec.mlp and (need["w2"] or need["b2"])) for m in range(M)]  # dH_m
+        chain, below = {}, any(need_h)
+        for stage in ("e1", "e2", "v1", "v2", "heads"):  # from the summary back to the heads
+            w_name, b_name = {"e1": ("ew1", "eb1"), "e2": ("ew2", "eb2"), "v1": ("vw1", "vb1"),
+                              "v2": ("vw2", "vb2"), "heads": ("hw", "hb")}[stage]
+            below = below or bool(need.get(w_name)) or bool(need.get(b_name))
+            chain[stage] = bool(k) and below
+
         # §5 gate_norm
-        dys = [torch.zeros_like(x) if dy is None else dy.to(x.dtype).contiguous() for dy, x in zip(dys, xs)]
+        dys = [torch.zeros_like(x) if dy is None else dy.to(x.dtype).contiguous() for dy, x in zip(dys, xs_full)]
         if spec.grouped:
-            grouped = ns.gate_norm_grouped_backward(dys, zpres, rows_p, list(xs), lnws, stats[0::2], stats[1::2],
-                                                    spec.alpha, spec.beta, spec.p, seeds)
+            grouped = ns.gate_norm_grouped_backward(dys, zpres, rows_p, list(xs_full), lnws, stats[0::2], stats[1::2],
+                                                    spec.alpha, spec.beta, spec.p, seeds, need_x)
             per_modality = list(zip(*grouped))
         else:
-            per_modality = [ns.gate_norm_backward(dys[m], zpres[m], rows_p[m], xs[m], lnws[m], stats[2 * m],
+            per_modality = [ns.gate_norm_backward(dys[m], zpres[m], rows_p[m], xs_full[m], lnws[m], stats[2 * m],
                                                   stats[2 * m + 1], spec.alpha, spec.beta, spec.p,
-                                                  _seed_arg(seeds, m)) for m in range(M)]
+                                                  _seed_arg(seeds, m), need_x[m]) for m in range(M)]
+        dys = zpres = stats = None
         dzs, drows, dxs, dlnw, dlnb = [], [], [], [], []
         for m in range(M):
             dz, drow, dx, dw, db = per_modality[m]
@@ -237,49 +279,64 @@ class _FusedVGMR(torch.autograd.Function):
                 drow = drow + drow_extra[m]
             dzs.append(dz.view(B * Ts[m], dims[m]))
             drows.append(drow.to(P["rw"].dtype))
-            dxs.append(dx)
+            dxs.append(dx if need_x[m] else None)
             dlnw.append(dw)
             dlnb.append(db)
+        per_modality = None
+        if spec.low is not None:  # the GEMMs below take dZ in the autocast dtype
+            dzs = _cast_group(dzs, spec.low)[1]
         # One workspace holds every gradient that gathers per-modality pieces: each GEMM writes its
-        # piece in place (out=), so gathering costs one allocation instead of a cat / stack each.
+        # piece in place (out=), so gathering costs one allocation instead of a cat / stack each
+        # (under autocast a second one, float32, for the bias-row GEMM's gradients).
         ws = _Workspace(xs[0])
+        ws_full = ws if P["rw"].dtype == xs[0].dtype else _Workspace(P["rw"])
         width = len(spec.u_blocks) * d
-        ws_rw = ws.take(sum(dims), P["rw"].shape[1])
-        if k:
-            ws_dt = ws.take(M, B, k)
-            ws_du = ws.take(B, M, width) if width == (3 * M - 1) * d else None
-        if spec.mlp:
-            ws_w2 = ws.take(M, d, d)
-            ws_dact = ws.take(sum(B * T for T in Ts), d)
+        ws_rw = ws_full.take(sum(dims), P["rw"].shape[1]) if need["rw"] else None
+        if chain["heads"]:
+            ws_dt = ws_full.take(M, B, k)
+            ws_du = ws.take(B, M, width) if chain["e2"] and width == (3 * M - 1) * d else None
+        ws_w2 = ws.take(M, d, d) if spec.mlp and need["w2"] else None
+        ws_dh = ws.take(sum(B * T for T in Ts), d) if spec.mlp and need["b2"] else None  # b2: one reduction
+        ws_dact = ws.take(sum(B * T for T in Ts), d) if spec.mlp and all(need_p1) else None
+        ws_xw = [ws.take(d + D, D) if need["xw"][m] else None for m, D in enumerate(dims)]
+        ws_xb = [ws.take(d + D) if need["xb"][m] else None for m, D in enumerate(dims)]
         ws.allocate()
+        if ws_full is not ws:
+            ws_full.allocate()
         g = {}
-        g["lnw"] = torch.cat(dlnw).to(P["lnw"].dtype)
-        g["lnb"] = torch.cat(dlnb).to(P["lnb"].dtype)
+        if spec.low is None:  # (under autocast the final cast gathers them)
+            if need["lnw"]:
+                g["lnw"] = torch.cat(dlnw).to(P["lnw"].dtype)
+            if need["lnb"]:
+                g["lnb"] = torch.cat(dlnb).to(P["lnb"].dtype)
         # §4 bias rows: rows_m = (t_ext_m RW_m^T) / 2
-        t_parts = t_ext.unbind(0)
-        rw_pieces = ws_rw().split(dims)
-        for dr, tm, out in zip(drows, t_parts, rw_pieces):
-            torch.addmm(P["zero"], dr.t(), tm, beta=0.0, alpha=0.5, out=out)
-        g["rw"] = ws_rw()
-        g["wh"] = [torch.mm(dz.t(), h) for dz, h in zip(dzs, hs)]
+        if ws_rw is not None:
+            for dr, tm, out in zip(drows, t_ext.unbind(0), ws_rw().split(dims)):
+                torch.addmm(P["zero"], dr.t(), tm, beta=0.0, alpha=0.5, out=out)
+            g["rw"] = ws_rw()
+        g["wh"] = [torch.mm(dz.t(), h) if need["wh"][m] else None for m, (dz, h) in enumerate(zip(dzs, hs))]
         dhs = [None] * M
-        if k:
+        if chain["heads"]:
             # heads: t = tanh((hb + r hw^T) / 2), so dz = tanh'(.) dt / 2; the 1/2 rides on the GEMMs
             dt_half = ws_dt()
             for dr, rw, out in zip(drows, P["rw"].split(dims), dt_half.unbind(0)):
                 torch.addmm(P["zero"], dr, rw[:, :k], beta=0.0, alpha=0.25, out=out)
             if dt_extra is not None:
                 dt_half = dt_half + 0.5 * dt_extra
-            dzh = torch.ops.aten.tanh_backward(dt_half, t)
-            g["hw"] = _bmm_t(dzh, r)
-            g["hb"] = dzh.sum(1)
-            dr_ = torch.bmm(dzh, P["hw"])
+            dzh = torch.ops.aten.tanh_backward(dt_half.to(t.dtype), t)
+            dt_half = None
+            _linear_grads(g, need, "hw", "hb", dzh, r)
+        drows = None
+        if chain["v2"]:
             # §3 values
-            g["vw2"] = _bmm_t(dr_, r1)
-            g["vb2"] = dr_.sum(1)
+            dr_ = torch.bmm(dzh, P["hw"])
+            dzh = None
+            _linear_grads(g, need, "vw2", "vb2", dr_, r1)
+        if chain["v1"]:
             dr_pre = torch.ops.aten.gelu_backward(torch.bmm(dr_, P["vw2"]), r_pre)
-            g["vw1"] = _bmm_t(dr_pre, u.transpose(0, 1))
-            g["vb1"] = dr_pre.sum(1)
+            dr_ = None
+            _linear_grads(g, need, "vw1", "vb1", dr_pre, u.transpose(0, 1))
+        if chain["e2"]:
             if ws_du is not None and not torch.compiler.is_compiling():
                 # written as [B, M, width], the layout the interaction reads (a compiler fuses the
                 # transpose itself, and Dynamo takes no strided out=)
@@ -287,47 +344,82 @@ class _FusedVGMR(torch.autograd.Function):
                 torch.bmm(dr_pre, P["vw1"], out=du.transpose(0, 1))
             else:
                 du = torch.bmm(dr_pre, P["vw1"]).transpose(0, 1)  # [B, M, width]
+            dr_pre = None
             if len(spec.u_blocks) != 3 * M - 1:
                 full = du.new_zeros(B, M, 3 * M - 1, d)
                 full[:, :, list(spec.u_blocks)] = du.reshape(B, M, len(spec.u_blocks), d)
                 du = full.view(B, M, (3 * M - 1) * d)
             # §2 interaction, §1 summary
             ds = ns.interaction_backward(du.contiguous(), s_bm).transpose(0, 1)  # [M, B, d]
-            g["ew2"] = _bmm_t(ds, e)
-            g["eb2"] = ds.sum(1)
+            du = None
+            _linear_grads(g, need, "ew2", "eb2", ds, e)
+        if chain["e1"]:
             de_pre = torch.ops.aten.gelu_backward(torch.bmm(ds, P["ew2"]), e_pre)
-            g["ew1"] = _bmm_t(de_pre, summary_in)
-            g["eb1"] = de_pre.sum(1)
-            dmean = torch.bmm(de_pre, P["ew1"][:, :, :d])  # [M, B, d], contiguous per modality
-            dmax = torch.bmm(de_pre, P["ew1"][:, :, d:])
-            dhs = [ns.summary_pool_backward(dmean[m], dmax[m], masks[m], argmaxes[m], Ts[m]).view(B * Ts[m], d)
-                   for m in range(M)]
+            ds = None
+            _linear_grads(g, need, "ew1", "eb1", de_pre, summary_in)
+            if any(need_h):
+                dmean = torch.bmm(de_pre, P["ew1"][:, :, :d])  # [M, B, d], contiguous per modality
+                dmax = torch.bmm(de_pre, P["ew1"][:, :, d:])
+                dhs = [ns.summary_pool_backward(dmean[m], dmax[m], masks[m], argmaxes[m], Ts[m]).view(B * Ts[m], d)
+                       if need_h[m] else None for m in range(M)]
+                dmean = dmax = None
+            de_pre = None
         # gate GEMM: zpre = (x W_r^T + b_r) + h W_h^T
-        dhs = [dz @ wh if dh is None else dh.addmm_(dz, wh) for dh, dz, wh in zip(dhs, dzs, P["wh"])]
-        if spec.mlp:
-            g["w2"] = ws_w2()
-            for dh, a, out in zip(dhs, acts, g["w2"].unbind(0)):
-                torch.mm(dh.t(), a, out=out)
-            lengths = torch.tensor([B * T for T in Ts], device=pre_all.device)
-            g["b2"] = torch.segment_reduce(torch.cat(dhs), "sum", lengths=lengths)  # [M, d], one launch
-            dact = ws_dact()
-            for dh, w2, out in zip(dhs, P["w2"].unbind(0), dact.split([B * T for T in Ts])):
-                torch.mm(dh, w2, out=out)
-            dpres = torch.ops.aten.gelu_backward(dact, pre_all).split([B * T for T in Ts])
+        if ws_dh is not None:  # every modality's dH, written into one buffer
+            pieces = ws_dh().split([B * T for T in Ts])
+            dhs = [torch.mm(dz, wh, out=out) if dh is None else torch.addmm(dh, dz, wh, out=out)
+                   for dh, dz, wh, out in zip(dhs, dzs, P["wh"], pieces)]
         else:
-            dpres = dhs
-        # [P1; W_r] share one GEMM on X; dX accumulates in place into gate_norm's dX (no second
-        # [BT, D] buffer alive at the backward's peak)
-        g["xw"], g["xb"], dx_out = [], [], []
+            dhs = [None if not need_h[m] else dz @ wh if dh is None else dh.addmm_(dz, wh)
+                   for m, (dh, dz, wh) in enumerate(zip(dhs, dzs, P["wh"]))]
+        dpres = dhs
+        if spec.mlp:
+            if ws_w2 is not None:
+                g["w2"] = ws_w2()
+                for dh, a, out in zip(dhs, acts, g["w2"].unbind(0)):
+                    torch.mm(dh.t(), a, out=out)
+            if need["b2"]:
+                lengths = torch.tensor([B * T for T in Ts], device=pre_all.device)
+                g["b2"] = torch.segment_reduce(ws_dh(), "sum", lengths=lengths)  # [M, d], one launch
+            acts = None
+            if ws_dact is not None:  # every modality: one GELU backward over all rows
+                dact = ws_dact()
+                for dh, w2, out in zip(dhs, P["w2"].unbind(0), dact.split([B * T for T in Ts])):
+                    torch.mm(dh, w2, out=out)
+                dhs = None
+                dpres = list(torch.ops.aten.gelu_backward(dact, pre_all).split([B * T for T in Ts]))
+                dact = None
+            else:
+                pres = pre_all.split([B * T for T in Ts])
+                dpres = [torch.ops.aten.gelu_backward(dh @ w2, pre) if need_p1[m] else None
+                         for m, (dh, w2, pre) in enumerate(zip(dhs, P["w2"].unbind(0), pres))]
+                dhs = None
+        # [P1; W_r] share one GEMM on X: each half of its weight gradient is written into its
+        # final buffer, and dX accumulates in place into gate_norm's dX (no [BT, d + D] buffer)
+        g["xw"], g["xb"], dx_out = [None] * M, [None] * M, [None] * M
         for m in range(M):
-            dxo = torch.cat([dpres[m], dzs[m]], dim=1)  # [BT, d + D]
-            g["xw"].append(torch.mm(dxo.t(), x2s[m]))
-            g["xb"].append(dxo.sum(0))
-            dx = dxs[m].view(B * Ts[m], dims[m]).addmm_(dxo, P["xw"][m])
-            dx_out.append(dx.view(B, Ts[m], dims[m]))
-        if not k:
-            for name in ("ew1", "eb1", "ew2", "eb2", "vw1", "vb1", "vw2", "vb2"):
-                g[name] = None  # the value path does not reach the output (both heads ablated)
+            dpre, dz, x2 = dpres[m], dzs[m], x2s[m]
+            if ws_xw[m] is not None:
+                gw = ws_xw[m]()
+                torch.mm(dpre.t(), x2, out=gw[:d])
+                torch.mm(dz.t(), x2, out=gw[d:])
+                g["xw"][m] = gw
+            if ws_xb[m] is not None:
+                gb = ws_xb[m]()
+                torch.sum(dpre, 0, out=gb[:d])
+                torch.sum(dz, 0, out=gb[d:])
+                g["xb"][m] = gb
+            if need_x[m]:
+                w = P["xw"][m]
+                dx = dxs[m].view(B * Ts[m], dims[m])
+                if spec.low is None:
+                    dx.addmm_(dpre, w[:d]).addmm_(dz, w[d:])
+                else:  # accumulated in float32, the features' dtype
+                    dx.add_(torch.mm(dpre, w[:d]).addmm_(dz, w[d:]))
+                dx_out[m] = dx.view(B, Ts[m], dims[m])
+            dpres[m] = dzs[m] = None  # free each modality's buffers at their last use
+        if spec.low is not None:
+            return (None, None, *_full_precision_grads(spec, g, dx_out, dlnw, dlnb, need))
         return (None, None, *dx_out, *[None] * M, *_flatten_grads(spec, g, flat_params))
 
 
@@ -396,6 +488,46 @@ def _flatten_grads(spec, g: dict, flat_params) -> list:
     return out
 
 
+def _param_slots(spec) -> list:
+    """The parameter name of each flat parameter input, in order (per-modality names repeated)."""
+    return [n for n in _param_names(spec) for _ in range(spec.M if n in _PER_MODALITY else 1)]
+
+
+def _cast_group(tensors, dtype):
+    """``[t.to(dtype) for t in tensors]`` as one allocation and one copy (two ops, not one per
+    tensor): ``(buffer, views)``, the views laid out in order in the one buffer."""
+    sizes = [t.numel() for t in tensors]
+    buffer = tensors[0].new_empty(sum(sizes), dtype=dtype)
+    out = [piece.view(t.shape) for piece, t in zip(buffer.split(sizes), tensors)]
+    torch._foreach_copy_(out, list(tensors))
+    return buffer, out
+
+
+def _full_precision_grads(spec, g: dict, dx_out, dlnw, dlnb, need) -> list:
+    """Under autocast: the backward's outputs (the features' gradients, float32 already, then the
+    parameters' in input order) in float32, the inputs' dtype, through one cast; the LayerNorm
+    gradients of all modalities gathered by the same copy."""
+    M = spec.M
+    groups = []
+    for n in _param_names(spec):
+        if n in ("lnw", "lnb"):
+            if need[n]:
+                groups.append(((n, 0), dlnw if n == "lnw" else dlnb))
+            continue
+        items = (g.get(n) or [None] * M) if n in _PER_MODALITY else [g.get(n)]
+        groups += [((n, j), [gi]) for j, gi in enumerate(items) if gi is not None]
+    full = {}
+    if groups:
+        buffer, _ = _cast_group([t for _, parts in groups for t in parts], torch.float32)
+        start = 0
+        for key, parts in groups:
+            numel = sum(t.numel() for t in parts)
+            full[key] = buffer[start:start + numel].view(parts[0].shape if len(parts) == 1 else (numel,))
+            start += numel
+    grads = [full.get((n, j)) for n in _param_names(spec) for j in range(M if n in _PER_MODALITY else 1)]
+    return [*dx_out, *[None] * M, *grads]
+
+
 def _seed_arg(seeds, m: int):
     """Modality m's dropout seed as the raw ops take it: a one-element int64 tensor on the
     inputs' device, read by the kernel (no host sync)."""
@@ -415,9 +547,11 @@ class VGMR(nn.Module):
             activations saved for backward drop by ``B * sum T_m D_m`` elements, for two more
             GEMMs per modality in the backward.
 
-    On a fused backend (``gate_gemm="two"``, no autocast) the layer runs as one autograd node
-    with a hand-written backward (:class:`_FusedVGMR`); otherwise (reference backend, autocast,
-    ``gate_gemm="stacked"``, an empty batch) as torch autograd over the same grouped steps.
+    On a fused backend (``gate_gemm="two"``) the layer runs as one autograd node with a
+    hand-written backward (:class:`_FusedVGMR`); under ``torch.autocast`` that node casts the
+    features and GEMM weights to the autocast dtype in one copy, runs gate_norm with float32
+    statistics, and returns float32 gradients. Otherwise (reference backend, ``gate_gemm="stacked"``,
+    an empty batch) the layer runs as torch autograd over the same grouped steps.
 
     Dropout (training, ``dropout > 0``) draws one int64 tensor of M seeds per forward on the
     inputs' device (``torch.randint`` on that device's generator); on the CPU the reference
@@ -447,7 +581,6 @@ class VGMR(nn.Module):
         self.projection = cfg.projection
         self.backend, self.gate_gemm = backend, gate_gemm
         self.recompute_gate_gemm = bool(recompute_gate_gemm)
-        self._grouped = _has_grouped_gate_norm()
         M = len(self.widths)
         self.u_blocks = ref.interaction_blocks(M, self.use_agreement, self.use_discrepancy)
         self._build(self._initial_state())
@@ -591,10 +724,8 @@ class VGMR(nn.Module):
         if self.backend == "reference":
             return "reference"
         try:
-            from .ops import backend as _backend
-
             return _backend.resolve(self.backend, device)
-        except (ImportError, RuntimeError, OSError) as exc:
+        except (RuntimeError, OSError) as exc:
             if self.backend != "auto":
                 raise
             _warn_once(f"fallback-{device.type}",
@@ -612,7 +743,7 @@ class VGMR(nn.Module):
         else:
             from . import ops
 
-            if self.gate_gemm == "two" and not torch.is_autocast_enabled(xs_list[0].device.type):
+            if self.gate_gemm == "two":
                 return self._forward_fused(xs, xs_list, masks_list, backend, return_aux)
         M, d, k = self.num_modalities, self.d, self._k
         dims = self.widths
@@ -685,21 +816,32 @@ class VGMR(nn.Module):
     def _forward_fused(self, xs, xs_list, masks_list, backend, return_aux):
         M = self.num_modalities
         p = self.p if self.training else 0.0
-        seeds = draw_seeds(M, device=xs_list[0].device) if p > 0 else self._no_seeds
+        device = xs_list[0].device
+        seeds = draw_seeds(M, device=device) if p > 0 else self._no_seeds
+        autocast = _autocast_on(device)
+        # autocast casts float32 only; the layer then computes in its dtype inside the one node
+        low = torch.get_autocast_dtype(device.type) if autocast and self.norm_weight.dtype == torch.float32 else None
         spec = _Spec(*(M, self.d, self.alpha, self.beta, p, backend, self.projection == "mlp", self._k, self._nb,
                       tuple(self.u_blocks), self.recompute_gate_gemm,
-                      self._grouped and backend in ("cpu", "cuda")))
-        # list(), not [*...]: torch 2.11's Dynamo cannot unpack a ParameterList with *
-        params = list(self.x_weight) + list(self.x_bias)
+                      _backend.has_grouped(backend), low))
+        # indexed, not unpacked: Dynamo traces ParameterList indexing, not its iteration
+        params = [self.x_weight[m] for m in range(M)] + [self.x_bias[m] for m in range(M)]
         if spec.mlp:
             params += [self.proj2_weight, self.proj2_bias]
-        params += list(self.gate_latent_weight)
+        params += [self.gate_latent_weight[m] for m in range(M)]
         params += [self.summary_w1, self.summary_b1, self.summary_w2, self.summary_b2,
                    self.value_w1, self.value_b1, self.value_w2, self.value_b2]
         if self._k:
             params += [self.head_weight, self.head_bias]
         params += [self.row_weight, self.norm_weight, self.norm_bias, self._zero]
-        outs = _FusedVGMR.apply(spec, seeds, *xs_list, *masks_list, *params)
+        # no gradient asked for (inference): the forward alone, without an autograd node
+        run = (_FusedVGMR.apply if torch.is_grad_enabled() and any(t.requires_grad for t in xs_list + params)
+               else functools.partial(_FusedVGMR.forward, None))
+        if autocast:  # the casts are the node's own (one for every weight), not autocast's per op
+            with torch.autocast(device.type, enabled=False):
+                outs = run(spec, seeds, *xs_list, *masks_list, *params)
+        else:
+            outs = run(spec, seeds, *xs_list, *masks_list, *params)
         ys = list(outs[:M])
         refined = inputs.pack(xs, self.names, ys)
         if not return_aux:

@@ -89,7 +89,7 @@ Tensors3 gate_norm_one(const at::Tensor& zpre, const at::Tensor& bias_row, const
 Tensors5 gate_norm_backward_one(const at::Tensor& dy, const at::Tensor& zpre, const at::Tensor& bias_row,
                                 const at::Tensor& x, const at::Tensor& ln_weight, const at::Tensor& mean,
                                 const at::Tensor& rstd, double alpha, double beta, double p, const int64_t* seed,
-                                const char* op);
+                                bool need_dx, const char* op);
 // check_main / check_cpu_float check every input's device: nothing to add here
 inline void no_device_check(const at::Tensor&, const char*, const char*) {}
 inline void no_modality_check(const at::Tensor&, const at::Tensor&, const char*) {}

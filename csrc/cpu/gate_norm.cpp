@@ -296,7 +296,8 @@ VGMR_ALWAYS_INLINE void fwd_block(const float* __restrict__ zr, const float* __r
   }
 }
 
-// Backward of one block: k rows (flat inputs zr, xr, dyr), writes dz, dx (flat, exact) and
+// Backward of one block: k rows (flat inputs zr, xr, dyr), writes dz, dx (flat, exact; dx
+// skipped when dxr is null: the caller asked for no input gradient) and
 // accumulates this chunk's partial sums (rows of padded length, masked lanes add 0).
 template <int W>
 VGMR_ALWAYS_INLINE void bwd_block(const float* __restrict__ zr, const float* __restrict__ xr,
@@ -350,18 +351,17 @@ VGMR_ALWAYS_INLINE void bwd_block(const float* __restrict__ zr, const float* __r
     const float a = hsum<W>(va) * invD, c = hsum<W>(vc) * invD;
     // 3. dv, then dx = dv Geff, dz = dv x dGeff/dz
     float* __restrict__ dz = dzr + o;
-    float* __restrict__ dx = dxr + o;
+    float* __restrict__ dx = dxr == nullptr ? nullptr : dxr + o;
     for (int64_t d = 0; d < D; d += W) {
       const vf vh = ((load<W>(vbuf + o + d) - K) - ms) * rstd;
       const vf dvh = load<W>(gybuf + o + d) * load<W>(wpad + d);
       const vf dv = rstd * ((dvh - a) - vh * c);
-      const vf gdx = dv * load<W>(gebuf + o + d);
       vf gdz = dv * load<W>(xgbuf + o + d);
       if (d + W <= D) {
-        store<W>(dx + d, gdx);
+        if (dx != nullptr) store<W>(dx + d, dv * load<W>(gebuf + o + d));
         store<W>(dz + d, gdz);
       } else {
-        store_n<W>(dx + d, gdx, D - d);
+        if (dx != nullptr) store_n<W>(dx + d, dv * load<W>(gebuf + o + d), D - d);
         store_n<W>(dz + d, gdz, D - d);
         gdz = keep_if<W>(lanes_below<W>(D - d), gdz);
       }
@@ -586,7 +586,8 @@ void bwd_chunk_vec(const scalar_t* dyp, const scalar_t* zp, const scalar_t* xp, 
       prefetch_run(dyp + off + n, nn);
     }
     if constexpr (F32) {
-      simd::bwd_block_f32(zp + off, xp + off, dyp + off, bp, wpad, rstd_in + r, dzp + off, dxp + off,
+      simd::bwd_block_f32(zp + off, xp + off, dyp + off, bp, wpad, rstd_in + r, dzp + off,
+                          dxp == nullptr ? nullptr : dxp + off,
                           part_w, part_b, part_bias, r, k, D, P, work.buf(0), work.buf(1), work.buf(2), work.buf(3),
                           work.buf(4), work.words());
     } else {
@@ -594,14 +595,14 @@ void bwd_chunk_vec(const scalar_t* dyp, const scalar_t* zp, const scalar_t* xp, 
       float* xf = work.buf(8);
       float* dyf = work.buf(9);
       float* dzf = work.buf(10);
-      float* dxf = work.buf(11);
+      float* dxf = dxp == nullptr ? nullptr : work.buf(11);
       to_float(zp + off, n, zf);
       to_float(xp + off, n, xf);
       to_float(dyp + off, n, dyf);
       simd::bwd_block_f32(zf, xf, dyf, bp, wpad, rstd_in + r, dzf, dxf, part_w, part_b, part_bias, r, k,
                           D, P, work.buf(0), work.buf(1), work.buf(2), work.buf(3), work.buf(4), work.words());
       from_float(dzf, n, dzp + off);
-      from_float(dxf, n, dxp + off);
+      if (dxp != nullptr) from_float(dxf, n, dxp + off);
     }
     r += k;
   }
@@ -683,7 +684,7 @@ void bwd_chunk_f64(const double* dyp, const double* zp, const double* xp, const 
     for (int64_t d = 0; d < D; ++d) {
       const double dv = vgmr::ln_bwd_dv<double>(dvh[d], vh[d], a, c, rstd);
       const double dz = dv * xr[d] * vgmr::gate_eff_grad_d(g[d], P.alpha, P.beta);
-      dxp[r * D + d] = dv * vgmr::gate_eff_d(g[d], P.alpha, P.beta);
+      if (dxp != nullptr) dxp[r * D + d] = dv * vgmr::gate_eff_d(g[d], P.alpha, P.beta);
       dzp[r * D + d] = dz;
       part_bias[d] += dz;
     }
@@ -808,7 +809,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_norm_one(const at::Tensor& z
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm_backward_one(
     const at::Tensor& dy, const at::Tensor& zpre, const at::Tensor& bias_row, const at::Tensor& x,
     const at::Tensor& ln_weight, const at::Tensor& mean, const at::Tensor& rstd, double alpha, double beta, double p,
-    const int64_t* seed, const char* op) {
+    const int64_t* seed, bool need_dx, const char* op) {
   check_main(zpre, bias_row, x, ln_weight, op);
   check_cpu_float(dy, op, "dy");
   checks::same_dtype(dy, x, op, "dy", "x");
@@ -831,7 +832,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm
   at::Tensor part = new_output({std::max<int64_t>(nchunks, 1), 3, Dp}, x.options().dtype(pt));
   const ThreadWorkspaces ws(x, kBwdBufsF32, kBwdBufsHalf);
   at::Tensor dzpre = new_output({B, T, D}, x.options());
-  at::Tensor dx = new_output({B, T, D}, x.options());
+  // no input gradient asked for: an empty dx, and the kernels never write one
+  at::Tensor dx = need_dx ? new_output({B, T, D}, x.options()) : at::empty({0}, x.options());
   if (B * T == 0) {
     dbias.zero_();
     dw.zero_();
@@ -844,7 +846,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
     const acc_t* rp = rstd.const_data_ptr<acc_t>();
     scalar_t* dzp = dzpre.mutable_data_ptr<scalar_t>();
-    scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+    scalar_t* dxp = need_dx ? dx.mutable_data_ptr<scalar_t>() : nullptr;
     acc_t* pp = part.mutable_data_ptr<acc_t>();
     ws.parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end, float* work) {
       bwd_chunks<scalar_t>(dyp, in.z, in.x, in.bias, in.w, rp, dzp, dxp, pp, Dp, begin, end, cpb, tc, T, D, P, work);

@@ -253,7 +253,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_norm_one(const at::Tensor& z
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm_backward_one(
     const at::Tensor& dy, const at::Tensor& zpre, const at::Tensor& bias_row, const at::Tensor& x,
     const at::Tensor& ln_weight, const at::Tensor& mean, const at::Tensor& rstd, double alpha, double beta, double p,
-    const int64_t* seed, const char* op) {
+    const int64_t* seed, bool need_dx, const char* op) {
   const DType dt = check_gate_inputs(zpre, bias_row, x, ln_weight, op);
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
   check_like(dy, x, {B, T, D}, op, "dy", "x", "[B, T, D]");
@@ -264,7 +264,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm
   const c10::cuda::CUDAGuard guard(x.device());
   const at::TensorOptions f32 = x.options().dtype(at::kFloat);
   at::Tensor dzpre = new_output({B, T, D}, zpre.options());
-  at::Tensor dx = new_output({B, T, D}, x.options());
+  at::Tensor dx = need_dx ? new_output({B, T, D}, x.options()) : at::empty({0}, x.options());
   at::Tensor dbias_row = new_output({B, D}, f32);
   at::Tensor dw = new_output({D}, f32);
   at::Tensor db = new_output({D}, f32);
@@ -273,11 +273,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   VGMR_CUDA_OK(op, vgmr::gpu::gate_norm_bwd_launch(
                        dt, dy.const_data_ptr(), zpre.const_data_ptr(), bias_row.const_data_ptr<float>(),
-                       x.const_data_ptr(), ln_weight.const_data_ptr<float>(), mean.const_data_ptr<float>(),
-                       rstd.const_data_ptr<float>(), dzpre.mutable_data_ptr(), dbias_row.mutable_data_ptr<float>(),
-                       dx.mutable_data_ptr(), dw.mutable_data_ptr<float>(), db.mutable_data_ptr<float>(),
-                       work.mutable_data_ptr<float>(), ws, B, T, D, (float)alpha, (float)beta, drop.threshold,
-                       drop.scale, drop.seed, drop.on, stream));
+                       x.const_data_ptr(), ln_weight.const_data_ptr<float>(), rstd.const_data_ptr<float>(),
+                       dzpre.mutable_data_ptr(), dbias_row.mutable_data_ptr<float>(),
+                       need_dx ? dx.mutable_data_ptr() : nullptr, dw.mutable_data_ptr<float>(),
+                       db.mutable_data_ptr<float>(), work.mutable_data_ptr<float>(), ws, B, T, D, (float)alpha,
+                       (float)beta, drop.threshold, drop.scale, drop.seed, drop.on, stream));
   return {dzpre, dbias_row, dx, dw, db};
 }
 

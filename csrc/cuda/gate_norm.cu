@@ -72,10 +72,9 @@ struct FwdArgs : GateInputs<S> {
 template <typename S>
 struct BwdArgs : GateInputs<S> {
   const S* __restrict__ dy;
-  const float* __restrict__ mean;  // not read: the kernels recompute the row shift and mean_s
-  const float* __restrict__ rstd;
+  const float* __restrict__ rstd;  // the kernels recompute the row shift and mean_s themselves
   S* __restrict__ dzpre;
-  S* __restrict__ dx;
+  S* __restrict__ dx;  // null: no input gradient asked for, never written
   float* __restrict__ dbias;   // dbias_row (nsplit == 1) or [B * nsplit, D] partials
   float* __restrict__ part_w;  // [gridDim.x, D]
   float* __restrict__ part_b;  // [gridDim.x, D]
@@ -390,7 +389,7 @@ __global__ void __launch_bounds__(kMaxThreads) gn_bwd_vec(BwdArgs<T> a) {
             dzo[j] = dv * xv[k][j] * gate_eff_grad(g, a.alpha, a.beta);
             adz[k][j] += dzo[j];
           }
-          store_pack<T, VEC>(a.dx + off + i * VEC, dxo);
+          if (a.dx != nullptr) store_pack<T, VEC>(a.dx + off + i * VEC, dxo);
           store_pack<T, VEC>(a.dzpre + off + i * VEC, dzo);
         }
       }
@@ -538,7 +537,7 @@ __global__ void __launch_bounds__(kMaxThreads) gn_bwd_generic(BwdArgs<T> a) {
         const BwdElem e = gn_bwd_elem(a, off, bsr, c, K, ms, rs, kf);
         const float dv = ln_bwd_dv<float>(e.gy * a.w[c], e.vh, ma, mc, rs);
         const float dz = dv * e.xv * gate_eff_grad(e.g, a.alpha, a.beta);
-        a.dx[off + c] = from_f<T>(dv * gate_eff(e.g, a.alpha, a.beta));
+        if (a.dx != nullptr) a.dx[off + c] = from_f<T>(dv * gate_eff(e.g, a.alpha, a.beta));
         a.dzpre[off + c] = from_f<T>(dz);
         dbz[c] += dz;
       });
@@ -788,7 +787,7 @@ int64_t gate_norm_bwd_workspace_floats(DType dtype, int64_t B, int64_t T, int64_
 }
 
 cudaError_t gate_norm_bwd_launch(DType dtype, const void* dy, const void* zpre, const float* bias_row,
-                                 const void* x, const float* w, const float* mean, const float* rstd, void* dzpre,
+                                 const void* x, const float* w, const float* rstd, void* dzpre,
                                  float* dbias_row, void* dx, float* dw, float* db, float* workspace,
                                  int64_t workspace_floats, int64_t B, int64_t T, int64_t D, float alpha, float beta,
                                  uint32_t keep_threshold, float keep_scale, const int64_t* seed, bool dropout,
@@ -821,7 +820,6 @@ cudaError_t gate_norm_bwd_launch(DType dtype, const void* dy, const void* zpre, 
                                   static_cast<const scalar_t*>(zpre), bias_row, static_cast<const scalar_t*>(x), w};
     BwdArgs<scalar_t> a{in,
                         static_cast<const scalar_t*>(dy),
-                        mean,
                         rstd,
                         static_cast<scalar_t*>(dzpre),
                         static_cast<scalar_t*>(dx),

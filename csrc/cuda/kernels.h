@@ -63,10 +63,10 @@ cudaError_t gate_norm_fwd_launch(DType dtype, const void* zpre, const float* bia
 // (per-block partials of dln_weight/dln_bias and, when T is split, of dbias_row).
 int64_t gate_norm_bwd_workspace_floats(DType dtype, int64_t B, int64_t T, int64_t D);
 
-// dy, zpre, x, dzpre, dx [B, T, D] (dtype); bias_row [B, D], w [D], mean, rstd [B, T],
+// dy, zpre, x, dzpre, dx [B, T, D] (dtype; dx null: not written); bias_row [B, D], w [D], rstd [B, T],
 // dbias_row [B, D], dw, db [D] float32. Deterministic: fixed-order reductions, no atomics.
 cudaError_t gate_norm_bwd_launch(DType dtype, const void* dy, const void* zpre, const float* bias_row,
-                                 const void* x, const float* w, const float* mean, const float* rstd, void* dzpre,
+                                 const void* x, const float* w, const float* rstd, void* dzpre,
                                  float* dbias_row, void* dx, float* dw, float* db, float* workspace,
                                  int64_t workspace_floats, int64_t B, int64_t T, int64_t D, float alpha, float beta,
                                  uint32_t keep_threshold, float keep_scale, const int64_t* seed, bool dropout,

@@ -4,7 +4,7 @@ Levels: per op (``ops.py``), the whole VGMR layer (``layer.py``), end to end wit
 Table 7 (``e2e.py``) and a sweep over T (``layer.py``). ``timing.py`` and ``memory.py`` hold the
 measurement method, ``opcount.py`` the launch counts (ATen ops; kernels in torch.compile's
 generated code) and saved-activation bytes, ``graphcheck.py`` the ``fullgraph=True`` training
-check, ``report.py`` the tables (the layer summary among them), JSON and plot, ``suite.py`` the
+check, ``report.py`` the tables (with the layer summary), JSON and plot, ``suite.py`` the
 driver (``run_bench(args)``). Every figure is a ratio against a peer measured in the same run; method
 and floor arithmetic are written down in ``benchmarks/README.md``.
 """

@@ -1,4 +1,4 @@
-"""Does a VGMR training step with dropout compile as one graph? (the layer summary's last row)
+"""Does a VGMR training step with dropout compile as one graph? (a row of the layer summary)
 
 ``torch.compile(module, fullgraph=True)`` in train mode (dropout p = 0.1), three steps of forward
 + backward on the same input. The compiler backend is a counting wrapper around ``aot_eager``:

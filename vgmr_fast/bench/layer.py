@@ -1,9 +1,11 @@
 """Layer level: the whole VGMR module, and the sweep over T.
 
 Modes: ``train`` (module in train mode, dropout p=0.1, forward + backward from fixed random
-output gradients, parameter gradients reset to None each step as ``zero_grad`` does) and
-``infer`` (eval mode under ``torch.inference_mode``). Layer inputs are raw features (no gradient),
-with masks.
+output gradients, parameter gradients reset to None each step as ``zero_grad`` does; the
+features need no gradient: pre-extracted features, the paper's setting), ``train-xgrad`` (the
+same with features that require grad: a backbone trained below the layer) and ``infer`` (eval
+mode under ``torch.inference_mode``), with masks. At the first setting ``infer`` also runs over
+the batch sizes of :data:`INFER_BATCHES` (settings ``<name>-B<B>``).
 
 Peers: ``eager`` (``vgmr_fast.reference.VGMR`` with ``dropout_rng = "torch"``: what a plain-PyTorch
 user writes), ``compile`` (``torch.compile`` of it), on a GPU at the large size also
@@ -24,10 +26,12 @@ from torch import nn
 from .. import reference as ref
 from . import backends
 from .common import Ctx, Skip, Task, compiled, fused_peers, record, run_group, short_exc
-from .settings import Setting, make_batch
+from .settings import Setting, make_batch, with_B
 from .timing import Rotator, rotation_count
 
-MODES = ("train", "infer")
+MODES = ("train", "train-xgrad", "infer")
+TRAIN_MODES = ("train", "train-xgrad")
+INFER_BATCHES = (1, 4, 32, 128)
 DROPOUT = 0.1
 
 
@@ -131,7 +135,7 @@ def make_step(ctx: Ctx, s: Setting, peer: str, mode: str):
             return gemm_forward(weights, xs)
     else:
         fn, mod, params = peer_module(ctx, s, peer)
-        mod.train(mode == "train")
+        mod.train(mode in TRAIN_MODES)
 
         def fwd(xs, masks):
             return fn(xs, masks)
@@ -142,10 +146,14 @@ def make_step(ctx: Ctx, s: Setting, peer: str, mode: str):
             with torch.inference_mode():
                 return fwd(xs, masks)
     else:
+        xgrad = mode == "train-xgrad"
+
         def step():
             xs, masks, grads = rot.next()
             for p in params:
                 p.grad = None
+            if xgrad:  # leaves that require grad, as a backbone's outputs would
+                xs = [x.detach().requires_grad_() for x in xs]
             outs = fwd(xs, masks)
             torch.autograd.backward(list(outs), grads)
 
@@ -163,26 +171,26 @@ def floor_bytes(ctx: Ctx, s: Setting, mode: str) -> int:
     xs, masks, grads = input_sets(ctx, s)[0]
     params = _nbytes(reference_module(ctx, s).parameters())
     once = _nbytes(xs) + _nbytes(masks) + params + _nbytes(xs)  # outputs have the inputs' shapes
-    if mode == "train":
+    if mode in TRAIN_MODES:
         once += _nbytes(grads) + params
+    if mode == "train-xgrad":
+        once += _nbytes(xs)  # the features' gradients written
     return once
 
 
 def saved_activation_bytes(ctx: Ctx, s: Setting, peer: str) -> int:
     """Bytes autograd saves for backward in one training forward of ``peer`` (inputs, masks and
     parameters left out: they live anyway); the backward then runs so nothing is left behind."""
-    from .opcount import SavedTensorBytes
+    from .opcount import saved_tensor_bytes
 
     fn, mod, params = peer_module(ctx, s, peer)
     mod.train()
     xs, masks, grads = input_sets(ctx, s)[0]
-    counter = SavedTensorBytes(exclude=list(xs) + list(masks) + list(params))
-    with counter():
-        outs = fn(xs, masks)
+    outs, saved = saved_tensor_bytes(fn, xs, masks, exclude=list(xs) + list(masks) + list(params))
     torch.autograd.backward(list(outs), grads)
     for p in params:
         p.grad = None
-    return counter.bytes
+    return saved
 
 
 def measure(ctx: Ctx, s: Setting, mode: str, peers: list, level: str = "layer") -> None:
@@ -196,7 +204,7 @@ def measure(ctx: Ctx, s: Setting, mode: str, peers: list, level: str = "layer") 
         builders[peer] = build
     is_layer = level == "layer"
     res = run_group(ctx, f"{level} {s.name} {mode}", builders, graph=(mode == "infer" and s.name == "mosei"),
-                    memory=(mode == "train" and is_layer), counts=is_layer)
+                    memory=is_layer, counts=is_layer)
     once = floor_bytes(ctx, s, mode) if is_layer else None
     for peer, r in res.items():
         extra = {}
@@ -205,13 +213,29 @@ def measure(ctx: Ctx, s: Setting, mode: str, peers: list, level: str = "layer") 
             extra["floor_s"] = ctx.floor(once)
             launches = r.get("aten_ops") or (r.get("compiled_kernels") or {}).get("total")
             extra["launch_floor_s"] = ctx.launch_floor(launches)
-            if mode == "train" and (peer == "eager" or (peer.startswith("fused-") and "+" not in peer)):
+            if mode in TRAIN_MODES and (peer == "eager" or (peer.startswith("fused-") and "+" not in peer)):
                 try:
                     extra["saved_bytes"] = saved_activation_bytes(ctx, s, peer)
                 except Exception as exc:  # noqa: BLE001
                     extra["saved_bytes_error"] = short_exc(exc)
         record(ctx, level=level, setting=s.name, shape=s.describe(), dtype=s.dtype, T=s.T, mode=mode, peer=peer,
                **r, **extra)
+
+
+def measure_timeline(ctx: Ctx, s: Setting, mode: str, peers: list) -> None:
+    """One training step's memory over time by category, per peer (the bench's memory PNG)."""
+    from .memory import timeline
+
+    for peer in peers:
+        try:
+            step, _ = make_step(ctx, s, peer, mode)
+            step()  # warm (compiles)
+            result = timeline(step, ctx.device)
+        except Exception as exc:  # noqa: BLE001
+            ctx.skip(f"memory timeline {s.name} {mode} {peer}", short_exc(exc))
+            continue
+        record(ctx, level="memory-timeline", setting=s.name, shape=s.describe(), dtype=s.dtype, mode=mode,
+               peer=peer, **result)
 
 
 def measure_fullgraph(ctx: Ctx, s: Setting, peers: list) -> None:
@@ -258,6 +282,19 @@ def tasks(ctx: Ctx, settings: list, fullgraph: bool = True) -> list:
         for mode in MODES:
             out.append(Task(f"layer {s.name} {mode}", (lambda s=s, mode=mode, peers=peers: measure(ctx, s, mode, peers)),
                             group=f"layer/{s.name}"))
+        if i == 0:  # memory over time of the training steps, beside eager and compile
+            tl_peers = [p for p in peers if p in ("eager", "compile") or (p.startswith("fused-") and "+" not in p)]
+            for mode in TRAIN_MODES:
+                out.append(Task(f"layer {s.name} {mode} memory timeline",
+                                (lambda s=s, mode=mode, p=tl_peers: measure_timeline(ctx, s, mode, p)),
+                                group=f"layer/{s.name}"))
+        if i == 0:  # the batch sweep of inference at the paper's size (B = s.B is the group above)
+            for B in INFER_BATCHES:
+                if B != s.B:
+                    sb = with_B(s, B)
+                    out.append(Task(f"layer {sb.name} infer",
+                                    (lambda sb=sb, peers=peers: measure(ctx, sb, "infer", peers)),
+                                    group=f"layer/{sb.name}"))
         if fullgraph and i == 0:
             modules = ["eager"] + fused_peers(ctx)
             out.append(Task(f"layer {s.name} fullgraph", (lambda s=s, m=modules: measure_fullgraph(ctx, s, m)),

@@ -10,6 +10,12 @@
   the call. Memory held before the call (inputs, parameters) is not counted; gradients the call
   allocates are. Allocations made outside c10 (e.g. a library's private scratch via malloc) are
   not seen. No tracemalloc (it sees Python objects only).
+
+:func:`timeline` draws one call's memory over time by what it holds (parameters, inputs,
+activations, gradients, temporaries, ...): the profiler's memory timeline
+(``torch.profiler.profile(profile_memory=True, record_shapes=True, with_stack=True)``,
+``export_memory_timeline``), which classifies each allocation from the autograd graph; memory
+it cannot classify (e.g. buffers inside torch.compile's generated code) is "unknown".
 """
 from __future__ import annotations
 
@@ -63,6 +69,38 @@ def peak_cpu(fn) -> int:
         cur += nb
         peak = max(peak, cur)
     return int(peak)
+
+
+#: the categories of ``export_memory_timeline``'s sizes, after its leading unused column
+TIMELINE_CATEGORIES = ("parameter", "optimizer state", "input", "temporary", "activation", "gradient",
+                       "autograd detail", "unknown")
+
+
+def timeline(fn, device: str) -> dict:
+    """One call's memory over time: ``{"t_us": [...], "bytes": {category: [...]}, "peak": {...}}``
+    (``peak``: each category's bytes at the instant of the largest total)."""
+    import json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    prof = profile(activities=activities, profile_memory=True, record_shapes=True, with_stack=True)
+    with _quiet_stderr():
+        with prof:
+            fn()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "timeline.json")
+            prof.export_memory_timeline(path, device="cuda:0" if device == "cuda" else "cpu")
+            with open(path) as fh:
+                times, sizes = json.load(fh)
+    t0 = times[0] if times else 0
+    series = {c: [row[i + 1] for row in sizes] for i, c in enumerate(TIMELINE_CATEGORIES)}
+    totals = [sum(row) for row in sizes]
+    at = max(range(len(totals)), key=totals.__getitem__) if totals else 0
+    return {"t_us": [t - t0 for t in times], "bytes": series,
+            "peak": {c: v[at] for c, v in series.items()} if totals else {}}
 
 
 def peak_cuda(fn) -> int:

@@ -73,6 +73,10 @@ def with_T(s: Setting, T: int) -> Setting:
     return Setting(f"{s.name}-T{T}", s.B, T, s.widths, s.d, s.dtype, s.doc)
 
 
+def with_B(s: Setting, B: int) -> Setting:
+    return Setting(f"{s.name}-B{B}", B, s.T, s.widths, s.d, s.dtype, s.doc)
+
+
 def make_masks(B: int, T: int, M: int, device: str, generator: torch.Generator) -> list:
     masks = []
     lo = math.ceil(T / 2)

@@ -240,5 +240,7 @@ def run_bench(args) -> int:
     scale_png = base + ("-scale.png" if base + ".png" in wrote else ".png")
     if scale.plot(scale_png, ctx.records):
         wrote.append(scale_png)
+    if report.plot_memory(base + "-memory.png", ctx.records):
+        wrote.append(base + "-memory.png")
     print("\nwrote " + ", ".join(wrote))
     return 0

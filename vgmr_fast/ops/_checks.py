@@ -93,8 +93,8 @@ def seed(s, name: str = "seed") -> int:
     return s
 
 
-# One never-written int64 zero per device: the seed tensor passed when p == 0 (the kernels
-# then never read it), so inference costs no extra tensor per call.
+# The never-written int64 zeros passed as seeds when p == 0 (unused_seeds), so inference
+# costs no extra tensor per call.
 _UNUSED_SEED: dict = {}
 
 
@@ -111,13 +111,21 @@ def seed_tensor(s, ref: torch.Tensor, p, name: str = "seed") -> torch.Tensor:
         check_seed_tensor(s, ref, name)
         return s
     s = seed(s, name)
-    dev = ref.device
     if type(p) is float and p == 0.0 and type(ref) is torch.Tensor and not torch.compiler.is_compiling():
-        t = _UNUSED_SEED.get(dev)
-        if t is None:
-            with torch.inference_mode(False):  # a normal tensor: autograd may save it
-                t = torch.zeros((), dtype=torch.int64, device=dev)
-            if not _capturing(dev):  # not from a CUDA graph's private memory pool
-                _UNUSED_SEED[dev] = t
-        return t
-    return torch.full((), s, dtype=torch.int64, device=dev)
+        return unused_seeds(ref, ())
+    return torch.full((), s, dtype=torch.int64, device=ref.device)
+
+
+def unused_seeds(ref: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """Int64 zeros of ``shape`` on ``ref``'s device, passed as the seed(s) when p == 0 (the
+    kernels never read them): one tensor per (device, shape), made on first use, except while
+    compiling or capturing a CUDA graph."""
+    key = (ref.device, shape)
+    t = _UNUSED_SEED.get(key)
+    cacheable = type(ref) is torch.Tensor and not torch.compiler.is_compiling()
+    if t is None or not cacheable:
+        with torch.inference_mode(False):  # a normal tensor: autograd may save it
+            t = torch.zeros(shape, dtype=torch.int64, device=ref.device)
+        if cacheable and not _capturing(ref.device):  # not from a CUDA graph's private memory pool
+            _UNUSED_SEED[key] = t
+    return t

@@ -215,6 +215,8 @@ def triton_usable_on_cpu() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_GROUPED = _C is not None and op_exists("vgmr", "gate_norm_grouped_backward")
+
 # ---- resolve ------------------------------------------------------------------------------
 _WARNED: set[tuple[str, str]] = set()
 
@@ -302,6 +304,13 @@ def _resolve_meta(backend: str, op: str | None) -> str:
         return "triton"
     ok, why = _available("cpu" if backend == "auto" else backend, op)
     raise RuntimeError(f"vgmr_fast.ops: backend={backend!r} on meta tensors needs its ops to be defined, but {why}")
+
+
+def has_grouped(backend: str) -> bool:
+    """Whether ``backend`` runs gate_norm of every modality in one operator call (the C++
+    backends, whose extension defines ``gate_norm_grouped``). Decided at import: a schema query
+    does not trace."""
+    return backend in ("cpu", "cuda") and _GROUPED
 
 
 def namespace(backend: str):

@@ -87,14 +87,7 @@ def _grouped_seeds(seeds, M: int, p, ref: torch.Tensor) -> torch.Tensor:
     if seeds is None:
         if not (type(p) is float and p == 0.0):
             raise ValueError(f"seeds: required when p > 0 (one seed per modality, M = {M}), got None")
-        key = (ref.device, M)
-        t = C._UNUSED_SEED.get(key)
-        if t is None or type(ref) is not torch.Tensor or torch.compiler.is_compiling():
-            with torch.inference_mode(False):
-                t = torch.zeros(M, dtype=torch.int64, device=ref.device)
-            if type(ref) is torch.Tensor and not torch.compiler.is_compiling() and not C._capturing(ref.device):
-                C._UNUSED_SEED[key] = t
-        return t
+        return C.unused_seeds(ref, (M,))
     if isinstance(seeds, torch.Tensor):
         if seeds.dtype != torch.int64:
             raise TypeError(f"seeds: expected an int64 tensor (or a list of ints), got dtype {seeds.dtype}")
@@ -175,6 +168,11 @@ def gate_norm_grouped(
     return list(ys)
 
 
+def dx_shape(x: torch.Tensor, need_dx: bool):
+    """Shape of the backward's dx: x's, or ``(0,)`` (an empty tensor) when no input gradient is asked for."""
+    return x.shape if need_dx else (0,)
+
+
 def _fake_seed_check(op: str, seed) -> None:
     """The kernels' seed checks, for the fake kernels (compile and meta see the same errors)."""
     if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64:
@@ -202,12 +200,12 @@ def _register(ns: str, needs_fake: bool) -> None:
             return x.new_empty(x.shape), x.new_empty(B, T, dtype=stat), x.new_empty(B, T, dtype=stat)
 
         @torch.library.register_fake(f"{ns}::gate_norm_backward")
-        def _fake_backward(dy, zpre, bias_row, x, ln_weight, mean, rstd, alpha, beta, p, seed):
+        def _fake_backward(dy, zpre, bias_row, x, ln_weight, mean, rstd, alpha, beta, p, seed, need_dx=True):
             _fake_seed_check(f"{ns}::gate_norm_backward", seed)
             return (
                 zpre.new_empty(zpre.shape),
                 bias_row.new_empty(bias_row.shape),
-                x.new_empty(x.shape),
+                x.new_empty(dx_shape(x, need_dx)),
                 ln_weight.new_empty(ln_weight.shape),
                 ln_weight.new_empty(ln_weight.shape),
             )
@@ -223,10 +221,12 @@ def _register(ns: str, needs_fake: bool) -> None:
             return ys, stats, [s.new_empty(s.shape) for s in stats]
 
         @torch.library.register_fake(f"{ns}::gate_norm_grouped_backward")
-        def _fake_grouped_backward(dy, zpre, bias_row, x, ln_weight, mean, rstd, alpha, beta, p, seeds):
+        def _fake_grouped_backward(dy, zpre, bias_row, x, ln_weight, mean, rstd, alpha, beta, p, seeds,
+                                   need_dx=None):
             _fake_seeds_check(f"{ns}::gate_norm_grouped_backward", seeds, len(x))
+            need = [True] * len(x) if need_dx is None else need_dx
             return ([t.new_empty(t.shape) for t in zpre], [t.new_empty(t.shape) for t in bias_row],
-                    [t.new_empty(t.shape) for t in x], [t.new_empty(t.shape) for t in ln_weight],
+                    [t.new_empty(dx_shape(t, n)) for t, n in zip(x, need)], [t.new_empty(t.shape) for t in ln_weight],
                     [t.new_empty(t.shape) for t in ln_weight])
 
     ops = getattr(torch.ops, ns)
@@ -242,10 +242,11 @@ def _register(ns: str, needs_fake: bool) -> None:
         zpre, bias_row, x, ln_weight, mean, rstd, seed = ctx.saved_tensors
         _backend.no_double_backward(f"{ns}::gate_norm", dy, zpre, bias_row, x, ln_weight)
         alpha, beta, p = ctx.args
+        need_dx = ctx.needs_input_grad[2]
         dzpre, dbias_row, dx, dw, db = ops.gate_norm_backward(
-            dy.to(x.dtype).contiguous(), zpre, bias_row, x, ln_weight, mean, rstd, alpha, beta, p, seed
+            dy.to(x.dtype).contiguous(), zpre, bias_row, x, ln_weight, mean, rstd, alpha, beta, p, seed, need_dx
         )
-        return dzpre, dbias_row, dx, dw, db, None, None, None, None
+        return dzpre, dbias_row, dx if need_dx else None, dw, db, None, None, None, None
 
     if _backend.autograd_in_cpp(ns):
         return  # vgmr:: ops carry a C++ autograd kernel (csrc/ops.cpp): same math, less overhead

@@ -231,7 +231,8 @@ _SCHEMAS = {
     ),
     "gate_norm_backward": (
         "(Tensor dy, Tensor zpre, Tensor bias_row, Tensor x, Tensor ln_weight, Tensor mean, "
-        "Tensor rstd, float alpha, float beta, float p, Tensor seed) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+        "Tensor rstd, float alpha, float beta, float p, Tensor seed, bool need_dx=True) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
 }
 

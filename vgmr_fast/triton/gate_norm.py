@@ -256,7 +256,7 @@ def _gn_bwd_kernel(
     B, T, D, n_col_blocks, n_tb, b_per_prog, t_per_prog,
     alpha, beta, thresh: tl.int64, keep_div,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-    SINGLE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    SINGLE: tl.constexpr, HAS_DROPOUT: tl.constexpr, NEED_DX: tl.constexpr = True,
 ):
     # Program (bg, tb, cb): batches [bg*b_per_prog, ...), steps [tb*t_per_prog, ...), columns of chunk cb.
     pid = tl.program_id(0).to(tl.int64)
@@ -298,11 +298,11 @@ def _gn_bwd_kernel(
                 c1 = tl.load(rowstat_ptr + 4 * rows, mask=rmask, other=0.0)
                 c2 = tl.load(rowstat_ptr + 4 * rows + 1, mask=rmask, other=0.0)
             dv = rstd[:, None] * (dvhat - c1[:, None] - vhat * c2[:, None])
-            dx = dv * geff
             dz = tl.where(msk, dv * x * coef * G * (1.0 - G), 0.0)
             acc_z += tl.sum(dz, axis=0)
             offs = rows[:, None] * D + cols[None, :]
-            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=msk)
+            if NEED_DX:  # no input gradient asked for: dx is never written
+                tl.store(dx_ptr + offs, (dv * geff).to(dx_ptr.dtype.element_ty), mask=msk)
             tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=msk)
         tl.store(dbias_ptr + (b * n_tb + tb) * D + cols, acc_z, mask=cmask)
     part = bg * n_tb + tb
@@ -520,6 +520,7 @@ def gate_norm_backward(
     beta: float,
     p: float,
     seed: torch.Tensor,
+    need_dx: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B, T, D = _check_inputs(_OP_BWD, zpre, bias_row, x, ln_weight)
     check_float(_OP_BWD, "dy", dy)
@@ -542,7 +543,8 @@ def gate_norm_backward(
     ln_weight = ln_weight.contiguous()
     rstd = rstd.contiguous()
     dzpre = alloc((B, T, D), zpre.dtype, dev)
-    dx = alloc((B, T, D), x.dtype, dev)
+    # no input gradient asked for: an empty dx (the kernel never writes it)
+    dx = alloc((B, T, D) if need_dx else (0,), x.dtype, dev)
     R = B * T
     if R == 0:
         z = torch.zeros((D,), dtype=torch.float32, device=dev)
@@ -573,8 +575,8 @@ def gate_norm_backward(
            dy, zpre, bias_row, x, ln_weight, rstd, rowstat, seed,
            B, T, D, n_col, n_tb, b_per_prog, t_per_prog,
            float(alpha), float(beta), thresh, keep_div,
-           BLOCK_R=block_r, BLOCK_D=block_d, SINGLE=single, HAS_DROPOUT=has_drop, num_warps=warps,
-           maxnreg=cfg["maxnreg"])
+           BLOCK_R=block_r, BLOCK_D=block_d, SINGLE=single, HAS_DROPOUT=has_drop, NEED_DX=bool(need_dx),
+           num_warps=warps, maxnreg=cfg["maxnreg"])
     if n_tb != 1:
         dbias = dbias_part.view(B, n_tb, D).sum(dim=1)
     dln_w = dw_part.sum(dim=0)
