@@ -19,6 +19,7 @@
 
 #include "cpu_common.h"
 #include "simd.h"
+#include "workspace.h"
 #include "vgmr_math.h"
 
 namespace vgmr {
@@ -32,10 +33,6 @@ constexpr double kEps = 1e-5;
 // over its k * D elements at once.
 constexpr int64_t kBlock = 1024;
 inline int64_t block_rows(int64_t D) { return std::max<int64_t>(1, kBlock / D); }
-
-// Buffer stride: rounded up to a cache line plus a skew (buffers do not share an offset
-// modulo 4 KiB), and >= 16 floats of slack so a row's last masked vector may read past it.
-inline int64_t padded(int64_t n) { return (n + 15) / 16 * 16 + 48; }
 
 struct Params {
   double alpha, beta, p;
@@ -243,47 +240,8 @@ VGMR_ALWAYS_INLINE void bwd_block(const float* __restrict__ zr, const float* __r
   zr, xr, dyr, bp, wpad, rstd_in, dzr, dxr, part_w, part_b, part_bias, r, k, D, P, vbuf, gebuf, xgbuf, gybuf, \
       kbuf, words
 
-#if defined(VGMR_X86_MULTIVERSION)
-// 16 lanes on AVX-512 ...
-__attribute__((target("arch=x86-64-v4"))) void fwd_block_w16(VGMR_FWD_BLOCK_ARGS) {
-  fwd_block<16>(VGMR_FWD_BLOCK_PASS);
-}
-__attribute__((target("arch=x86-64-v4"))) void bwd_block_w16(VGMR_BWD_BLOCK_ARGS) {
-  bwd_block<16>(VGMR_BWD_BLOCK_PASS);
-}
-// ... 8 lanes on AVX2 and on the x86-64 baseline
-__attribute__((target_clones("arch=x86-64-v3", "default"))) void fwd_block_w8(VGMR_FWD_BLOCK_ARGS) {
-  fwd_block<8>(VGMR_FWD_BLOCK_PASS);
-}
-__attribute__((target_clones("arch=x86-64-v3", "default"))) void bwd_block_w8(VGMR_BWD_BLOCK_ARGS) {
-  bwd_block<8>(VGMR_BWD_BLOCK_PASS);
-}
-inline bool use_w16() {
-  if (g_force_narrow_simd.load(std::memory_order_relaxed)) return false;
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                          __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("bmi2");
-  return yes;
-}
-inline void fwd_block_f32(VGMR_FWD_BLOCK_ARGS) {
-  if (use_w16()) {
-    fwd_block_w16(VGMR_FWD_BLOCK_PASS);
-  } else {
-    fwd_block_w8(VGMR_FWD_BLOCK_PASS);
-  }
-}
-inline void bwd_block_f32(VGMR_BWD_BLOCK_ARGS) {
-  if (use_w16()) {
-    bwd_block_w16(VGMR_BWD_BLOCK_PASS);
-  } else {
-    bwd_block_w8(VGMR_BWD_BLOCK_PASS);
-  }
-}
-#else
-void fwd_block_f32(VGMR_FWD_BLOCK_ARGS) { fwd_block<8>(VGMR_FWD_BLOCK_PASS); }
-void bwd_block_f32(VGMR_BWD_BLOCK_ARGS) { bwd_block<8>(VGMR_BWD_BLOCK_PASS); }
-#endif
+VGMR_SIMD_DISPATCH(fwd_block_f32, fwd_block, VGMR_FWD_BLOCK_ARGS, VGMR_FWD_BLOCK_PASS)
+VGMR_SIMD_DISPATCH(bwd_block_f32, bwd_block, VGMR_BWD_BLOCK_ARGS, VGMR_BWD_BLOCK_PASS)
 
 }  // namespace simd
 
@@ -310,35 +268,13 @@ struct WorkF {
 
 constexpr int kFwdBufsF32 = 3, kFwdBufsHalf = 6, kBwdBufsF32 = 7, kBwdBufsHalf = 12;
 
-// The vec path's zeroed work buffers, one WorkF per pool thread (none for float64, the scalar
-// path), sized for at::get_num_threads() at launch; `bufs_f32` / `bufs_half`: WorkF row
-// buffers for float32 / half inputs.
-struct ThreadWorkspaces {
-  int64_t nthreads, per_thread;
-  at::Tensor storage;
-  float* base;
-  ThreadWorkspaces(const at::Tensor& x, int bufs_f32, int bufs_half)
-      : nthreads(std::max<int64_t>(1, at::get_num_threads())),
-        per_thread(x.scalar_type() == at::kDouble
-                       ? 0
-                       : WorkF::floats_per_thread(x.size(2), x.scalar_type() == at::kFloat ? bufs_f32 : bufs_half)),
-        storage(at::zeros({nthreads * per_thread}, x.options().dtype(at::kFloat))),
-        base(storage.mutable_data_ptr<float>()) {}
-  // at::parallel_for over [begin, end) calling f(begin, end, this thread's buffers); a thread
-  // beyond the launch count (the pool resized meanwhile) gets its own zeroed buffers.
-  template <typename F>
-  void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) const {
-    at::parallel_for(begin, end, grain, [&](int64_t b0, int64_t b1) {
-      const int64_t tid = at::get_thread_num();
-      if (tid >= 0 && tid < nthreads) {
-        f(b0, b1, base + tid * per_thread);
-      } else {
-        std::vector<float> spare(per_thread, 0.0f);
-        f(b0, b1, spare.data());
-      }
-    });
-  }
-};
+// The vec path's zeroed per-thread buffers: one WorkF per pool thread, none for float64 (the
+// scalar path); `bufs_f32` / `bufs_half`: WorkF row buffers for float32 / half inputs.
+ThreadWorkspaces gate_workspaces(const at::Tensor& x, int bufs_f32, int bufs_half) {
+  const at::ScalarType dt = x.scalar_type();
+  return ThreadWorkspaces(x, dt == at::kDouble ? 0 : WorkF::floats_per_thread(x.size(2), dt == at::kFloat ? bufs_f32
+                                                                                                          : bufs_half));
+}
 
 // The gate inputs (zpre, x [B, T, D], bias_row [B, D], ln_weight [D]) as both directions read them.
 template <typename scalar_t>
@@ -648,7 +584,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_norm_one(const at::Tensor& z
   // Allocation order: small outputs, then temporaries, then the big outputs (see WorkF).
   at::Tensor mean = new_output({B, T}, x.options().dtype(pt));
   at::Tensor rstd = new_output({B, T}, x.options().dtype(pt));
-  const ThreadWorkspaces ws(x, kFwdBufsF32, kFwdBufsHalf);
+  const ThreadWorkspaces ws = gate_workspaces(x, kFwdBufsF32, kFwdBufsHalf);
   at::Tensor y = new_output({B, T, D}, x.options());
   const int64_t R = B * T;
   if (R == 0) return {y, mean, rstd};
@@ -691,7 +627,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm
   at::Tensor dw = new_output({D}, x.options().dtype(pt));
   at::Tensor db = new_output({D}, x.options().dtype(pt));
   at::Tensor part = new_output({std::max<int64_t>(nchunks, 1), 3, Dp}, x.options().dtype(pt));
-  const ThreadWorkspaces ws(x, kBwdBufsF32, kBwdBufsHalf);
+  const ThreadWorkspaces ws = gate_workspaces(x, kBwdBufsF32, kBwdBufsHalf);
   at::Tensor dzpre = new_output({B, T, D}, x.options());
   // no input gradient asked for: an empty dx, and the kernels never write one
   at::Tensor dx = need_dx ? new_output({B, T, D}, x.options()) : at::empty({0}, x.options());

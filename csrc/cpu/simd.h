@@ -155,6 +155,38 @@ VGMR_ALWAYS_INLINE void philox_run_v(uint64_t seed, uint64_t n0, int64_t count, 
   }
 }
 
+#if defined(VGMR_X86_MULTIVERSION)
+// The lane count of this machine: 16 with AVX-512 (unless the tests force the narrow path), else 8.
+inline bool use_w16() {
+  if (g_force_narrow_simd.load(std::memory_order_relaxed)) return false;
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("bmi2");
+  return yes;
+}
+#endif
+
 }  // namespace simd
 }  // namespace cpu
 }  // namespace vgmr
+
+// ISA dispatch: VGMR_SIMD_DISPATCH(name, kernel, ARGS, PASS) defines `void name(ARGS)` running
+// kernel<16>(PASS) in an AVX-512 build (x86-64-v4) where simd::use_w16(), else kernel<8>(PASS)
+// cloned for AVX2 (x86-64-v3) and the x86-64 baseline; without multi-versioning, kernel<8>.
+// ARGS and PASS are macros naming the parameter list and the matching argument list.
+#if defined(VGMR_X86_MULTIVERSION)
+#define VGMR_SIMD_DISPATCH(name, kernel, ARGS, PASS)                                                     \
+  __attribute__((target("arch=x86-64-v4"))) void name##_w16(ARGS) { kernel<16>(PASS); }                  \
+  __attribute__((target_clones("arch=x86-64-v3", "default"))) void name##_w8(ARGS) { kernel<8>(PASS); } \
+  inline void name(ARGS) {                                                                               \
+    if (::vgmr::cpu::simd::use_w16()) {                                                                  \
+      name##_w16(PASS);                                                                                  \
+    } else {                                                                                             \
+      name##_w8(PASS);                                                                                   \
+    }                                                                                                    \
+  }
+#else
+#define VGMR_SIMD_DISPATCH(name, kernel, ARGS, PASS) \
+  void name(ARGS) { kernel<8>(PASS); }
+#endif
