@@ -530,17 +530,6 @@ void bwd_chunks(const scalar_t* dyp, const scalar_t* zp, const scalar_t* xp, con
 // ---- argument checks ----------------------------------------------------------------------
 at::ScalarType param_dtype(at::ScalarType x) { return x == at::kDouble ? at::kDouble : at::kFloat; }
 
-void check_param(const at::Tensor& t, at::ScalarType want, at::IntArrayRef shape, const char* op, const char* name,
-                 const char* shape_name) {
-  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == want, op, ": ", name, " must be ", want,
-                   " (float32 for float32/half inputs, float64 for float64; the op layer casts it), got ",
-                   t.scalar_type());
-  TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " must have shape ", shape_name, " = ", shape, ", got ",
-                    t.sizes());
-  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
-}
-
 // `seed`: the int64 Philox key in memory, read only when p > 0 (docs/ops.md: p == 0 never reads it).
 Params make_params(double alpha, double beta, double p, const int64_t* seed, const char* op) {
   checks::dropout_p(p, op);
@@ -554,18 +543,12 @@ Params make_params(double alpha, double beta, double p, const int64_t* seed, con
   return P;
 }
 
+constexpr const char* kParam = " (float32 for float32/half inputs, float64 for float64; the op layer casts it)";
+
 void check_main(const at::Tensor& zpre, const at::Tensor& bias_row, const at::Tensor& x, const at::Tensor& ln_weight,
                 const char* op) {
   check_cpu_float(x, op, "x");
-  checks::dim(x, 3, op, "x", "[B, T, D]");
-  check_cpu_float(zpre, op, "zpre");
-  checks::same_dtype(zpre, x, op, "zpre", "x");
-  TORCH_CHECK_VALUE(zpre.sizes() == x.sizes(), op, ": zpre must have the shape of x ", x.sizes(), ", got ",
-                    zpre.sizes());
-  TORCH_CHECK_VALUE(x.size(2) >= 1, op, ": x must have D >= 1 features, got ", x.sizes());
-  const at::ScalarType pt = param_dtype(x.scalar_type());
-  check_param(bias_row, pt, {x.size(0), x.size(2)}, op, "bias_row", "[B, D]");
-  check_param(ln_weight, pt, {x.size(2)}, op, "ln_weight", "[D]");
+  checks::gate_inputs(check_cpu, zpre, bias_row, x, ln_weight, param_dtype(x.scalar_type()), kParam, op);
 }
 
 }  // namespace
@@ -577,7 +560,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_norm_one(const at::Tensor& z
                                                              const at::Tensor& ln_bias, double alpha, double beta,
                                                              double p, const int64_t* seed, const char* op) {
   check_main(zpre, bias_row, x, ln_weight, op);
-  check_param(ln_bias, param_dtype(x.scalar_type()), {x.size(2)}, op, "ln_bias", "[D]");
+  checks::typed(check_cpu, ln_bias, param_dtype(x.scalar_type()), x, {x.size(2)}, op, "ln_bias", "x", "[D]", kParam);
   const Params P = make_params(alpha, beta, p, seed, op);
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
   const at::ScalarType pt = param_dtype(x.scalar_type());
@@ -608,13 +591,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm
     const at::Tensor& ln_weight, const at::Tensor& mean, const at::Tensor& rstd, double alpha, double beta, double p,
     const int64_t* seed, bool need_dx, const char* op) {
   check_main(zpre, bias_row, x, ln_weight, op);
-  check_cpu_float(dy, op, "dy");
-  checks::same_dtype(dy, x, op, "dy", "x");
-  TORCH_CHECK_VALUE(dy.sizes() == x.sizes(), op, ": dy must have the shape of x ", x.sizes(), ", got ", dy.sizes());
+  checks::like(check_cpu, dy, x, x.sizes(), op, "dy", "x", "[B, T, D]");
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
   const at::ScalarType pt = param_dtype(x.scalar_type());
-  check_param(mean, pt, {B, T}, op, "mean", "[B, T]");
-  check_param(rstd, pt, {B, T}, op, "rstd", "[B, T]");
+  checks::gate_stats(check_cpu, mean, rstd, x, pt, op);
   const Params P = make_params(alpha, beta, p, seed, op);
 
   // Fixed chunks of rows within one batch row: tc steps of T each (about 64K elements).
