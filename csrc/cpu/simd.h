@@ -177,8 +177,10 @@ inline bool use_w16() {
 // ARGS and PASS are macros naming the parameter list and the matching argument list.
 #if defined(VGMR_X86_MULTIVERSION)
 #define VGMR_SIMD_DISPATCH(name, kernel, ARGS, PASS)                                                     \
-  __attribute__((target("arch=x86-64-v4"))) void name##_w16(ARGS) { kernel<16>(PASS); }                  \
-  __attribute__((target_clones("arch=x86-64-v3", "default"))) void name##_w8(ARGS) { kernel<8>(PASS); } \
+  static __attribute__((target("arch=x86-64-v4"))) void name##_w16(ARGS) { kernel<16>(PASS); }           \
+  static __attribute__((target_clones("arch=x86-64-v3", "default"))) void name##_w8(ARGS) {          \
+    kernel<8>(PASS);                                                                                     \
+  }                                                                                                      \
   inline void name(ARGS) {                                                                               \
     if (::vgmr::cpu::simd::use_w16()) {                                                                  \
       name##_w16(PASS);                                                                                  \
@@ -188,5 +190,5 @@ inline bool use_w16() {
   }
 #else
 #define VGMR_SIMD_DISPATCH(name, kernel, ARGS, PASS) \
-  void name(ARGS) { kernel<8>(PASS); }
+  inline void name(ARGS) { kernel<8>(PASS); }
 #endif
