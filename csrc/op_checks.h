@@ -111,11 +111,9 @@ inline void seed_tensor(const at::Tensor& seed, const at::Tensor& ref, const cha
   same_device(seed, ref, op, "seed", ref_name);
 }
 
-// Seed value read on the host (CPU kernels): the contract's range [0, 2^63).
-inline uint64_t seed_value(int64_t s, const char* op) {
-  TORCH_CHECK_VALUE(s >= 0, op, ": seed must be a non-negative int64, got ", s);
-  return (uint64_t)s;
-}
+// The Philox key of a seed tensor's value (docs/math.md §5a): its 64 bits read as uint64, on
+// every backend (the CUDA and Triton kernels load the same bits on the device).
+inline uint64_t philox_key(int64_t s) { return (uint64_t)s; }
 
 // gate_norm_grouped: the per-modality lists (first one named in the errors) all have M >= 1
 // tensors, and `seeds` is a contiguous int64 [M] tensor on the first list's device. Returns M.

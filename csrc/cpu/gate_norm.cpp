@@ -349,7 +349,7 @@ Params make_params(double alpha, double beta, double p, const int64_t* seed, con
   P.alpha = alpha;
   P.beta = beta;
   P.p = p;
-  P.seed = p > 0.0 ? checks::seed_value(*seed, op) : 0u;
+  P.seed = p > 0.0 ? checks::philox_key(*seed) : 0u;
   P.thr = vgmr::dropout_threshold(p);
   P.scale = vgmr::dropout_scale(p);
   return P;
