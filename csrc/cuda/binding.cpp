@@ -1,4 +1,4 @@
-// CUDA dispatch key of the vgmr:: operators (schemas: csrc/ops.cpp, contract: docs/ops.md).
+// CUDA dispatch key of the vgmr:: operators (schemas: vgmr_fast/schemas.py, contract: docs/ops.md).
 // The thin torch-typed layer: argument checks (TORCH_CHECK_VALUE / _TYPE -> ValueError /
 // TypeError), output and scratch allocation through torch's caching allocator, the device
 // guard and the current stream; the kernels themselves are raw-pointer launchers
@@ -110,8 +110,8 @@ struct DropoutArgs {
   bool on;
 };
 
-// The seed's value cannot be range-checked here without a device sync; the kernels use its
-// 64 bits as the Philox key (the op layer checks a Python int against [0, 2^63)).
+// The kernels use the seed's 64 bits as the Philox key (checks::philox_key: every backend's
+// rule), read on the device: no host sync.
 DropoutArgs dropout_args(double p, const int64_t* seed, const char* op) {
   vgmr::checks::dropout_p(p, op);
   DropoutArgs d;
