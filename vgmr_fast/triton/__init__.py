@@ -198,7 +198,7 @@ LAUNCHERS: dict = {}
 
 def define_op(name: str):
     """Define ``vgmr_triton::<name>`` from a Python function, with the schema of
-    :func:`vgmr_fast.schemas.triton_schema` (tests/backend_triton/test_schemas.py holds the
+    :func:`vgmr_fast.schemas.triton_schema` (tests/ops/test_schemas.py holds the
     function's annotations to it)."""
 
     def dec(fn):
