@@ -1,4 +1,8 @@
-"""Argument checks shared by the public ops: ValueError / TypeError naming the argument."""
+"""The Python argument checks, once: ValueError / TypeError naming the argument.
+
+The public ops' checks (``<name>: expected ...``) and, below them, the raw operators' checks in
+the wording of the C++ ones (``<op>: <name> must ...``, csrc/op_checks.h), which the Triton
+launchers and the fake kernels call."""
 from __future__ import annotations
 
 import math
