@@ -73,8 +73,9 @@ class _ReferenceOps:
 
 # Static configuration of one fused call (a named tuple: compilers treat it as a constant).
 # ``low``: the autocast dtype the layer computes in (None: the parameters' dtype).
+# ``ranks``: the raw gate's rank per modality (None: full rank, docs/math.md §4a).
 _Spec = collections.namedtuple("_Spec", ("M", "d", "alpha", "beta", "p", "backend", "mlp", "k", "nb", "u_blocks",
-                                         "recompute", "grouped", "low"))
+                                         "recompute", "grouped", "low", "ranks"))
 
 # Under autocast these stay in float32: the bias-row GEMM (its output feeds gate_norm's float32
 # side input), the LayerNorm parameters, and the beta = 0 input of the bias-row GEMMs.
@@ -99,6 +100,22 @@ def _bmm_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a.transpose(1, 2), b)
 
 
+def _x_gemm(x2, w, b, u, d):
+    """The GEMM on X shared by P's first layer and the raw gate: ``(P's pre-activation, tail)``.
+    Full rank (``u`` None): ``w = [P1; W_r]``, tail = ``X W_r^T + b_r``. Low rank: ``w = [P1; V^T]``,
+    tail = ``A = X V`` (no bias: ``b_r`` joins the ``A U^T`` GEMM, :func:`_raw_gate`)."""
+    if u is None:
+        o = torch.addmm(b, x2, w.t())
+        return o[:, :d], o[:, d:]
+    o = torch.mm(x2, w.t())
+    return o[:, :d] + b[:d], o[:, d:]
+
+
+def _raw_gate(tail, b, u, d):
+    """``X W_r^T + b_r`` from :func:`_x_gemm`'s tail: the tail itself, or ``A U^T + b_r`` at low rank."""
+    return tail if u is None else torch.addmm(b[d:], tail, u.t())
+
+
 class _FusedVGMR(torch.autograd.Function):
     """The whole layer as one autograd node: the raw fused ops, the GEMMs, and a backward written
     out by hand, so that it launches what the math needs (no per-piece scatters, no zero-filled
@@ -119,7 +136,7 @@ class _FusedVGMR(torch.autograd.Function):
         xs_full = xs  # gate_norm reads the features as given (float32 under autocast)
         if spec.low is not None:
             # autocast: the features and every GEMM weight in the autocast dtype, one cast for all
-            low = [i for i, n in enumerate(_param_slots(spec)) if n not in _FULL_PRECISION]
+            low = [i for i, n in enumerate(_param_slots(spec)) if n not in _FULL_PRECISION and params[i] is not None]
             _, cast = _cast_group(xs + [params[i] for i in low], spec.low)
             xs = cast[:M]
             for i, t in zip(low, cast[M:]):
@@ -128,14 +145,14 @@ class _FusedVGMR(torch.autograd.Function):
         B = xs[0].shape[0]
         Ts, dims = [x.shape[1] for x in xs], [x.shape[2] for x in xs]
         x2s = [x.reshape(B * T, D) for x, T, D in zip(xs, Ts, dims)]
-        xo = [torch.addmm(b, x2, w.t()) for x2, w, b in zip(x2s, P["xw"], P["xb"])]
+        xo = [_x_gemm(x2, w, b, u, d) for x2, w, b, u in zip(x2s, P["xw"], P["xb"], P["gu"])]
         if spec.mlp:
-            pre_all = torch.cat([o[:, :d] for o in xo])
+            pre_all = torch.cat([o[0] for o in xo])
             acts = F.gelu(pre_all).split([B * T for T in Ts])
             hs = [torch.addmm(b2, a, w2.t()) for a, w2, b2 in zip(acts, P["w2"].unbind(0), P["b2"].unbind(0))]
         else:
             pre_all = None
-            hs = [o[:, :d].contiguous() for o in xo]
+            hs = [o[0].contiguous() for o in xo]
         saved_small = []
         if k:
             pooled, argmaxes = [], []
@@ -163,8 +180,9 @@ class _FusedVGMR(torch.autograd.Function):
             t_ext = xs[0].new_full((M, B, spec.nb), 2.0, dtype=P["rw"].dtype)
         row_ws = P["rw"].split(dims)
         rows = [torch.addmm(P["zero"], tm, rw.t(), beta=0.0, alpha=0.5) for tm, rw in zip(t_ext.unbind(0), row_ws)]
-        zpres = [torch.addmm(o[:, d:], h, wh.t()).view(B, T, D)
-                 for o, h, wh, T, D in zip(xo, hs, P["wh"], Ts, dims)]
+        zpres = [torch.addmm(_raw_gate(o[1], b, u, d), h, wh.t()).view(B, T, D)
+                 for o, b, u, h, wh, T, D in zip(xo, P["xb"], P["gu"], hs, P["wh"], Ts, dims)]
+        kept_a = [] if spec.recompute else [o[1] for o, u in zip(xo, P["gu"]) if u is not None]
         del xo
         # under autocast gate_norm runs in float32 on the features as given: Zpre (the GEMMs'
         # output, in the autocast dtype) is cast once for all modalities
@@ -196,7 +214,7 @@ class _FusedVGMR(torch.autograd.Function):
         kept_h = [] if spec.mlp else hs  # H is recomputed from the saved pre-activation
         full_x = [] if spec.low is None else xs_full
         ctx.save_for_backward(seeds, *xs, *full_x, *[mk for mk in masks if mk is not None], *params,
-                              pre_all, *kept_h, *kept_z, t_ext, *rows_p, *stats, *saved_small)
+                              pre_all, *kept_h, *kept_z, *kept_a, t_ext, *rows_p, *stats, *saved_small)
         return outs
 
     @staticmethod
@@ -227,10 +245,14 @@ class _FusedVGMR(torch.autograd.Function):
         x2s = [x.reshape(B * T, D) for x, T, D in zip(xs, Ts, dims)]
         if spec.recompute:
             # the forward's GEMMs again, same shapes and strides: bit for bit the Zpre gate_norm saw
-            zpres = [torch.addmm(torch.addmm(b, x2, w.t())[:, d:], h, wh.t()).view(B, T, D)
-                     for x2, w, b, h, wh, T, D in zip(x2s, P["xw"], P["xb"], hs, P["wh"], Ts, dims)]
+            tails = [_x_gemm(x2, w, b, u, d)[1] for x2, w, b, u in zip(x2s, P["xw"], P["xb"], P["gu"])]
+            zpres = [torch.addmm(_raw_gate(tail, b, u, d), h, wh.t()).view(B, T, D)
+                     for tail, b, u, h, wh, T, D in zip(tails, P["xb"], P["gu"], hs, P["wh"], Ts, dims)]
+            a_low = [tail if u is not None else None for tail, u in zip(tails, P["gu"])]
+            tails = None
         else:
             zpres = [saved.pop(0) for _ in range(M)]
+            a_low = [saved.pop(0) if u is not None else None for u in P["gu"]]
         if spec.low is not None:  # the forward's cast again: the Zpre gate_norm saw
             zpres = _cast_group(zpres, xs_full[0].dtype)[1]
         t_ext = saved.pop(0)
@@ -298,7 +320,8 @@ class _FusedVGMR(torch.autograd.Function):
         ws_w2 = ws.take(M, d, d) if spec.mlp and need["w2"] else None
         ws_dh = ws.take(sum(B * T for T in Ts), d) if spec.mlp and need["b2"] else None  # b2: one reduction
         ws_dact = ws.take(sum(B * T for T in Ts), d) if spec.mlp and all(need_p1) else None
-        ws_xw = [ws.take(d + D, D) if need["xw"][m] else None for m, D in enumerate(dims)]
+        ws_xw = [ws.take(d + (D if r is None else r), D) if need["xw"][m] else None
+                 for m, (D, r) in enumerate(zip(dims, spec.ranks))]
         ws_xb = [ws.take(d + D) if need["xb"][m] else None for m, D in enumerate(dims)]
         ws.allocate()
         if ws_full is not ws:
@@ -394,15 +417,20 @@ class _FusedVGMR(torch.autograd.Function):
                 dpres = [torch.ops.aten.gelu_backward(dh @ w2, pre) if need_p1[m] else None
                          for m, (dh, w2, pre) in enumerate(zip(dhs, P["w2"].unbind(0), pres))]
                 dhs = None
-        # [P1; W_r] share one GEMM on X: each half of its weight gradient is written into its
-        # final buffer, and dX accumulates in place into gate_norm's dX (no [BT, d + D] buffer)
-        g["xw"], g["xb"], dx_out = [None] * M, [None] * M, [None] * M
+        # [P1; W_r] (or [P1; V^T]) share one GEMM on X: each half of its weight gradient is written
+        # into its final buffer, and dX accumulates in place into gate_norm's dX (no [BT, d + D] buffer)
+        g["xw"], g["xb"], g["gu"], dx_out = [None] * M, [None] * M, [None] * M, [None] * M
         for m in range(M):
-            dpre, dz, x2 = dpres[m], dzs[m], x2s[m]
+            dpre, dz, x2, u = dpres[m], dzs[m], x2s[m], P["gu"][m]
+            dtail = dz  # the gradient of the shared GEMM's tail: dZ at full rank, dA = dZ U at low rank
+            if u is not None:  # §4a: dU = dZ^T A, dA = dZ U
+                if need["gu"][m]:
+                    g["gu"][m] = torch.mm(dz.t(), a_low[m])
+                dtail = torch.mm(dz, u) if need_x[m] or need["xw"][m] else None
             if ws_xw[m] is not None:
                 gw = ws_xw[m]()
                 torch.mm(dpre.t(), x2, out=gw[:d])
-                torch.mm(dz.t(), x2, out=gw[d:])
+                torch.mm(dtail.t(), x2, out=gw[d:])
                 g["xw"][m] = gw
             if ws_xb[m] is not None:
                 gb = ws_xb[m]()
@@ -413,11 +441,11 @@ class _FusedVGMR(torch.autograd.Function):
                 w = P["xw"][m]
                 dx = dxs[m].view(B * Ts[m], dims[m])
                 if spec.low is None:
-                    dx.addmm_(dpre, w[:d]).addmm_(dz, w[d:])
+                    dx.addmm_(dpre, w[:d]).addmm_(dtail, w[d:])
                 else:  # accumulated in float32, the features' dtype
-                    dx.add_(torch.mm(dpre, w[:d]).addmm_(dz, w[d:]))
+                    dx.add_(torch.mm(dpre, w[:d]).addmm_(dtail, w[d:]))
                 dx_out[m] = dx.view(B, Ts[m], dims[m])
-            dpres[m] = dzs[m] = None  # free each modality's buffers at their last use
+            dpres[m] = dzs[m] = dtail = None  # free each modality's buffers at their last use
         if spec.low is not None:
             return (None, None, *_full_precision_grads(spec, g, dx_out, dlnw, dlnb, need))
         return (None, None, *dx_out, *[None] * M, *_flatten_grads(spec, g, flat_params))
@@ -441,9 +469,9 @@ class _Workspace:
         self.buffer = self.like.new_empty(sum(n for _, n in self.sizes))
 
 
-_PARAM_ORDER = ("xw", "xb", "w2", "b2", "wh", "ew1", "eb1", "ew2", "eb2", "vw1", "vb1", "vw2", "vb2",
+_PARAM_ORDER = ("xw", "xb", "w2", "b2", "wh", "gu", "ew1", "eb1", "ew2", "eb2", "vw1", "vb1", "vw2", "vb2",
                 "hw", "hb", "rw", "lnw", "lnb", "zero")
-_PER_MODALITY = ("xw", "xb", "wh")
+_PER_MODALITY = ("xw", "xb", "wh", "gu")  # "gu": U of a low-rank raw gate (None at full rank)
 
 
 def _param_names(spec) -> list:
@@ -452,6 +480,8 @@ def _param_names(spec) -> list:
         if n in ("w2", "b2") and not spec.mlp:
             continue
         if n in ("hw", "hb") and not spec.k:
+            continue
+        if n == "gu" and all(r is None for r in spec.ranks):
             continue
         names.append(n)
     return names
@@ -470,6 +500,7 @@ def _unflatten_params(spec, flat) -> dict:
         else:
             P[n] = flat[i]
             i += 1
+    P.setdefault("gu", [None] * spec.M)  # every modality full rank
     return P
 
 
@@ -565,11 +596,13 @@ class VGMR(nn.Module):
 
     def __init__(self, widths, d: int = 128, alpha: float = 0.5, beta: float = 0.2, dropout: float = 0.1,
                  *, use_global_value: bool = True, use_channel_value: bool = True, use_agreement: bool = True,
-                 use_discrepancy: bool = True, projection: str = "mlp", backend: str = "auto",
+                 use_discrepancy: bool = True, projection: str = "mlp", gate_rank=None, backend: str = "auto",
                  gate_gemm: str = "two", recompute_gate_gemm: bool = False):
         super().__init__()
         cfg = inputs.parse_config(widths, d, alpha, beta, dropout, use_global_value, use_channel_value,
                                   use_agreement, use_discrepancy, projection)
+        self.gate_rank = gate_rank
+        self.gate_ranks = inputs.parse_gate_rank(gate_rank, cfg.names, cfg.widths)
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         if gate_gemm not in ("two", "stacked"):
@@ -610,14 +643,22 @@ class VGMR(nn.Module):
                 pieces.append(("global_head", _linear_init(1, d)))
             if self.use_channel_value:
                 pieces.append(("channel_head", _linear_init(d, d)))
-            pieces += [("gate_raw", _linear_init(D, D)), ("gate_latent", _linear_init(D, d))]
+            r = self.gate_ranks[m]
+            if r is None:
+                pieces.append(("gate_raw", _linear_init(D, D)))
+            else:  # §4a: u, v and the bias drawn as the reference's LowRankLinear draws them
+                u, v, bias = ref.low_rank_init(D, r)
+                state[pre + "gate_raw.u"], state[pre + "gate_raw.v"] = u, v
+                pieces.append(("gate_raw", (None, bias)))
+            pieces.append(("gate_latent", _linear_init(D, d)))
             if self.use_global_value:
                 pieces.append(("gate_global", _linear_init(D, 1)))
             if self.use_channel_value:
                 pieces.append(("gate_channel", _linear_init(D, d)))
             pieces.append(("norm", (torch.ones(D), torch.zeros(D))))
             for name, (w, b) in pieces:
-                state[pre + name + ".weight"] = w
+                if w is not None:
+                    state[pre + name + ".weight"] = w
                 state[pre + name + ".bias"] = b
         return state
 
@@ -635,9 +676,17 @@ class VGMR(nn.Module):
         def param(*shape):
             return nn.Parameter(torch.empty(*shape))
 
-        # per modality: [P1; W_r] share X; P2 stacked (d x d for every m); W_h
-        self.x_weight = nn.ParameterList(param(d + D, D) for D in dims)
+        # per modality: [P1; W_r] (low rank: [P1; V^T]) share X; P2 stacked (d x d for every m); W_h;
+        # the bias [b1; b_r] either way; U of each low-rank raw gate, keyed by modality index
+        ranks = self.gate_ranks
+        self.x_weight = nn.ParameterList(param(d + (D if r is None else r), D) for D, r in zip(dims, ranks))
         self.x_bias = nn.ParameterList(param(d + D) for D in dims)
+        self._low_rank = [r is not None for r in ranks]
+        if any(self._low_rank):
+            self.gate_u = nn.ParameterDict({str(m): param(D, r) for m, (D, r) in enumerate(zip(dims, ranks))
+                                            if r is not None})
+        # reference keys whose value is the transpose of their slot (V is stored as V^T)
+        self._transposed = set()
         if self.projection == "mlp":
             self.proj2_weight, self.proj2_bias = param(M, d, d), param(M, d)
         self.gate_latent_weight = nn.ParameterList(param(D, d) for D in dims)
@@ -675,8 +724,13 @@ class VGMR(nn.Module):
             if self.use_channel_value:
                 slots += [(pre + "channel_head.weight", "head_weight", (m, slice(g, k))),
                           (pre + "channel_head.bias", "head_bias", (m, slice(g, k)))]
-            slots += [(pre + "gate_raw.weight", f"x_weight.{m}", (tail,)),
-                      (pre + "gate_raw.bias", f"x_bias.{m}", (tail,)),
+            if ranks[m] is None:
+                slots.append((pre + "gate_raw.weight", f"x_weight.{m}", (tail,)))
+            else:
+                slots += [(pre + "gate_raw.u", f"gate_u.{m}", ()),
+                          (pre + "gate_raw.v", f"x_weight.{m}", (slice(d, d + ranks[m]),))]
+                self._transposed.add(pre + "gate_raw.v")
+            slots += [(pre + "gate_raw.bias", f"x_bias.{m}", (tail,)),
                       (pre + "gate_latent.weight", f"gate_latent_weight.{m}", ()),
                       (pre + "gate_latent.bias", "row_weight", (rows, k))]
             if g:
@@ -693,12 +747,18 @@ class VGMR(nn.Module):
         self.register_buffer("_no_seeds", torch.zeros(M, dtype=torch.int64), persistent=False)
         with torch.no_grad():
             for key, pname, index in slots:
-                self.get_parameter(pname)[index].copy_(state[key])
+                self._slot_view(key, self.get_parameter(pname), index).copy_(state[key])
+
+    def _slot_view(self, key: str, tensor: torch.Tensor, index: tuple) -> torch.Tensor:
+        """The reference's view of ``tensor[index]`` for reference key ``key`` (transposed for V)."""
+        view = tensor[index]
+        return view.t() if key in self._transposed else view
 
     def reference_view(self, tensors: dict) -> dict:
         """``{reference key: tensors[parameter name][index]}`` for a dict keyed by this module's
         parameter names (e.g. their gradients): the reference's view of per-parameter tensors."""
-        return {key: tensors[pname][index] for key, pname, index in self._slots if tensors.get(pname) is not None}
+        return {key: self._slot_view(key, tensors[pname], index)
+                for key, pname, index in self._slots if tensors.get(pname) is not None}
 
     def reference_grads(self) -> dict:
         """The parameters' gradients keyed and shaped as the reference's parameters (views)."""
@@ -717,6 +777,7 @@ class VGMR(nn.Module):
             f"global={self.use_global_value}, channel={self.use_channel_value}, "
             f"agreement={self.use_agreement}, discrepancy={self.use_discrepancy}, projection={self.projection!r}, "
             f"backend={self.backend!r}, gate_gemm={self.gate_gemm!r}, recompute_gate_gemm={self.recompute_gate_gemm}"
+            + ("" if self.gate_rank is None else f", gate_rank={self.gate_rank!r}")
         )
 
     def resolved_backend(self, device: torch.device) -> str:
@@ -756,10 +817,16 @@ class VGMR(nn.Module):
         # P's first layer, and X W_r^T + b_r from the same GEMM (unless the gate GEMM is stacked)
         pres, zrs = [], []
         for m in range(M):
-            if stacked:
+            if self._low_rank[m]:  # §4a: [P1; V^T] on X gives P's pre-activation and A = X V
+                b1, br = self.x_bias[m].split([d, dims[m]])
+                pre, a = torch.mm(x2s[m], self.x_weight[m].t()).split([d, self.gate_ranks[m]], dim=1)
+                pres.append(pre + b1)
+                zrs.append(a if stacked else torch.addmm(br, a, self._gate_u(m).t()))
+            elif stacked:
                 w1, wr = self.x_weight[m].split([d, dims[m]])
                 b1, br = self.x_bias[m].split([d, dims[m]])
                 pres.append(torch.addmm(b1, x2s[m], w1.t()))
+                zrs.append(None)
             else:
                 pre, zr = torch.addmm(self.x_bias[m], x2s[m], self.x_weight[m].t()).split([d, dims[m]], dim=1)
                 pres.append(pre)
@@ -798,10 +865,11 @@ class VGMR(nn.Module):
         zpres, rows = [], []
         row_ws = self.row_weight.split(dims)
         for m, (x2, h, T, D, tm) in enumerate(zip(x2s, hs, Ts, dims, t_ext.unbind(0))):
-            if stacked:
-                wr, br = self.x_weight[m][d:], self.x_bias[m][d:]
+            if stacked:  # one GEMM over [X; H] (low rank: over [A; H], with [U, W_h])
+                br = self.x_bias[m][d:]
+                wr, left = (self.x_weight[m][d:], x2) if zrs[m] is None else (self._gate_u(m), zrs[m])
                 w = torch.cat([wr, self.gate_latent_weight[m]], dim=1)
-                z = torch.addmm(br, torch.cat([x2, h], dim=1), w.t())
+                z = torch.addmm(br, torch.cat([left, h], dim=1), w.t())
             else:
                 z = torch.addmm(zrs[m], h, self.gate_latent_weight[m].t())
             zpres.append(z.view(B, T, D).to(x2.dtype))  # autocast may hand back a lower precision
@@ -823,12 +891,14 @@ class VGMR(nn.Module):
         low = torch.get_autocast_dtype(device.type) if autocast and self.norm_weight.dtype == torch.float32 else None
         spec = _Spec(*(M, self.d, self.alpha, self.beta, p, backend, self.projection == "mlp", self._k, self._nb,
                       tuple(self.u_blocks), self.recompute_gate_gemm,
-                      _backend.has_grouped(backend), low))
+                      _backend.has_grouped(backend), low, tuple(self.gate_ranks)))
         # indexed, not unpacked: Dynamo traces ParameterList indexing, not its iteration
         params = [self.x_weight[m] for m in range(M)] + [self.x_bias[m] for m in range(M)]
         if spec.mlp:
             params += [self.proj2_weight, self.proj2_bias]
         params += [self.gate_latent_weight[m] for m in range(M)]
+        if any(self._low_rank):
+            params += [self._gate_u(m) for m in range(M)]
         params += [self.summary_w1, self.summary_b1, self.summary_w2, self.summary_b2,
                    self.value_w1, self.value_b1, self.value_w2, self.value_b2]
         if self._k:
@@ -849,6 +919,10 @@ class VGMR(nn.Module):
         t = outs[M] if self._k else None
         rest = outs[M + (1 if self._k else 0):]
         return refined, self._aux(t, list(rest[:M]), list(rest[M:2 * M]))
+
+    def _gate_u(self, m: int):
+        """U of modality m's low-rank raw gate (None at full rank)."""
+        return self.gate_u[str(m)] if self._low_rank[m] else None
 
     def _gate_norm(self, ops, backend, zpres, rows, xs_list, p):
         lnw, lnb = self.norm_weight.split(self.widths), self.norm_bias.split(self.widths)
@@ -892,7 +966,7 @@ def _state_dict_to_reference(module: VGMR, state_dict, prefix: str, local_metada
     for name, _ in module.named_parameters():
         own[name] = state_dict.pop(prefix + name)
     for key, pname, index in module._slots:
-        state_dict[prefix + key] = own[pname][index]
+        state_dict[prefix + key] = module._slot_view(key, own[pname], index)
 
 
 def _load_reference_state(module: VGMR, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -908,7 +982,7 @@ def _load_reference_state(module: VGMR, state_dict, prefix, local_metadata, stri
             missing_keys.append(full)
             continue
         value = state_dict.pop(full)
-        target = own[pname][index]
+        target = module._slot_view(key, own[pname], index)
         if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(target.shape):
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             error_msgs.append(f"size mismatch for {full}: copying a param with shape {shape} from checkpoint, "
@@ -926,7 +1000,7 @@ def from_reference(module: ref.VGMR, **kwargs) -> VGMR:
         module.d, module.alpha, module.beta, module.p,
         use_global_value=module.use_global_value, use_channel_value=module.use_channel_value,
         use_agreement=module.use_agreement, use_discrepancy=module.use_discrepancy,
-        projection=module.projection, **kwargs,
+        projection=module.projection, gate_rank=getattr(module, "gate_rank", None), **kwargs,
     )
     param = next(module.parameters())
     fused = fused.to(device=param.device, dtype=param.dtype)
