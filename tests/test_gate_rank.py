@@ -204,7 +204,7 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(xc[n].grad, xe[n].grad, rtol=1e-4, atol=1e-5)
 
 
-def test_train_flag_builds_the_reference_with_the_rank():
+def test_train_flag_builds_the_fused_module_with_the_rank():
     import argparse
 
     from vgmr_fast import train
@@ -216,7 +216,10 @@ def test_train_flag_builds_the_reference_with_the_rank():
     args = p.parse_args(["--gate-rank", "dominant=8, weak=4", "--vgmr-d", "4"])
     assert args.gate_rank == {"dominant": 8, "weak": 4}
     module = loop._make_vgmr({"dominant": 32, "weak": 24, "noisy": 16}, args)
-    assert isinstance(module, ref.VGMR) and module.gate_ranks == [8, 4, None]
+    from vgmr_fast.vgmr import VGMR
+
+    assert isinstance(module, VGMR) and module.gate_ranks == [8, 4, None] and module.backend == "auto"
+    assert "gate_raw.u" in " ".join(module.state_dict())
     with pytest.raises(ValueError, match="gate_rank: unknown modality 'text'"):
         loop._make_vgmr({"dominant": 32, "weak": 24}, p.parse_args(["--gate-rank", "text=4"]))
 
