@@ -327,7 +327,7 @@ FROZEN_LOW_RANK = {"nothing": (), "low-rank gate": ("gate_u", "x_weight"), "gate
 def test_fused_only_the_gradients_asked_for(x_grad, group):
     import copy
 
-    from vgmr_fast.testing import compare
+    from test_vgmr_layer import _grads_with
 
     r, f = _fused_pair(dropout=0.2)
     r.train(), f.train()
@@ -341,20 +341,21 @@ def test_fused_only_the_gradients_asked_for(x_grad, group):
         for key, p in module.named_parameters():
             p.requires_grad_(key not in keys)
     xs, masks = inputs(LIST_WIDTHS)
-    results = []
-    for module, dtype in ((truth, torch.float64), (r, torch.float32), (f, torch.float32)):
-        torch.manual_seed(123)
-        xg = [x.to(dtype).requires_grad_(need) for x, need in zip(xs, x_grad)]
-        out = module(xg, masks)
-        module.zero_grad(set_to_none=True)
-        sum((o.double() * torch.linspace(-1, 1, o.shape[-1], dtype=torch.float64)).sum() for o in out).backward()
-        results.append(grads(module, xg))
-    g_t, g_r, g_f = results
-    assert len(g_f) == len(g_t)
-    for i, (a, b, t) in enumerate(zip(g_f, g_r, g_t)):
+    _, g_t = _grads_with(truth, [x.double() for x in xs], masks, x_grad)
+    _, g_r = _grads_with(r, xs, masks, x_grad)
+    _, g_f = _grads_with(f, xs, masks, x_grad)
+    _assert_within_rule(g_f, g_r, g_t, torch.float32)
+
+
+def _assert_within_rule(got, eager, truth, dtype):
+    """Each tensor within the pass rule (vgmr_fast.testing); every None where the truth's is."""
+    from vgmr_fast.testing import compare
+
+    assert len(got) == len(truth)
+    for i, (a, b, t) in enumerate(zip(got, eager, truth)):
         assert (a is None) == (t is None), (i, a is None, t is None)
         if t is not None:
-            c = compare(a, b, t, torch.float32)
+            c = compare(a, b, t, dtype)
             assert c.ok, (i, c)
 
 
@@ -362,8 +363,6 @@ def test_fused_autocast_bfloat16_training_step():
     """bf16 autocast runs the one-node path: outputs and gradients within the pass rule of the
     reference under the same autocast (truth: float64)."""
     import copy
-
-    from vgmr_fast.testing import compare
 
     r, f = _fused_pair(dropout=0.0)
     truth = copy.deepcopy(r).double()
@@ -377,11 +376,7 @@ def test_fused_autocast_bfloat16_training_step():
         sum((o.double() * torch.linspace(-1, 1, o.shape[-1], dtype=torch.float64)).sum() for o in out).backward()
         results.append((list(out), grads(module, xg)))
     (out_t, g_t), (out_r, g_r), (out_f, g_f) = results
-    for a, b, t in zip(out_f + g_f, out_r + g_r, out_t + g_t):
-        assert (a is None) == (t is None)
-        if t is not None:
-            c = compare(a, b, t, torch.bfloat16)
-            assert c.ok, c
+    _assert_within_rule(out_f + g_f, out_r + g_r, out_t + g_t, torch.bfloat16)
 
 
 def test_fused_torch_compile_fullgraph():
