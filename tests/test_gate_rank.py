@@ -397,3 +397,18 @@ def test_fused_torch_compile_fullgraph():
     sum(o.square().sum() for o in compiled(xc, masks)).backward()
     for a, b in zip(grads(f, xc), expect):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_train_grid_runs_the_fused_low_rank_gate(tmp_path):
+    """A tiny ``vgmr-fast train --gate-rank`` grid: the fused low-rank module trains, alone and
+    under OGM-GE (whose per-modality groups follow the fused module's state-dict slots)."""
+    from test_train import _args
+
+    from vgmr_fast import train
+
+    args = _args(tmp_path, "--settings", "noisy", "--backbones", "concat", "--methods", "vgmr,vgmr+ogm",
+                 "--gate-rank", "4", "--backend", "cpu")
+    res = train.train_grid(args)
+    assert res["n_runs"] == 2
+    for row in res["summary"]:
+        assert 0.0 <= row["accuracy"]["mean"] <= 1.0
