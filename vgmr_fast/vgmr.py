@@ -10,6 +10,10 @@ Data flow, grouped across modalities wherever the shapes agree (one launch serve
     Zpre_m = (X W_r^T + b_r) + H_m W_h^T;   gate_norm(Zpre, bias_row, X) -> X~ (grouped when
     the backend has a grouped kernel)
 
+A low-rank raw gate (docs/math.md §4a) changes only the GEMM chain: the GEMM on X is
+[P1_m; V_m^T], giving P's pre-activation and A = X V, and X W_r^T + b_r becomes A U^T + b_r.
+The one autograd node of the fused path lives in :mod:`vgmr_fast.fused_node`.
+
 Parameters live in that layout (stacked ``[M, ...]`` where all modalities share a shape,
 concatenated along the feature axis ``sum D_m`` where they do not). ``state_dict()`` gives the
 reference's keys and values, and ``load_state_dict`` takes either the reference's state or
@@ -20,7 +24,6 @@ The heads' sigmoid enters the gate only as ``sigma(z) - 1/2``; the module comput
 """
 from __future__ import annotations
 
-import collections
 import functools
 import warnings
 
@@ -32,6 +35,7 @@ from . import inputs
 from . import reference as ref
 from .ops import backend as _backend
 from .dropout_stream import draw_seeds
+from .fused_node import _FusedVGMR, _Spec, _seed_arg
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 EPS = ref.EPS
@@ -71,469 +75,6 @@ class _ReferenceOps:
         return ref.gate_norm(zpre, bias_row, x, ln_weight, ln_bias, alpha, beta, p, seed)
 
 
-# Static configuration of one fused call (a named tuple: compilers treat it as a constant).
-# ``low``: the autocast dtype the layer computes in (None: the parameters' dtype).
-_Spec = collections.namedtuple("_Spec", ("M", "d", "alpha", "beta", "p", "backend", "mlp", "k", "nb", "u_blocks",
-                                         "recompute", "grouped", "low"))
-
-# Under autocast these stay in float32: the bias-row GEMM (its output feeds gate_norm's float32
-# side input), the LayerNorm parameters, and the beta = 0 input of the bias-row GEMMs.
-_FULL_PRECISION = ("rw", "lnw", "lnb", "zero")
-
-
-def _pdt(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _linear_grads(g: dict, need: dict, w: str, b: str, dout: torch.Tensor, inp: torch.Tensor) -> None:
-    """Weight and bias gradients of a batched linear ``out = inp W^T + b``, each only when asked:
-    ``g[w] = dout^T inp``, ``g[b] = sum of dout over rows``."""
-    if need[w]:
-        g[w] = _bmm_t(dout, inp)
-    if need[b]:
-        g[b] = dout.sum(1)
-
-
-def _bmm_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a^T b`` over a batch: ``[M, n, i]^T [M, n, j] -> [M, i, j]`` (a weight's gradient)."""
-    return torch.bmm(a.transpose(1, 2), b)
-
-
-class _FusedVGMR(torch.autograd.Function):
-    """The whole layer as one autograd node: the raw fused ops, the GEMMs, and a backward written
-    out by hand, so that it launches what the math needs (no per-piece scatters, no zero-filled
-    gradients of unused outputs) and saves only what it cannot cheaply recompute: the P
-    pre-activation, H, Zpre (or, with ``recompute_gate_gemm``, not even Zpre), and small per-row
-    or per-sample tensors. Inputs: ``spec, seeds, *xs, *masks, *params, zero``; outputs:
-    ``*ys, t (when the value heads exist), *zpres, *rows`` (the last three feed the auxiliaries).
-    """
-
-    @staticmethod
-    def forward(ctx, spec, seeds, *flat):
-        M, d, k = spec.M, spec.d, spec.k
-        ns = _backend.namespace(spec.backend)
-        # the raw ops read dense rows (no-ops for the usual contiguous inputs)
-        xs = [x.contiguous() for x in flat[:M]]
-        masks = [None if mk is None else mk.contiguous() for mk in flat[M:2 * M]]
-        params = list(flat[2 * M:])
-        xs_full = xs  # gate_norm reads the features as given (float32 under autocast)
-        if spec.low is not None:
-            # autocast: the features and every GEMM weight in the autocast dtype, one cast for all
-            low = [i for i, n in enumerate(_param_slots(spec)) if n not in _FULL_PRECISION]
-            _, cast = _cast_group(xs + [params[i] for i in low], spec.low)
-            xs = cast[:M]
-            for i, t in zip(low, cast[M:]):
-                params[i] = t
-        P = _unflatten_params(spec, params)
-        B = xs[0].shape[0]
-        Ts, dims = [x.shape[1] for x in xs], [x.shape[2] for x in xs]
-        x2s = [x.reshape(B * T, D) for x, T, D in zip(xs, Ts, dims)]
-        xo = [torch.addmm(b, x2, w.t()) for x2, w, b in zip(x2s, P["xw"], P["xb"])]
-        if spec.mlp:
-            pre_all = torch.cat([o[:, :d] for o in xo])
-            acts = F.gelu(pre_all).split([B * T for T in Ts])
-            hs = [torch.addmm(b2, a, w2.t()) for a, w2, b2 in zip(acts, P["w2"].unbind(0), P["b2"].unbind(0))]
-        else:
-            pre_all = None
-            hs = [o[:, :d].contiguous() for o in xo]
-        saved_small = []
-        if k:
-            pooled, argmaxes = [], []
-            for h, T, mk in zip(hs, Ts, masks):
-                mean, mx, am = ns.summary_pool(h.view(B, T, d), mk)
-                pooled += [mean, mx]
-                argmaxes.append(am)
-            summary_in = torch.stack(pooled, dim=1).view(B, M, 2 * d).transpose(0, 1)  # [M, B, 2d]
-            e_pre = torch.baddbmm(P["eb1"].unsqueeze(1), summary_in, P["ew1"].transpose(1, 2))
-            e = F.gelu(e_pre)
-            s = torch.baddbmm(P["eb2"].unsqueeze(1), e, P["ew2"].transpose(1, 2))
-            s_bm = s.transpose(0, 1).contiguous()  # the interaction op reads [B, M, d]
-            u = ns.interaction(s_bm)
-            if len(spec.u_blocks) != 3 * M - 1:
-                u = u.view(B, M, 3 * M - 1, d)[:, :, list(spec.u_blocks)].reshape(B, M, len(spec.u_blocks) * d)
-            u_t = u.transpose(0, 1)
-            r_pre = torch.baddbmm(P["vb1"].unsqueeze(1), u_t, P["vw1"].transpose(1, 2))
-            r1 = F.gelu(r_pre)
-            r = torch.baddbmm(P["vb2"].unsqueeze(1), r1, P["vw2"].transpose(1, 2))
-            t = torch.tanh(torch.baddbmm(P["hb"].unsqueeze(1), r, P["hw"].transpose(1, 2), beta=0.5, alpha=0.5))
-            t_ext = F.pad(t, (0, spec.nb), value=2.0).to(P["rw"].dtype)
-            saved_small = [summary_in, e_pre, e, s_bm, u, r_pre, r1, r, t, *argmaxes]
-        else:
-            t = None
-            t_ext = xs[0].new_full((M, B, spec.nb), 2.0, dtype=P["rw"].dtype)
-        row_ws = P["rw"].split(dims)
-        rows = [torch.addmm(P["zero"], tm, rw.t(), beta=0.0, alpha=0.5) for tm, rw in zip(t_ext.unbind(0), row_ws)]
-        zpres = [torch.addmm(o[:, d:], h, wh.t()).view(B, T, D)
-                 for o, h, wh, T, D in zip(xo, hs, P["wh"], Ts, dims)]
-        del xo
-        # under autocast gate_norm runs in float32 on the features as given: Zpre (the GEMMs'
-        # output, in the autocast dtype) is cast once for all modalities
-        zpres_g = zpres if spec.low is None else _cast_group(zpres, xs_full[0].dtype)[1]
-        pdt = _pdt(xs_full[0])
-        lnws = [w.to(pdt) for w in P["lnw"].split(dims)]
-        lnbs = [b.to(pdt) for b in P["lnb"].split(dims)]
-        rows_p = [r_.to(pdt) for r_ in rows]
-        ys, stats = [], []
-        if spec.grouped:  # every modality in one operator call
-            ys, means, rstds = ns.gate_norm_grouped(zpres_g, rows_p, list(xs_full), lnws, lnbs,
-                                                    spec.alpha, spec.beta, spec.p, seeds)
-            ys = list(ys)
-            for mean, rstd in zip(means, rstds):
-                stats += [mean, rstd]
-        else:
-            for m in range(M):
-                y, mean, rstd = ns.gate_norm(zpres_g[m], rows_p[m], xs_full[m], lnws[m], lnbs[m],
-                                             spec.alpha, spec.beta, spec.p, _seed_arg(seeds, m))
-                ys.append(y)
-                stats += [mean, rstd]
-        outs = tuple(ys + ([t] if k else []) + zpres_g + rows)
-        if ctx is None:  # no gradient asked for: nothing to keep
-            return outs
-        ctx.set_materialize_grads(False)
-        ctx.spec, ctx.shape = spec, (B, tuple(Ts), tuple(dims))
-        ctx.has_mask = [mk is not None for mk in masks]
-        kept_z = [] if spec.recompute else zpres
-        kept_h = [] if spec.mlp else hs  # H is recomputed from the saved pre-activation
-        full_x = [] if spec.low is None else xs_full
-        ctx.save_for_backward(seeds, *xs, *full_x, *[mk for mk in masks if mk is not None], *params,
-                              pre_all, *kept_h, *kept_z, t_ext, *rows_p, *stats, *saved_small)
-        return outs
-
-    @staticmethod
-    def backward(ctx, *grads):
-        if torch.is_grad_enabled():  # create_graph=True: this backward is not itself differentiable
-            raise RuntimeError(
-                "vgmr_fast.VGMR: double backward (autograd.grad(..., create_graph=True), e.g. a gradient "
-                "penalty) through the fused layer is not supported; build the module with "
-                "backend='reference' (or use vgmr_fast.reference.VGMR) for higher-order gradients")
-        spec = ctx.spec
-        M, d, k = spec.M, spec.d, spec.k
-        ns = _backend.namespace(spec.backend)
-        B, Ts, dims = ctx.shape
-        saved = list(ctx.saved_tensors)
-        seeds = saved.pop(0)
-        xs = [saved.pop(0) for _ in range(M)]
-        xs_full = xs if spec.low is None else [saved.pop(0) for _ in range(M)]
-        masks = [saved.pop(0) if has else None for has in ctx.has_mask]
-        n_params = _param_count(spec)
-        flat_params = [saved.pop(0) for _ in range(n_params)]
-        P = _unflatten_params(spec, flat_params)
-        pre_all = saved.pop(0)
-        if spec.mlp:  # GELU and P's second GEMM again, instead of saving H and the GELU output
-            acts = F.gelu(pre_all).split([B * T for T in Ts])
-            hs = [torch.addmm(b2, a, w2.t()) for a, w2, b2 in zip(acts, P["w2"].unbind(0), P["b2"].unbind(0))]
-        else:
-            hs = [saved.pop(0) for _ in range(M)]
-        x2s = [x.reshape(B * T, D) for x, T, D in zip(xs, Ts, dims)]
-        if spec.recompute:
-            # the forward's GEMMs again, same shapes and strides: bit for bit the Zpre gate_norm saw
-            zpres = [torch.addmm(torch.addmm(b, x2, w.t())[:, d:], h, wh.t()).view(B, T, D)
-                     for x2, w, b, h, wh, T, D in zip(x2s, P["xw"], P["xb"], hs, P["wh"], Ts, dims)]
-        else:
-            zpres = [saved.pop(0) for _ in range(M)]
-        if spec.low is not None:  # the forward's cast again: the Zpre gate_norm saw
-            zpres = _cast_group(zpres, xs_full[0].dtype)[1]
-        t_ext = saved.pop(0)
-        rows_p = [saved.pop(0) for _ in range(M)]
-        stats = [saved.pop(0) for _ in range(2 * M)]
-        if k:
-            summary_in, e_pre, e, s_bm, u, r_pre, r1, r, t = saved[:9]
-            argmaxes = saved[9:9 + M]
-        dys = grads[:M]
-        dt_extra = grads[M] if k else None
-        dz_extra = grads[M + (1 if k else 0):][:M]
-        drow_extra = grads[M + (1 if k else 0) + M:][:M]
-        pdt = _pdt(xs_full[0])
-        lnws = [w.to(pdt) for w in P["lnw"].split(dims)]
-
-        # Only the gradients asked for: the inputs' and each parameter's needs_input_grad, and
-        # each stage of the chain back to X only when something before it needs it.
-        need_x = list(ctx.needs_input_grad[2:2 + M])
-        need = _unflatten_params(spec, ctx.needs_input_grad[2 + 2 * M:])
-        need_p1 = [need_x[m] or need["xw"][m] or need["xb"][m] for m in range(M)]  # P's first layer
-        need_h = [need_p1[m] or (spec.mlp and (need["w2"] or need["b2"])) for m in range(M)]  # dH_m
-        chain, below = {}, any(need_h)
-        for stage in ("e1", "e2", "v1", "v2", "heads"):  # from the summary back to the heads
-            w_name, b_name = {"e1": ("ew1", "eb1"), "e2": ("ew2", "eb2"), "v1": ("vw1", "vb1"),
-                              "v2": ("vw2", "vb2"), "heads": ("hw", "hb")}[stage]
-            below = below or bool(need.get(w_name)) or bool(need.get(b_name))
-            chain[stage] = bool(k) and below
-
-        # §5 gate_norm
-        dys = [torch.zeros_like(x) if dy is None else dy.to(x.dtype).contiguous() for dy, x in zip(dys, xs_full)]
-        if spec.grouped:
-            grouped = ns.gate_norm_grouped_backward(dys, zpres, rows_p, list(xs_full), lnws, stats[0::2], stats[1::2],
-                                                    spec.alpha, spec.beta, spec.p, seeds, need_x)
-            per_modality = list(zip(*grouped))
-        else:
-            per_modality = [ns.gate_norm_backward(dys[m], zpres[m], rows_p[m], xs_full[m], lnws[m], stats[2 * m],
-                                                  stats[2 * m + 1], spec.alpha, spec.beta, spec.p,
-                                                  _seed_arg(seeds, m), need_x[m]) for m in range(M)]
-        dys = zpres = stats = None
-        dzs, drows, dxs, dlnw, dlnb = [], [], [], [], []
-        for m in range(M):
-            dz, drow, dx, dw, db = per_modality[m]
-            if dz_extra[m] is not None:
-                dz = dz + dz_extra[m]
-            if drow_extra[m] is not None:
-                drow = drow + drow_extra[m]
-            dzs.append(dz.view(B * Ts[m], dims[m]))
-            drows.append(drow.to(P["rw"].dtype))
-            dxs.append(dx if need_x[m] else None)
-            dlnw.append(dw)
-            dlnb.append(db)
-        per_modality = None
-        if spec.low is not None:  # the GEMMs below take dZ in the autocast dtype
-            dzs = _cast_group(dzs, spec.low)[1]
-        # One workspace holds every gradient that gathers per-modality pieces: each GEMM writes its
-        # piece in place (out=), so gathering costs one allocation instead of a cat / stack each
-        # (under autocast a second one, float32, for the bias-row GEMM's gradients).
-        ws = _Workspace(xs[0])
-        ws_full = ws if P["rw"].dtype == xs[0].dtype else _Workspace(P["rw"])
-        width = len(spec.u_blocks) * d
-        ws_rw = ws_full.take(sum(dims), P["rw"].shape[1]) if need["rw"] else None
-        if chain["heads"]:
-            ws_dt = ws_full.take(M, B, k)
-            ws_du = ws.take(B, M, width) if chain["e2"] and width == (3 * M - 1) * d else None
-        ws_w2 = ws.take(M, d, d) if spec.mlp and need["w2"] else None
-        ws_dh = ws.take(sum(B * T for T in Ts), d) if spec.mlp and need["b2"] else None  # b2: one reduction
-        ws_dact = ws.take(sum(B * T for T in Ts), d) if spec.mlp and all(need_p1) else None
-        ws_xw = [ws.take(d + D, D) if need["xw"][m] else None for m, D in enumerate(dims)]
-        ws_xb = [ws.take(d + D) if need["xb"][m] else None for m, D in enumerate(dims)]
-        ws.allocate()
-        if ws_full is not ws:
-            ws_full.allocate()
-        g = {}
-        if spec.low is None:  # (under autocast the final cast gathers them)
-            if need["lnw"]:
-                g["lnw"] = torch.cat(dlnw).to(P["lnw"].dtype)
-            if need["lnb"]:
-                g["lnb"] = torch.cat(dlnb).to(P["lnb"].dtype)
-        # §4 bias rows: rows_m = (t_ext_m RW_m^T) / 2
-        if ws_rw is not None:
-            for dr, tm, out in zip(drows, t_ext.unbind(0), ws_rw().split(dims)):
-                torch.addmm(P["zero"], dr.t(), tm, beta=0.0, alpha=0.5, out=out)
-            g["rw"] = ws_rw()
-        g["wh"] = [torch.mm(dz.t(), h) if need["wh"][m] else None for m, (dz, h) in enumerate(zip(dzs, hs))]
-        dhs = [None] * M
-        if chain["heads"]:
-            # heads: t = tanh((hb + r hw^T) / 2), so dz = tanh'(.) dt / 2; the 1/2 rides on the GEMMs
-            dt_half = ws_dt()
-            for dr, rw, out in zip(drows, P["rw"].split(dims), dt_half.unbind(0)):
-                torch.addmm(P["zero"], dr, rw[:, :k], beta=0.0, alpha=0.25, out=out)
-            if dt_extra is not None:
-                dt_half = dt_half + 0.5 * dt_extra
-            dzh = torch.ops.aten.tanh_backward(dt_half.to(t.dtype), t)
-            dt_half = None
-            _linear_grads(g, need, "hw", "hb", dzh, r)
-        drows = None
-        if chain["v2"]:
-            # §3 values
-            dr_ = torch.bmm(dzh, P["hw"])
-            dzh = None
-            _linear_grads(g, need, "vw2", "vb2", dr_, r1)
-        if chain["v1"]:
-            dr_pre = torch.ops.aten.gelu_backward(torch.bmm(dr_, P["vw2"]), r_pre)
-            dr_ = None
-            _linear_grads(g, need, "vw1", "vb1", dr_pre, u.transpose(0, 1))
-        if chain["e2"]:
-            if ws_du is not None and not torch.compiler.is_compiling():
-                # written as [B, M, width], the layout the interaction reads (a compiler fuses the
-                # transpose itself, and Dynamo takes no strided out=)
-                du = ws_du()
-                torch.bmm(dr_pre, P["vw1"], out=du.transpose(0, 1))
-            else:
-                du = torch.bmm(dr_pre, P["vw1"]).transpose(0, 1)  # [B, M, width]
-            dr_pre = None
-            if len(spec.u_blocks) != 3 * M - 1:
-                full = du.new_zeros(B, M, 3 * M - 1, d)
-                full[:, :, list(spec.u_blocks)] = du.reshape(B, M, len(spec.u_blocks), d)
-                du = full.view(B, M, (3 * M - 1) * d)
-            # §2 interaction, §1 summary
-            ds = ns.interaction_backward(du.contiguous(), s_bm).transpose(0, 1)  # [M, B, d]
-            du = None
-            _linear_grads(g, need, "ew2", "eb2", ds, e)
-        if chain["e1"]:
-            de_pre = torch.ops.aten.gelu_backward(torch.bmm(ds, P["ew2"]), e_pre)
-            ds = None
-            _linear_grads(g, need, "ew1", "eb1", de_pre, summary_in)
-            if any(need_h):
-                dmean = torch.bmm(de_pre, P["ew1"][:, :, :d])  # [M, B, d], contiguous per modality
-                dmax = torch.bmm(de_pre, P["ew1"][:, :, d:])
-                dhs = [ns.summary_pool_backward(dmean[m], dmax[m], masks[m], argmaxes[m], Ts[m]).view(B * Ts[m], d)
-                       if need_h[m] else None for m in range(M)]
-                dmean = dmax = None
-            de_pre = None
-        # gate GEMM: zpre = (x W_r^T + b_r) + h W_h^T
-        if ws_dh is not None:  # every modality's dH, written into one buffer
-            pieces = ws_dh().split([B * T for T in Ts])
-            dhs = [torch.mm(dz, wh, out=out) if dh is None else torch.addmm(dh, dz, wh, out=out)
-                   for dh, dz, wh, out in zip(dhs, dzs, P["wh"], pieces)]
-        else:
-            dhs = [None if not need_h[m] else dz @ wh if dh is None else dh.addmm_(dz, wh)
-                   for m, (dh, dz, wh) in enumerate(zip(dhs, dzs, P["wh"]))]
-        dpres = dhs
-        if spec.mlp:
-            if ws_w2 is not None:
-                g["w2"] = ws_w2()
-                for dh, a, out in zip(dhs, acts, g["w2"].unbind(0)):
-                    torch.mm(dh.t(), a, out=out)
-            if need["b2"]:
-                lengths = torch.tensor([B * T for T in Ts], device=pre_all.device)
-                g["b2"] = torch.segment_reduce(ws_dh(), "sum", lengths=lengths)  # [M, d], one launch
-            acts = None
-            if ws_dact is not None:  # every modality: one GELU backward over all rows
-                dact = ws_dact()
-                for dh, w2, out in zip(dhs, P["w2"].unbind(0), dact.split([B * T for T in Ts])):
-                    torch.mm(dh, w2, out=out)
-                dhs = None
-                dpres = list(torch.ops.aten.gelu_backward(dact, pre_all).split([B * T for T in Ts]))
-                dact = None
-            else:
-                pres = pre_all.split([B * T for T in Ts])
-                dpres = [torch.ops.aten.gelu_backward(dh @ w2, pre) if need_p1[m] else None
-                         for m, (dh, w2, pre) in enumerate(zip(dhs, P["w2"].unbind(0), pres))]
-                dhs = None
-        # [P1; W_r] share one GEMM on X: each half of its weight gradient is written into its
-        # final buffer, and dX accumulates in place into gate_norm's dX (no [BT, d + D] buffer)
-        g["xw"], g["xb"], dx_out = [None] * M, [None] * M, [None] * M
-        for m in range(M):
-            dpre, dz, x2 = dpres[m], dzs[m], x2s[m]
-            if ws_xw[m] is not None:
-                gw = ws_xw[m]()
-                torch.mm(dpre.t(), x2, out=gw[:d])
-                torch.mm(dz.t(), x2, out=gw[d:])
-                g["xw"][m] = gw
-            if ws_xb[m] is not None:
-                gb = ws_xb[m]()
-                torch.sum(dpre, 0, out=gb[:d])
-                torch.sum(dz, 0, out=gb[d:])
-                g["xb"][m] = gb
-            if need_x[m]:
-                w = P["xw"][m]
-                dx = dxs[m].view(B * Ts[m], dims[m])
-                if spec.low is None:
-                    dx.addmm_(dpre, w[:d]).addmm_(dz, w[d:])
-                else:  # accumulated in float32, the features' dtype
-                    dx.add_(torch.mm(dpre, w[:d]).addmm_(dz, w[d:]))
-                dx_out[m] = dx.view(B, Ts[m], dims[m])
-            dpres[m] = dzs[m] = None  # free each modality's buffers at their last use
-        if spec.low is not None:
-            return (None, None, *_full_precision_grads(spec, g, dx_out, dlnw, dlnb, need))
-        return (None, None, *dx_out, *[None] * M, *_flatten_grads(spec, g, flat_params))
-
-
-class _Workspace:
-    """One allocation carved into several tensors: ``take(*shape)`` returns a getter for a view."""
-
-    def __init__(self, like: torch.Tensor):
-        self.like, self.sizes, self.buffer = like, [], None
-
-    def take(self, *shape):
-        start = sum(n for _, n in self.sizes)
-        numel = 1
-        for n in shape:
-            numel *= n
-        self.sizes.append((shape, numel))
-        return lambda: self.buffer[start:start + numel].view(shape)
-
-    def allocate(self) -> None:
-        self.buffer = self.like.new_empty(sum(n for _, n in self.sizes))
-
-
-_PARAM_ORDER = ("xw", "xb", "w2", "b2", "wh", "ew1", "eb1", "ew2", "eb2", "vw1", "vb1", "vw2", "vb2",
-                "hw", "hb", "rw", "lnw", "lnb", "zero")
-_PER_MODALITY = ("xw", "xb", "wh")
-
-
-def _param_names(spec) -> list:
-    names = []
-    for n in _PARAM_ORDER:
-        if n in ("w2", "b2") and not spec.mlp:
-            continue
-        if n in ("hw", "hb") and not spec.k:
-            continue
-        names.append(n)
-    return names
-
-
-def _param_count(spec) -> int:
-    return sum(spec.M if n in _PER_MODALITY else 1 for n in _param_names(spec))
-
-
-def _unflatten_params(spec, flat) -> dict:
-    P, i = {}, 0
-    for n in _param_names(spec):
-        if n in _PER_MODALITY:
-            P[n] = list(flat[i:i + spec.M])
-            i += spec.M
-        else:
-            P[n] = flat[i]
-            i += 1
-    return P
-
-
-def _flatten_grads(spec, g: dict, flat_params) -> list:
-    out, i = [], 0
-    for n in _param_names(spec):
-        if n in _PER_MODALITY:
-            items = g.get(n) or [None] * spec.M
-            for gi in items:
-                out.append(None if gi is None else gi.to(flat_params[i].dtype))
-                i += 1
-        else:
-            gi = g.get(n)
-            out.append(None if gi is None else gi.to(flat_params[i].dtype))
-            i += 1
-    return out
-
-
-def _param_slots(spec) -> list:
-    """The parameter name of each flat parameter input, in order (per-modality names repeated)."""
-    return [n for n in _param_names(spec) for _ in range(spec.M if n in _PER_MODALITY else 1)]
-
-
-def _cast_group(tensors, dtype):
-    """``[t.to(dtype) for t in tensors]`` as one allocation and one copy (two ops, not one per
-    tensor): ``(buffer, views)``, the views laid out in order in the one buffer."""
-    sizes = [t.numel() for t in tensors]
-    buffer = tensors[0].new_empty(sum(sizes), dtype=dtype)
-    out = [piece.view(t.shape) for piece, t in zip(buffer.split(sizes), tensors)]
-    torch._foreach_copy_(out, list(tensors))
-    return buffer, out
-
-
-def _full_precision_grads(spec, g: dict, dx_out, dlnw, dlnb, need) -> list:
-    """Under autocast: the backward's outputs (the features' gradients, float32 already, then the
-    parameters' in input order) in float32, the inputs' dtype, through one cast; the LayerNorm
-    gradients of all modalities gathered by the same copy."""
-    M = spec.M
-    groups = []
-    for n in _param_names(spec):
-        if n in ("lnw", "lnb"):
-            if need[n]:
-                groups.append(((n, 0), dlnw if n == "lnw" else dlnb))
-            continue
-        items = (g.get(n) or [None] * M) if n in _PER_MODALITY else [g.get(n)]
-        groups += [((n, j), [gi]) for j, gi in enumerate(items) if gi is not None]
-    full = {}
-    if groups:
-        buffer, _ = _cast_group([t for _, parts in groups for t in parts], torch.float32)
-        start = 0
-        for key, parts in groups:
-            numel = sum(t.numel() for t in parts)
-            full[key] = buffer[start:start + numel].view(parts[0].shape if len(parts) == 1 else (numel,))
-            start += numel
-    grads = [full.get((n, j)) for n in _param_names(spec) for j in range(M if n in _PER_MODALITY else 1)]
-    return [*dx_out, *[None] * M, *grads]
-
-
-def _seed_arg(seeds, m: int):
-    """Modality m's dropout seed as the raw ops take it: a one-element int64 tensor on the
-    inputs' device, read by the kernel (no host sync)."""
-    return seeds[m:m + 1]
-
-
 class VGMR(nn.Module):
     """Fused VGMR. Arguments as ``vgmr_fast.reference.VGMR``, plus:
 
@@ -548,7 +89,7 @@ class VGMR(nn.Module):
             GEMMs per modality in the backward.
 
     On a fused backend (``gate_gemm="two"``) the layer runs as one autograd node with a
-    hand-written backward (:class:`_FusedVGMR`); under ``torch.autocast`` that node casts the
+    hand-written backward (:class:`vgmr_fast.fused_node._FusedVGMR`); under ``torch.autocast`` that node casts the
     features and GEMM weights to the autocast dtype in one copy, runs gate_norm with float32
     statistics, and returns float32 gradients. Otherwise (reference backend, ``gate_gemm="stacked"``,
     an empty batch) the layer runs as torch autograd over the same grouped steps.
@@ -565,11 +106,13 @@ class VGMR(nn.Module):
 
     def __init__(self, widths, d: int = 128, alpha: float = 0.5, beta: float = 0.2, dropout: float = 0.1,
                  *, use_global_value: bool = True, use_channel_value: bool = True, use_agreement: bool = True,
-                 use_discrepancy: bool = True, projection: str = "mlp", backend: str = "auto",
+                 use_discrepancy: bool = True, projection: str = "mlp", gate_rank=None, backend: str = "auto",
                  gate_gemm: str = "two", recompute_gate_gemm: bool = False):
         super().__init__()
         cfg = inputs.parse_config(widths, d, alpha, beta, dropout, use_global_value, use_channel_value,
                                   use_agreement, use_discrepancy, projection)
+        self.gate_rank = gate_rank
+        self.gate_ranks = inputs.parse_gate_rank(gate_rank, cfg.names, cfg.widths)
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         if gate_gemm not in ("two", "stacked"):
@@ -610,14 +153,22 @@ class VGMR(nn.Module):
                 pieces.append(("global_head", _linear_init(1, d)))
             if self.use_channel_value:
                 pieces.append(("channel_head", _linear_init(d, d)))
-            pieces += [("gate_raw", _linear_init(D, D)), ("gate_latent", _linear_init(D, d))]
+            r = self.gate_ranks[m]
+            if r is None:
+                pieces.append(("gate_raw", _linear_init(D, D)))
+            else:  # §4a: u, v and the bias drawn as the reference's LowRankLinear draws them
+                u, v, bias = ref.low_rank_init(D, r)
+                state[pre + "gate_raw.u"], state[pre + "gate_raw.v"] = u, v
+                pieces.append(("gate_raw", (None, bias)))
+            pieces.append(("gate_latent", _linear_init(D, d)))
             if self.use_global_value:
                 pieces.append(("gate_global", _linear_init(D, 1)))
             if self.use_channel_value:
                 pieces.append(("gate_channel", _linear_init(D, d)))
             pieces.append(("norm", (torch.ones(D), torch.zeros(D))))
             for name, (w, b) in pieces:
-                state[pre + name + ".weight"] = w
+                if w is not None:
+                    state[pre + name + ".weight"] = w
                 state[pre + name + ".bias"] = b
         return state
 
@@ -635,9 +186,17 @@ class VGMR(nn.Module):
         def param(*shape):
             return nn.Parameter(torch.empty(*shape))
 
-        # per modality: [P1; W_r] share X; P2 stacked (d x d for every m); W_h
-        self.x_weight = nn.ParameterList(param(d + D, D) for D in dims)
+        # per modality: [P1; W_r] (low rank: [P1; V^T]) share X; P2 stacked (d x d for every m); W_h;
+        # the bias [b1; b_r] either way; U of each low-rank raw gate, keyed by modality index
+        ranks = self.gate_ranks
+        self.x_weight = nn.ParameterList(param(d + (D if r is None else r), D) for D, r in zip(dims, ranks))
         self.x_bias = nn.ParameterList(param(d + D) for D in dims)
+        self._low_rank = [r is not None for r in ranks]
+        if any(self._low_rank):
+            self.gate_u = nn.ParameterDict({str(m): param(D, r) for m, (D, r) in enumerate(zip(dims, ranks))
+                                            if r is not None})
+        # reference keys whose value is the transpose of their slot (V is stored as V^T)
+        self._transposed = set()
         if self.projection == "mlp":
             self.proj2_weight, self.proj2_bias = param(M, d, d), param(M, d)
         self.gate_latent_weight = nn.ParameterList(param(D, d) for D in dims)
@@ -675,8 +234,13 @@ class VGMR(nn.Module):
             if self.use_channel_value:
                 slots += [(pre + "channel_head.weight", "head_weight", (m, slice(g, k))),
                           (pre + "channel_head.bias", "head_bias", (m, slice(g, k)))]
-            slots += [(pre + "gate_raw.weight", f"x_weight.{m}", (tail,)),
-                      (pre + "gate_raw.bias", f"x_bias.{m}", (tail,)),
+            if ranks[m] is None:
+                slots.append((pre + "gate_raw.weight", f"x_weight.{m}", (tail,)))
+            else:
+                slots += [(pre + "gate_raw.u", f"gate_u.{m}", ()),
+                          (pre + "gate_raw.v", f"x_weight.{m}", (slice(d, d + ranks[m]),))]
+                self._transposed.add(pre + "gate_raw.v")
+            slots += [(pre + "gate_raw.bias", f"x_bias.{m}", (tail,)),
                       (pre + "gate_latent.weight", f"gate_latent_weight.{m}", ()),
                       (pre + "gate_latent.bias", "row_weight", (rows, k))]
             if g:
@@ -693,12 +257,18 @@ class VGMR(nn.Module):
         self.register_buffer("_no_seeds", torch.zeros(M, dtype=torch.int64), persistent=False)
         with torch.no_grad():
             for key, pname, index in slots:
-                self.get_parameter(pname)[index].copy_(state[key])
+                self._slot_view(key, self.get_parameter(pname), index).copy_(state[key])
+
+    def _slot_view(self, key: str, tensor: torch.Tensor, index: tuple) -> torch.Tensor:
+        """The reference's view of ``tensor[index]`` for reference key ``key`` (transposed for V)."""
+        view = tensor[index]
+        return view.t() if key in self._transposed else view
 
     def reference_view(self, tensors: dict) -> dict:
         """``{reference key: tensors[parameter name][index]}`` for a dict keyed by this module's
         parameter names (e.g. their gradients): the reference's view of per-parameter tensors."""
-        return {key: tensors[pname][index] for key, pname, index in self._slots if tensors.get(pname) is not None}
+        return {key: self._slot_view(key, tensors[pname], index)
+                for key, pname, index in self._slots if tensors.get(pname) is not None}
 
     def reference_grads(self) -> dict:
         """The parameters' gradients keyed and shaped as the reference's parameters (views)."""
@@ -717,6 +287,7 @@ class VGMR(nn.Module):
             f"global={self.use_global_value}, channel={self.use_channel_value}, "
             f"agreement={self.use_agreement}, discrepancy={self.use_discrepancy}, projection={self.projection!r}, "
             f"backend={self.backend!r}, gate_gemm={self.gate_gemm!r}, recompute_gate_gemm={self.recompute_gate_gemm}"
+            + ("" if self.gate_rank is None else f", gate_rank={self.gate_rank!r}")
         )
 
     def resolved_backend(self, device: torch.device) -> str:
@@ -756,10 +327,16 @@ class VGMR(nn.Module):
         # P's first layer, and X W_r^T + b_r from the same GEMM (unless the gate GEMM is stacked)
         pres, zrs = [], []
         for m in range(M):
-            if stacked:
+            if self._low_rank[m]:  # §4a: [P1; V^T] on X gives P's pre-activation and A = X V
+                b1, br = self.x_bias[m].split([d, dims[m]])
+                pre, a = torch.mm(x2s[m], self.x_weight[m].t()).split([d, self.gate_ranks[m]], dim=1)
+                pres.append(pre + b1)
+                zrs.append(a if stacked else torch.addmm(br, a, self._gate_u(m).t()))
+            elif stacked:
                 w1, wr = self.x_weight[m].split([d, dims[m]])
                 b1, br = self.x_bias[m].split([d, dims[m]])
                 pres.append(torch.addmm(b1, x2s[m], w1.t()))
+                zrs.append(None)
             else:
                 pre, zr = torch.addmm(self.x_bias[m], x2s[m], self.x_weight[m].t()).split([d, dims[m]], dim=1)
                 pres.append(pre)
@@ -798,10 +375,11 @@ class VGMR(nn.Module):
         zpres, rows = [], []
         row_ws = self.row_weight.split(dims)
         for m, (x2, h, T, D, tm) in enumerate(zip(x2s, hs, Ts, dims, t_ext.unbind(0))):
-            if stacked:
-                wr, br = self.x_weight[m][d:], self.x_bias[m][d:]
+            if stacked:  # one GEMM over [X; H] (low rank: over [A; H], with [U, W_h])
+                br = self.x_bias[m][d:]
+                wr, left = (self.x_weight[m][d:], x2) if zrs[m] is None else (self._gate_u(m), zrs[m])
                 w = torch.cat([wr, self.gate_latent_weight[m]], dim=1)
-                z = torch.addmm(br, torch.cat([x2, h], dim=1), w.t())
+                z = torch.addmm(br, torch.cat([left, h], dim=1), w.t())
             else:
                 z = torch.addmm(zrs[m], h, self.gate_latent_weight[m].t())
             zpres.append(z.view(B, T, D).to(x2.dtype))  # autocast may hand back a lower precision
@@ -823,12 +401,14 @@ class VGMR(nn.Module):
         low = torch.get_autocast_dtype(device.type) if autocast and self.norm_weight.dtype == torch.float32 else None
         spec = _Spec(*(M, self.d, self.alpha, self.beta, p, backend, self.projection == "mlp", self._k, self._nb,
                       tuple(self.u_blocks), self.recompute_gate_gemm,
-                      _backend.has_grouped(backend), low))
+                      _backend.has_grouped(backend), low, tuple(self.gate_ranks)))
         # indexed, not unpacked: Dynamo traces ParameterList indexing, not its iteration
         params = [self.x_weight[m] for m in range(M)] + [self.x_bias[m] for m in range(M)]
         if spec.mlp:
             params += [self.proj2_weight, self.proj2_bias]
         params += [self.gate_latent_weight[m] for m in range(M)]
+        if any(self._low_rank):
+            params += [self._gate_u(m) for m in range(M)]
         params += [self.summary_w1, self.summary_b1, self.summary_w2, self.summary_b2,
                    self.value_w1, self.value_b1, self.value_w2, self.value_b2]
         if self._k:
@@ -849,6 +429,10 @@ class VGMR(nn.Module):
         t = outs[M] if self._k else None
         rest = outs[M + (1 if self._k else 0):]
         return refined, self._aux(t, list(rest[:M]), list(rest[M:2 * M]))
+
+    def _gate_u(self, m: int):
+        """U of modality m's low-rank raw gate (None at full rank)."""
+        return self.gate_u[str(m)] if self._low_rank[m] else None
 
     def _gate_norm(self, ops, backend, zpres, rows, xs_list, p):
         lnw, lnb = self.norm_weight.split(self.widths), self.norm_bias.split(self.widths)
@@ -892,7 +476,7 @@ def _state_dict_to_reference(module: VGMR, state_dict, prefix: str, local_metada
     for name, _ in module.named_parameters():
         own[name] = state_dict.pop(prefix + name)
     for key, pname, index in module._slots:
-        state_dict[prefix + key] = own[pname][index]
+        state_dict[prefix + key] = module._slot_view(key, own[pname], index)
 
 
 def _load_reference_state(module: VGMR, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -908,7 +492,7 @@ def _load_reference_state(module: VGMR, state_dict, prefix, local_metadata, stri
             missing_keys.append(full)
             continue
         value = state_dict.pop(full)
-        target = own[pname][index]
+        target = module._slot_view(key, own[pname], index)
         if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(target.shape):
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             error_msgs.append(f"size mismatch for {full}: copying a param with shape {shape} from checkpoint, "
@@ -926,7 +510,7 @@ def from_reference(module: ref.VGMR, **kwargs) -> VGMR:
         module.d, module.alpha, module.beta, module.p,
         use_global_value=module.use_global_value, use_channel_value=module.use_channel_value,
         use_agreement=module.use_agreement, use_discrepancy=module.use_discrepancy,
-        projection=module.projection, **kwargs,
+        projection=module.projection, gate_rank=getattr(module, "gate_rank", None), **kwargs,
     )
     param = next(module.parameters())
     fused = fused.to(device=param.device, dtype=param.dtype)

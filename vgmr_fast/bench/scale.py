@@ -14,9 +14,9 @@ the same run (``common.run_group``).
   (``memory.peak_memory``); the longest T that fits ``MEMORY_BUDGET`` at batch ``BUDGET_BATCH``,
   from the largest measured bytes per token (VGMR's memory is linear in B·T: no step attends to another).
 - **width**: the layer alone with one modality of width D beside 74/35 (B 8, T 50): train and
-  inference time, parameters, training peak memory; full-rank gate (reference, fused) and low-rank
-  gate ``gate_rank=r`` (reference; a fused low-rank row appears by itself once ``vgmr_fast.VGMR``
-  takes ``gate_rank``: ``fused_takes_gate_rank``), and the raw-gate GEMM alone (``X W_rᵀ`` forward +
+  inference time, parameters, training peak memory; full-rank gate and low-rank gate ``gate_rank=r``
+  (reference, fused: the fused rows need a ``vgmr_fast.VGMR`` that takes ``gate_rank``,
+  ``fused_takes_gate_rank``), and the raw-gate GEMM alone (``X W_rᵀ`` forward +
   backward, the FLOPs the low-rank gate removes) for the share of the layer's step it takes.
 
 Grids: ``GRIDS`` (``quick``, ``default``; ``large`` for a GPU, ``--scale-grid large``); a size left out
@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference as ref
+from ..inputs import parse_gate_rank
 from ..models import Transformer, param_count
 from ..objective import vgmr_objective
 from . import backends
@@ -347,13 +348,13 @@ def layer_flops(D: int, gate_rank, tokens: int, mode: str, gate_only: bool = Fal
     """Multiply-add FLOPs (2 per MAC) of the per-step GEMMs of the width table's layer (the
     per-sample MLPs on ``B`` rows are negligible at T = 50); training = 3× the forward's."""
     d = D_LATENT
-    gate = (2 * D * D) if gate_rank is None else 4 * D * gate_rank
     if gate_only:
         per_token = 2 * D * D
     else:
         per_token = 0.0
-        for i, w in enumerate((D, *WIDTHS[1:])):
-            g = gate if i == 0 else 2 * w * w
+        widths = (D, *WIDTHS[1:])
+        for w, r in zip(widths, parse_gate_rank(gate_rank, None, list(widths))):  # r applies to every w > r
+            g = 2 * w * w if r is None else 4 * w * r
             per_token += 2 * w * d + 2 * d * d + g + 2 * d * w  # P1, P2, W_r, W_h
     return per_token * tokens * (3 if mode == "train" else 1)
 

@@ -95,8 +95,7 @@ def _add_objective_arguments(parser: argparse.ArgumentParser) -> None:
                    help="value supervision every k-th step (1 = every step, the paper)")
     v.add_argument("--gate-rank", type=_gate_rank, default=None, metavar="R|NAME=R,...",
                    help="low-rank raw gate (docs/math.md §4a): an int r for every modality wider than r, or "
-                        "name=r pairs; default full rank. Builds the reference VGMR (vgmr_fast.reference.VGMR; "
-                        "--backend is not used), since the fused module has no gate_rank yet")
+                        "name=r pairs; default full rank (the paper). Runs on the chosen --backend")
 
 
 def _gate_rank(text: str):

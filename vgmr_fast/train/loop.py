@@ -23,11 +23,8 @@ def _make_vgmr(widths, args) -> nn.Module:
     """The fused VGMR of a run (its default dropout stream: the shared Philox one)."""
     from ..vgmr import VGMR
 
-    if getattr(args, "gate_rank", None) is not None:
-        from ..reference import VGMR as ReferenceVGMR
-
-        return ReferenceVGMR(widths, d=args.vgmr_d, dropout=args.dropout, gate_rank=args.gate_rank)
-    return VGMR(widths, d=args.vgmr_d, dropout=args.dropout, backend=getattr(args, "backend", "auto"))
+    return VGMR(widths, d=args.vgmr_d, dropout=args.dropout, gate_rank=getattr(args, "gate_rank", None),
+                backend=getattr(args, "backend", "auto"))
 
 
 def _vgmr_loss(core, method: str, xs, masks, y, args, step: int):
