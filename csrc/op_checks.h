@@ -50,6 +50,53 @@ inline void same_device(const at::Tensor& t, const at::Tensor& ref, const char* 
                     ref.device());
 }
 
+// The checks below take the backend's device rule `on_device(t, op, name)`: t is defined, on the
+// backend's device and contiguous (the CPU kernels' check_cpu, the CUDA binding's check_cuda).
+
+// `t`: on the backend's device and `ref`'s, of `ref`'s dtype, of shape `want` (named `shape_name`).
+template <typename OnDevice>
+inline void like(OnDevice on_device, const at::Tensor& t, const at::Tensor& ref, at::IntArrayRef want,
+                 const char* op, const char* name, const char* ref_name, const char* shape_name) {
+  on_device(t, op, name);
+  same_device(t, ref, op, name, ref_name);
+  same_dtype(t, ref, op, name, ref_name);
+  shape(t, want, op, name, shape_name);
+}
+
+// `t`: on the backend's device and `ref`'s, of dtype `want` (`why` says which), of shape `want_shape`.
+template <typename OnDevice>
+inline void typed(OnDevice on_device, const at::Tensor& t, at::ScalarType want, const at::Tensor& ref,
+                  at::IntArrayRef want_shape, const char* op, const char* name, const char* ref_name,
+                  const char* shape_name, const char* why) {
+  on_device(t, op, name);
+  same_device(t, ref, op, name, ref_name);
+  dtype(t, want, op, name, why);
+  shape(t, want_shape, op, name, shape_name);
+}
+
+// gate_norm's gate inputs (docs/ops.md): x [B, T, D] with D >= 1 (its dtype checked by the
+// backend), zpre like x, bias_row [B, D] and ln_weight [D] of dtype `param_dtype` (`why`).
+template <typename OnDevice>
+inline void gate_inputs(OnDevice on_device, const at::Tensor& zpre, const at::Tensor& bias_row, const at::Tensor& x,
+                        const at::Tensor& ln_weight, at::ScalarType param_dtype, const char* why, const char* op) {
+  on_device(x, op, "x");
+  dim(x, 3, op, "x", "[B, T, D]");
+  const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
+  TORCH_CHECK_VALUE(D >= 1, op, ": x must have D >= 1 features, got D = ", D);
+  like(on_device, zpre, x, {B, T, D}, op, "zpre", "x", "[B, T, D]");
+  typed(on_device, bias_row, param_dtype, x, {B, D}, op, "bias_row", "x", "[B, D]", why);
+  typed(on_device, ln_weight, param_dtype, x, {D}, op, "ln_weight", "x", "[D]", why);
+}
+
+// gate_norm_backward's saved statistics: mean, rstd [B, T] of dtype `stat_dtype`.
+template <typename OnDevice>
+inline void gate_stats(OnDevice on_device, const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& x,
+                       at::ScalarType stat_dtype, const char* op) {
+  const char* saved = " (saved by the forward)";
+  typed(on_device, mean, stat_dtype, x, {x.size(0), x.size(1)}, op, "mean", "x", "[B, T]", saved);
+  typed(on_device, rstd, stat_dtype, x, {x.size(0), x.size(1)}, op, "rstd", "x", "[B, T]", saved);
+}
+
 // Dropout probability: [0, 1).
 inline void dropout_p(double p, const char* op) {
   TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, op, ": dropout probability p must be in [0, 1), got ", p);
@@ -64,11 +111,9 @@ inline void seed_tensor(const at::Tensor& seed, const at::Tensor& ref, const cha
   same_device(seed, ref, op, "seed", ref_name);
 }
 
-// Seed value read on the host (CPU kernels): the contract's range [0, 2^63).
-inline uint64_t seed_value(int64_t s, const char* op) {
-  TORCH_CHECK_VALUE(s >= 0, op, ": seed must be a non-negative int64, got ", s);
-  return (uint64_t)s;
-}
+// The Philox key of a seed tensor's value (docs/math.md §5a): its 64 bits read as uint64, on
+// every backend (the CUDA and Triton kernels load the same bits on the device).
+inline uint64_t philox_key(int64_t s) { return (uint64_t)s; }
 
 // gate_norm_grouped: the per-modality lists (first one named in the errors) all have M >= 1
 // tensors, and `seeds` is a contiguous int64 [M] tensor on the first list's device. Returns M.

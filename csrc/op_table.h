@@ -1,4 +1,4 @@
-// The vgmr:: operators that every backend implements (schemas: csrc/ops.cpp), listed once.
+// The vgmr:: operators that every backend implements (schemas: vgmr_fast/schemas.py), listed once.
 // Each backend registers its functions <op><suffix> (summary_pool_cpu, summary_pool_cuda,
 // summary_pool_autograd, ...) from this list, so no backend can leave an operator out.
 // Torch-free: a list of names.

@@ -1,10 +1,11 @@
-// vgmr_fast._C: operator schemas of docs/ops.md (namespace vgmr), the small debug
-// op philox_words, and the Python module itself (a plain CPython module: flags and
-// the debug switch; the operators are reached through torch.ops.vgmr).
+// vgmr_fast._C: the kernels of the vgmr:: operators (CPU: csrc/cpu/<op>.cpp; CUDA: csrc/cuda/,
+// TORCH_LIBRARY_IMPL(vgmr, CUDA), built only with VGMR_WITH_CUDA; both from the one operator list
+// of csrc/op_table.h), their C++ autograd, the small debug op philox_words, and the Python module
+// itself (a plain CPython module: flags and the debug switch).
 //
-// Kernels: CPU in csrc/cpu/<op>.cpp (registered here, TORCH_LIBRARY_IMPL(vgmr, CPU)), CUDA in
-// csrc/cuda/ (TORCH_LIBRARY_IMPL(vgmr, CUDA), built only with VGMR_WITH_CUDA); both from the one
-// operator list of csrc/op_table.h.
+// Implementations only: the schemas are vgmr_fast/schemas.py's, which the op layer defines
+// (torch.library, namespace vgmr) when it loads this module, so C++ and Python read one list.
+// The dispatcher accepts implementations registered before their schema.
 #include <ATen/FuncTorchTLS.h>
 #include <Python.h>
 #include <torch/autograd.h>
@@ -15,6 +16,7 @@
 #include <vector>
 
 #include "cpu/cpu_common.h"
+#include "op_checks.h"
 #include "op_table.h"
 #include "vgmr_math.h"
 
@@ -25,40 +27,10 @@ std::atomic<bool> g_force_narrow_simd{false};
 }  // namespace cpu
 }  // namespace vgmr
 
-TORCH_LIBRARY(vgmr, m) {
-  const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
-  m.def("summary_pool(Tensor h, Tensor? mask) -> (Tensor mean, Tensor max, Tensor argmax)", tags);
-  m.def("summary_pool_backward(Tensor dmean, Tensor dmax, Tensor? mask, Tensor argmax, int T) -> Tensor", tags);
-  m.def("interaction(Tensor s) -> Tensor", tags);
-  m.def("interaction_backward(Tensor du, Tensor s) -> Tensor", tags);
-  m.def(
-      "gate_norm(Tensor zpre, Tensor bias_row, Tensor x, Tensor ln_weight, Tensor ln_bias, "
-      "float alpha, float beta, float p, Tensor seed) -> (Tensor y, Tensor mean, Tensor rstd)",
-      tags);
-  m.def(
-      "gate_norm_backward(Tensor dy, Tensor zpre, Tensor bias_row, Tensor x, Tensor ln_weight, "
-      "Tensor mean, Tensor rstd, float alpha, float beta, float p, Tensor seed, bool need_dx=True) "
-      "-> (Tensor dzpre, Tensor dbias_row, Tensor dx, Tensor dln_weight, Tensor dln_bias)",
-      tags);
-  // All modalities in one call (docs/ops.md): modality m is gate_norm(..., seed = seeds[m]).
-  m.def(
-      "gate_norm_grouped(Tensor[] zpre, Tensor[] bias_row, Tensor[] x, Tensor[] ln_weight, Tensor[] ln_bias, "
-      "float alpha, float beta, float p, Tensor seeds) -> (Tensor[] y, Tensor[] mean, Tensor[] rstd)",
-      tags);
-  m.def(
-      "gate_norm_grouped_backward(Tensor[] dy, Tensor[] zpre, Tensor[] bias_row, Tensor[] x, Tensor[] ln_weight, "
-      "Tensor[] mean, Tensor[] rstd, float alpha, float beta, float p, Tensor seeds, bool[]? need_dx=None) "
-      "-> (Tensor[] dzpre, Tensor[] dbias_row, Tensor[] dx, Tensor[] dln_weight, Tensor[] dln_bias)",
-      tags);
-  // Debug/test op: the Philox4x32-10 words of csrc/vgmr_math.h for int64 counters
-  // ([...] -> [..., 4], int64 holding uint32 values). CPU only.
-  m.def("philox_words(int seed, Tensor counters) -> Tensor", tags);
-}
-
 namespace {
 
+// The debug op philox_words (schema: vgmr_fast/schemas.py DEBUG_SCHEMAS). CPU only.
 at::Tensor philox_words_cpu(int64_t seed, const at::Tensor& counters) {
-  TORCH_CHECK_VALUE(seed >= 0, "vgmr::philox_words: seed must be a non-negative int64, got ", seed);
   TORCH_CHECK_TYPE(counters.scalar_type() == at::kLong, "vgmr::philox_words: counters must be int64, got ",
                    counters.scalar_type());
   TORCH_CHECK_VALUE(counters.device().is_cpu(), "vgmr::philox_words: counters must be a CPU tensor");
@@ -71,7 +43,7 @@ at::Tensor philox_words_cpu(int64_t seed, const at::Tensor& counters) {
   const int64_t n = c.numel();
   at::parallel_for(0, n, 4096, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
-      vgmr::U32x4 w = vgmr::philox4x32_10((uint64_t)seed, (uint64_t)cp[i]);
+      vgmr::U32x4 w = vgmr::philox4x32_10(vgmr::checks::philox_key(seed), (uint64_t)cp[i]);
       for (int k = 0; k < 4; ++k) op[4 * i + k] = (int64_t)w.w[k];
     }
   });

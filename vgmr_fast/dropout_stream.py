@@ -21,6 +21,8 @@ from .philox_constants import PHILOX_M1 as _M1
 from .philox_constants import PHILOX_W0 as _W0
 from .philox_constants import PHILOX_W1 as _W1
 
+_MASK64 = 0xFFFFFFFFFFFFFFFF
+
 
 def threshold(p: float) -> int:
     """Keep threshold ``min(2**32 - 1, floor(p * 2**32))`` for dropout probability ``p``."""
@@ -35,13 +37,14 @@ def check_p(p: float) -> None:
 
 
 def seed_value(seed, name: str = "seed") -> int:
-    """A seed as a Python int in [0, 2**63): an int, or a one-element int64 tensor (read with
-    ``.item()``: this is the reference's path, never the fused op's)."""
+    """A seed's Philox key as a Python int: an int in [0, 2**63) as it is, or a one-element int64
+    tensor (read with ``.item()``: this is the reference's path, never the fused op's) whose 64
+    bits are read as uint64, so a negative value v is the key v + 2**64 (every backend's rule)."""
     if isinstance(seed, torch.Tensor):
         if seed.dtype != torch.int64 or seed.numel() != 1:
             raise TypeError(f"{name}: expected a one-element int64 tensor, got dtype {seed.dtype}, "
                             f"shape {tuple(seed.shape)}")
-        seed = int(seed.item())
+        return int(seed.item()) & _MASK64
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"{name}: expected an int or a one-element int64 tensor, got {type(seed).__name__}")
     seed = int(seed)
@@ -77,9 +80,15 @@ def _mulhilo(a: int, b: torch.Tensor):
 def philox4x32(seed: int, counters: torch.Tensor) -> torch.Tensor:
     """Philox4x32-10 words for int64 ``counters`` (counter = ``(lo32(n), hi32(n), 0, 0)``).
 
-    Returns an int64 tensor of shape ``counters.shape + (4,)`` holding uint32 values.
+    ``seed``: as :func:`seed_value` takes it. Returns an int64 tensor of shape
+    ``counters.shape + (4,)`` holding uint32 values.
     """
-    seed = seed_value(seed)
+    return _philox_words(seed_value(seed), counters)
+
+
+def _philox_words(key: int, counters: torch.Tensor) -> torch.Tensor:
+    """Philox4x32-10 words for the uint64 ``key`` (a Python int in [0, 2**64))."""
+    seed = key
     n = counters.to(torch.int64)
     c0, c1 = n & _MASK32, (n >> 32) & _MASK32
     c2, c3 = torch.zeros_like(n), torch.zeros_like(n)
@@ -94,14 +103,14 @@ def philox4x32(seed: int, counters: torch.Tensor) -> torch.Tensor:
 
 def keep_mask(seed, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
     """Boolean keep mask ``[rows, cols]`` that every backend draws for ``(seed, p)``;
-    ``seed``: an int or a one-element int64 tensor."""
+    ``seed``: an int or a one-element int64 tensor (as :func:`seed_value` takes it)."""
     seed = seed_value(seed)
     t = threshold(p)
     per_row = (cols + 3) // 4
     r = torch.arange(rows, device=device, dtype=torch.int64)
     c = torch.arange(cols, device=device, dtype=torch.int64)
     counters = r[:, None] * per_row + (c // 4)[None, :]
-    words = philox4x32(seed, counters)  # [rows, cols, 4]
+    words = _philox_words(seed, counters)  # [rows, cols, 4]
     word = words.gather(-1, (c % 4).expand(rows, cols).unsqueeze(-1)).squeeze(-1)
     return word >= t
 

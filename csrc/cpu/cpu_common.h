@@ -62,15 +62,19 @@ inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opt
 
 inline const char* device_name(const at::Tensor& t) { return t.is_cpu() ? "cpu" : "non-cpu"; }
 
-// Argument checks: csrc/op_checks.h (shared with the CUDA binding); the CPU-only one here.
-inline void check_cpu_float(const at::Tensor& t, const char* op, const char* name) {
+// Argument checks: csrc/op_checks.h (shared with the CUDA binding); the CPU device rule here.
+inline void check_cpu(const at::Tensor& t, const char* op, const char* name) {
   checks::defined(t, op, name);
   TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor for the CPU kernel, got ",
                     t.device());
+  checks::contiguous(t, op, name);
+}
+
+inline void check_cpu_float(const at::Tensor& t, const char* op, const char* name) {
+  check_cpu(t, op, name);
   TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble ||
                        t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16,
                    op, ": ", name, " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
-  checks::contiguous(t, op, name);
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

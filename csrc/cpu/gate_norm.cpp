@@ -18,34 +18,22 @@
 #include <vector>
 
 #include "cpu_common.h"
+#include "gate_norm_blocks.h"
+#include "workspace.h"
 #include "vgmr_math.h"
-
-// The 16-lane vector helpers below are always inlined into their callers, so no vector
-// crosses a function boundary: GCC's "vector ABI changes" note does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace vgmr {
 namespace cpu {
 namespace {
 
-constexpr double kEps = 1e-5;
+using gate_norm_blocks::kEps;
+using gate_norm_blocks::Params;
 
 // ---- blocks of rows and work buffers ------------------------------------------------------
 // A block is k <= block_rows(D) consecutive rows of one batch row: the elementwise pass runs
 // over its k * D elements at once.
 constexpr int64_t kBlock = 1024;
 inline int64_t block_rows(int64_t D) { return std::max<int64_t>(1, kBlock / D); }
-
-// Buffer stride: rounded up to a cache line plus a skew (buffers do not share an offset
-// modulo 4 KiB), and >= 16 floats of slack so a row's last masked vector may read past it.
-inline int64_t padded(int64_t n) { return (n + 15) / 16 * 16 + 48; }
-
-struct Params {
-  double alpha, beta, p;
-  uint64_t seed;
-  uint32_t thr;
-  double scale;
-};
 
 template <typename T>
 VGMR_ALWAYS_INLINE void prefetch_run(const T* p, int64_t n) {
@@ -58,7 +46,7 @@ VGMR_ALWAYS_INLINE void prefetch_run(const T* p, int64_t n) {
 // Rows r .. r+k-1 of a [R, D] tensor use the consecutive counters r*q .. (r+k)*q - 1
 // (q = ceil(D/4)), so a block of rows is one run; out[4*i + w] is word w of counter n0 + i,
 // i.e. out[j*4q + c] decides column c of row r + j. Scalar (the float64 path); the float
-// path's vector version is simd::philox_run_v. Both are vgmr::philox10 of vgmr_math.h.
+// path's vector version is simd::philox_run_v (simd.h). Both are vgmr::philox10 of vgmr_math.h.
 inline void philox_run(uint64_t seed, uint64_t n0, int64_t count, uint32_t* __restrict__ out) {
   for (int64_t i = 0; i < count; ++i) {
     const vgmr::U32x4 w = vgmr::philox4x32_10(seed, n0 + (uint64_t)i);
@@ -66,365 +54,6 @@ inline void philox_run(uint64_t seed, uint64_t n0, int64_t count, uint32_t* __re
   }
 }
 
-// ============================================================================================
-// float path: 16-lane vectors
-// ============================================================================================
-namespace simd {
-// W-lane vectors: W = 16 in the AVX-512 build of the kernels, 8 elsewhere (a 16-lane generic
-// vector is split badly on AVX2). The lane count fixes the reduction order, so results are
-// identical for every thread count and every run on one machine.
-template <int W>
-struct V {
-  typedef float vf __attribute__((vector_size(4 * W)));
-  typedef int32_t vi __attribute__((vector_size(4 * W)));
-  typedef uint32_t vu __attribute__((vector_size(4 * W)));
-  typedef uint64_t vu64 __attribute__((vector_size(8 * W)));
-};
-
-#define VGMR_VEC_TYPES                                  \
-  using vf [[maybe_unused]] = typename V<W>::vf;        \
-  using vi [[maybe_unused]] = typename V<W>::vi;        \
-  using vu [[maybe_unused]] = typename V<W>::vu;
-
-template <int W>
-VGMR_ALWAYS_INLINE typename V<W>::vf splat(float a) {
-  return typename V<W>::vf{} + a;
-}
-template <int W>
-VGMR_ALWAYS_INLINE typename V<W>::vf load(const float* p) {
-  typename V<W>::vf v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-template <int W>
-VGMR_ALWAYS_INLINE typename V<W>::vu loadu(const uint32_t* p) {
-  typename V<W>::vu v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-template <int W>
-VGMR_ALWAYS_INLINE void store(float* p, typename V<W>::vf v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-// n < W elements, the other lanes zero
-template <int W>
-VGMR_ALWAYS_INLINE typename V<W>::vf load_n(const float* p, int64_t n) {
-  typename V<W>::vf v = {};
-  std::memcpy(&v, p, n * sizeof(float));
-  return v;
-}
-template <int W>
-VGMR_ALWAYS_INLINE void store_n(float* p, typename V<W>::vf v, int64_t n) {
-  std::memcpy(p, &v, n * sizeof(float));
-}
-template <int W>
-VGMR_ALWAYS_INLINE typename V<W>::vi lanes_below(int64_t n) {  // lane l active iff l < n
-  typename V<W>::vi iota;
-  for (int l = 0; l < W; ++l) iota[l] = l;
-  return iota < (int32_t)std::min<int64_t>(n, W);
-}
-template <int W>
-VGMR_ALWAYS_INLINE typename V<W>::vf keep_if(typename V<W>::vi m, typename V<W>::vf a) {  // a where m, else +0
-  return (typename V<W>::vf)((typename V<W>::vi)a & m);
-}
-template <int W>
-VGMR_ALWAYS_INLINE typename V<W>::vf select(typename V<W>::vi m, typename V<W>::vf a, typename V<W>::vf b) {
-  return m ? a : b;
-}
-// Fixed tree: halves added until 4 lanes, then (l0 + l2) + (l1 + l3).
-template <int W>
-VGMR_ALWAYS_INLINE float hsum(typename V<W>::vf v) {
-  if constexpr (W == 4) {
-    return (v[0] + v[2]) + (v[1] + v[3]);
-  } else {
-    typename V<W / 2>::vf a, b;
-    std::memcpy(&a, &v, sizeof(a));
-    std::memcpy(&b, reinterpret_cast<const char*>(&v) + sizeof(a), sizeof(b));
-    return hsum<W / 2>(a + b);
-  }
-}
-
-// Cephes expf (about 1 ulp on the clamped range [-87, 88]); NaN propagates.
-template <int W>
-VGMR_ALWAYS_INLINE typename V<W>::vf exp(typename V<W>::vf x) {
-  VGMR_VEC_TYPES
-  const vi nan = x != x;
-  vf xc = select<W>(x > -87.0f, x, splat<W>(-87.0f));  // NaN -> -87 here, restored below
-  xc = select<W>(xc < 88.0f, xc, splat<W>(88.0f));
-  const vf kf = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  vf r = xc - kf * 0.693359375f;
-  r = r - kf * -2.12194440e-4f;
-  vf p = splat<W>(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  const vi ki = __builtin_convertvector(kf, vi);
-  const vf res = p * (vf)((ki + 127) << 23);
-  return select<W>(nan, x, res);
-}
-
-template <int W>
-VGMR_ALWAYS_INLINE typename V<W>::vf sigmoid(typename V<W>::vf z) {
-  return 1.0f / (1.0f + exp<W>(-z));
-}
-
-// Mean of v[0..D) - K over a row (masked full vectors, fixed tree): the shifted mean of the
-// row statistics (docs/ops.md). One function for the forward and the backward, so the
-// backward recomputes mean_s with the forward's bits.
-template <int W>
-VGMR_ALWAYS_INLINE float shifted_mean(const float* __restrict__ v, int64_t D, float K, float invD) {
-  typename V<W>::vf acc = splat<W>(0.0f);
-  for (int64_t d = 0; d < D; d += W) acc += keep_if<W>(lanes_below<W>(D - d), load<W>(v + d) - K);
-  return hsum<W>(acc) * invD;
-}
-
-// Gate in linear form: Geff = c0 + c1 G, dGeff/dz = c1 G (1 - G), with
-// c1 = 2 alpha (1 - beta), c0 = beta + (1 - beta)(1 - alpha) (docs/math.md §5, expanded).
-struct Gate {
-  float c0, c1;
-  explicit Gate(const Params& P) : c0(vgmr::gate_lin_c0(P.alpha, P.beta)), c1(vgmr::gate_lin_c1(P.alpha, P.beta)) {}
-};
-
-// vgmr::mulhilo32 on W lanes: 32x32 -> 64-bit products of a constant and each lane.
-template <int W>
-struct VecMulHiLo {
-  using vu = typename V<W>::vu;
-  using vu64 = typename V<W>::vu64;
-  VGMR_ALWAYS_INLINE void operator()(uint32_t a, vu b, vu& hi, vu& lo) const {
-    const vu64 p = __builtin_convertvector(b, vu64) * (uint64_t)a;
-    hi = __builtin_convertvector(p >> 32, vu);
-    lo = __builtin_convertvector(p, vu);
-  }
-};
-
-// Philox4x32-10 (vgmr::philox10 of vgmr_math.h) on W counters at a time: words of the
-// counters n0 .. n0+count-1, out[4*i + w] = word w of counter n0 + i (as philox_run).
-template <int W>
-VGMR_ALWAYS_INLINE void philox_run_v(uint64_t seed, uint64_t n0, int64_t count, uint32_t* __restrict__ out) {
-  using vu = typename V<W>::vu;
-  using vu64 = typename V<W>::vu64;
-  vu64 iota;
-  for (int l = 0; l < W; ++l) iota[l] = (uint64_t)l;
-  for (int64_t k0 = 0; k0 < count; k0 += W) {
-    const vu64 n = iota + (n0 + (uint64_t)k0);
-    vu c0 = __builtin_convertvector(n, vu);
-    vu c1 = __builtin_convertvector(n >> 32, vu);
-    vu c2 = vu{}, c3 = vu{};
-    vgmr::philox10(c0, c1, c2, c3, seed, VecMulHiLo<W>{});
-    const int64_t m = std::min<int64_t>(W, count - k0);
-    uint32_t* __restrict__ o = out + 4 * k0;
-    for (int64_t i = 0; i < m; ++i) {
-      o[4 * i + 0] = c0[i];
-      o[4 * i + 1] = c1[i];
-      o[4 * i + 2] = c2[i];
-      o[4 * i + 3] = c3[i];
-    }
-  }
-}
-
-// Keep factors of the rows of a block, flat ([k, D]): scale or 0.
-template <int W>
-VGMR_ALWAYS_INLINE void keep_flat(uint32_t* __restrict__ words, int64_t r, int64_t k, int64_t D, const Params& P,
-                                  float* __restrict__ kbuf) {
-  const int64_t q = (D + 3) / 4, q4 = 4 * q;
-  const uint32_t thr = P.thr;
-  const float scale = (float)P.scale;
-  philox_run_v<W>(P.seed, (uint64_t)r * (uint64_t)q, k * q, words);
-  const auto s = splat<W>(scale);
-  for (int64_t j = 0; j < k; ++j) {
-    const uint32_t* wr = words + j * q4;
-    float* kr = kbuf + j * D;
-    // full vectors may write past the row: into the next row (rewritten next) or the slack
-    for (int64_t d = 0; d < D; d += W) store<W>(kr + d, keep_if<W>(loadu<W>(wr + d) >= thr, s));
-  }
-}
-
-// Forward of one block: k rows (zr, xr flat), bias rows repeated in bp, w / bln padded
-// with zeros past D; writes y (flat, exact) and mean/rstd of the k rows.
-template <int W>
-VGMR_ALWAYS_INLINE void fwd_block(const float* __restrict__ zr, const float* __restrict__ xr,
-                                  const float* __restrict__ bp, const float* __restrict__ w,
-                                  const float* __restrict__ bln, float* __restrict__ yr,
-                                  float* __restrict__ mean_out, float* __restrict__ rstd_out, int64_t r, int64_t k,
-                                  int64_t D, const Params& P, float* __restrict__ vbuf, float* __restrict__ kbuf,
-                                  uint32_t* __restrict__ words) {
-  VGMR_VEC_TYPES
-  const Gate G(P);
-  const int64_t n = k * D;
-  const bool drop = P.p > 0.0;
-  // 1. gate and product, flat over the block
-  int64_t i = 0;
-  for (; i + W <= n; i += W) {
-    const vf g = sigmoid<W>(load<W>(zr + i) + load<W>(bp + i));
-    store<W>(vbuf + i, (G.c0 + G.c1 * g) * load<W>(xr + i));
-  }
-  if (i < n) {
-    const int64_t m = n - i;
-    const vf g = sigmoid<W>(load_n<W>(zr + i, m) + load_n<W>(bp + i, m));
-    store<W>(vbuf + i, (G.c0 + G.c1 * g) * load_n<W>(xr + i, m));
-  }
-  if (drop) keep_flat<W>(words, r, k, D, P, kbuf);
-  const float invD = 1.0f / (float)D;
-  const float eps = (float)kEps;
-  // 2. per row: the row statistics of docs/ops.md (shift by K = v[0], two passes), then y
-  for (int64_t j = 0; j < k; ++j) {
-    const float* __restrict__ v = vbuf + j * D;
-    const float K = v[0];
-    const float ms = shifted_mean<W>(v, D, K, invD);
-    vf acc2 = splat<W>(0.0f);
-    for (int64_t d = 0; d < D; d += W) {
-      const vf c = keep_if<W>(lanes_below<W>(D - d), (load<W>(v + d) - K) - ms);
-      acc2 += c * c;
-    }
-    const float rstd = vgmr::ln_rstd<float>(hsum<W>(acc2) * invD, eps);
-    mean_out[j] = K + ms;
-    rstd_out[j] = rstd;
-    float* __restrict__ y = yr + j * D;
-    const float* __restrict__ kr = kbuf + j * D;
-    for (int64_t d = 0; d < D; d += W) {  // w, bln padded: full loads are safe
-      vf o = (((load<W>(v + d) - K) - ms) * rstd) * load<W>(w + d) + load<W>(bln + d);
-      if (drop) o = o * load<W>(kr + d);
-      if (d + W <= D) {
-        store<W>(y + d, o);
-      } else {
-        store_n<W>(y + d, o, D - d);
-      }
-    }
-  }
-}
-
-// Backward of one block: k rows (flat inputs zr, xr, dyr), writes dz, dx (flat, exact; dx
-// skipped when dxr is null: the caller asked for no input gradient) and
-// accumulates this chunk's partial sums (rows of padded length, masked lanes add 0).
-template <int W>
-VGMR_ALWAYS_INLINE void bwd_block(const float* __restrict__ zr, const float* __restrict__ xr,
-                                  const float* __restrict__ dyr, const float* __restrict__ bp,
-                                  const float* __restrict__ wpad, const float* __restrict__ rstd_in,
-                                  float* __restrict__ dzr, float* __restrict__ dxr, float* __restrict__ part_w,
-                                  float* __restrict__ part_b, float* __restrict__ part_bias, int64_t r, int64_t k,
-                                  int64_t D, const Params& P,
-                                  float* __restrict__ vbuf, float* __restrict__ gebuf, float* __restrict__ xgbuf,
-                                  float* __restrict__ gybuf, float* __restrict__ kbuf, uint32_t* __restrict__ words) {
-  VGMR_VEC_TYPES
-  const Gate G(P);
-  const int64_t n = k * D;
-  const bool drop = P.p > 0.0;
-  if (drop) keep_flat<W>(words, r, k, D, P, kbuf);
-  const float invD = 1.0f / (float)D;
-  // 1. recompute the gate, flat over the block: v = Geff x, Geff, x dGeff/dz, g = dy keep
-  for (int64_t i = 0; i < n; i += W) {
-    const bool full = i + W <= n;
-    const int64_t m = n - i;
-    const vf z = full ? load<W>(zr + i) + load<W>(bp + i) : load_n<W>(zr + i, m) + load_n<W>(bp + i, m);
-    const vf xv = full ? load<W>(xr + i) : load_n<W>(xr + i, m);
-    vf gy = full ? load<W>(dyr + i) : load_n<W>(dyr + i, m);
-    const vf g = sigmoid<W>(z);
-    const vf ge = G.c0 + G.c1 * g;
-    store<W>(vbuf + i, ge * xv);
-    store<W>(gebuf + i, ge);
-    store<W>(xgbuf + i, xv * (G.c1 * g * (1.0f - g)));
-    if (drop) gy = gy * load<W>(kbuf + i);
-    store<W>(gybuf + i, gy);
-  }
-  for (int64_t j = 0; j < k; ++j) {
-    const int64_t o = j * D;
-    // v-hat exactly as the forward rounded it: the same shift K and shifted mean, recomputed
-    // from the row (the saved mean K + mean_s is not enough to get mean_s back bit for bit)
-    const float K = vbuf[o];
-    const float ms = shifted_mean<W>(vbuf + o, D, K, invD);
-    const float rstd = rstd_in[j];
-    // 2. LayerNorm backward row sums, and the chunk's dln_weight / dln_bias partials
-    vf va = splat<W>(0.0f), vc = splat<W>(0.0f);
-    for (int64_t d = 0; d < D; d += W) {
-      const vi on = lanes_below<W>(D - d);
-      const vf vh = keep_if<W>(on, ((load<W>(vbuf + o + d) - K) - ms) * rstd);
-      const vf gy = keep_if<W>(on, load<W>(gybuf + o + d));
-      const vf dvh = gy * load<W>(wpad + d);
-      store<W>(part_b + d, load<W>(part_b + d) + gy);
-      store<W>(part_w + d, load<W>(part_w + d) + gy * vh);
-      va += dvh;
-      vc += dvh * vh;
-    }
-    const float a = hsum<W>(va) * invD, c = hsum<W>(vc) * invD;
-    // 3. dv, then dx = dv Geff, dz = dv x dGeff/dz
-    float* __restrict__ dz = dzr + o;
-    float* __restrict__ dx = dxr == nullptr ? nullptr : dxr + o;
-    for (int64_t d = 0; d < D; d += W) {
-      const vf vh = ((load<W>(vbuf + o + d) - K) - ms) * rstd;
-      const vf dvh = load<W>(gybuf + o + d) * load<W>(wpad + d);
-      const vf dv = rstd * ((dvh - a) - vh * c);
-      vf gdz = dv * load<W>(xgbuf + o + d);
-      if (d + W <= D) {
-        if (dx != nullptr) store<W>(dx + d, dv * load<W>(gebuf + o + d));
-        store<W>(dz + d, gdz);
-      } else {
-        if (dx != nullptr) store_n<W>(dx + d, dv * load<W>(gebuf + o + d), D - d);
-        store_n<W>(dz + d, gdz, D - d);
-        gdz = keep_if<W>(lanes_below<W>(D - d), gdz);
-      }
-      store<W>(part_bias + d, load<W>(part_bias + d) + gdz);
-    }
-  }
-}
-
-#define VGMR_FWD_BLOCK_ARGS                                                                                       \
-  const float *zr, const float *xr, const float *bp, const float *w, const float *bln, float *yr, float *mean_out, \
-      float *rstd_out, int64_t r, int64_t k, int64_t D, const Params &P, float *vbuf, float *kbuf, uint32_t *words
-#define VGMR_FWD_BLOCK_PASS zr, xr, bp, w, bln, yr, mean_out, rstd_out, r, k, D, P, vbuf, kbuf, words
-#define VGMR_BWD_BLOCK_ARGS                                                                                    \
-  const float *zr, const float *xr, const float *dyr, const float *bp, const float *wpad, const float *rstd_in, \
-      float *dzr, float *dxr, float *part_w, float *part_b, float *part_bias, int64_t r, int64_t k, int64_t D,     \
-      const Params &P, float *vbuf, float *gebuf, float *xgbuf, float *gybuf, float *kbuf, uint32_t *words
-#define VGMR_BWD_BLOCK_PASS                                                                                      \
-  zr, xr, dyr, bp, wpad, rstd_in, dzr, dxr, part_w, part_b, part_bias, r, k, D, P, vbuf, gebuf, xgbuf, gybuf, \
-      kbuf, words
-
-#if defined(VGMR_X86_MULTIVERSION)
-// 16 lanes on AVX-512 ...
-__attribute__((target("arch=x86-64-v4"))) void fwd_block_w16(VGMR_FWD_BLOCK_ARGS) {
-  fwd_block<16>(VGMR_FWD_BLOCK_PASS);
-}
-__attribute__((target("arch=x86-64-v4"))) void bwd_block_w16(VGMR_BWD_BLOCK_ARGS) {
-  bwd_block<16>(VGMR_BWD_BLOCK_PASS);
-}
-// ... 8 lanes on AVX2 and on the x86-64 baseline
-__attribute__((target_clones("arch=x86-64-v3", "default"))) void fwd_block_w8(VGMR_FWD_BLOCK_ARGS) {
-  fwd_block<8>(VGMR_FWD_BLOCK_PASS);
-}
-__attribute__((target_clones("arch=x86-64-v3", "default"))) void bwd_block_w8(VGMR_BWD_BLOCK_ARGS) {
-  bwd_block<8>(VGMR_BWD_BLOCK_PASS);
-}
-inline bool use_w16() {
-  if (g_force_narrow_simd.load(std::memory_order_relaxed)) return false;
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                          __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("bmi2");
-  return yes;
-}
-inline void fwd_block_f32(VGMR_FWD_BLOCK_ARGS) {
-  if (use_w16()) {
-    fwd_block_w16(VGMR_FWD_BLOCK_PASS);
-  } else {
-    fwd_block_w8(VGMR_FWD_BLOCK_PASS);
-  }
-}
-inline void bwd_block_f32(VGMR_BWD_BLOCK_ARGS) {
-  if (use_w16()) {
-    bwd_block_w16(VGMR_BWD_BLOCK_PASS);
-  } else {
-    bwd_block_w8(VGMR_BWD_BLOCK_PASS);
-  }
-}
-#else
-void fwd_block_f32(VGMR_FWD_BLOCK_ARGS) { fwd_block<8>(VGMR_FWD_BLOCK_PASS); }
-void bwd_block_f32(VGMR_BWD_BLOCK_ARGS) { bwd_block<8>(VGMR_BWD_BLOCK_PASS); }
-#endif
-
-}  // namespace simd
 
 // Per-thread work buffers, carved from one workspace tensor. The launchers allocate the small
 // outputs, then the temporaries, then the big outputs: with a small block freed above a big
@@ -449,35 +78,13 @@ struct WorkF {
 
 constexpr int kFwdBufsF32 = 3, kFwdBufsHalf = 6, kBwdBufsF32 = 7, kBwdBufsHalf = 12;
 
-// The vec path's zeroed work buffers, one WorkF per pool thread (none for float64, the scalar
-// path), sized for at::get_num_threads() at launch; `bufs_f32` / `bufs_half`: WorkF row
-// buffers for float32 / half inputs.
-struct ThreadWorkspaces {
-  int64_t nthreads, per_thread;
-  at::Tensor storage;
-  float* base;
-  ThreadWorkspaces(const at::Tensor& x, int bufs_f32, int bufs_half)
-      : nthreads(std::max<int64_t>(1, at::get_num_threads())),
-        per_thread(x.scalar_type() == at::kDouble
-                       ? 0
-                       : WorkF::floats_per_thread(x.size(2), x.scalar_type() == at::kFloat ? bufs_f32 : bufs_half)),
-        storage(at::zeros({nthreads * per_thread}, x.options().dtype(at::kFloat))),
-        base(storage.mutable_data_ptr<float>()) {}
-  // at::parallel_for over [begin, end) calling f(begin, end, this thread's buffers); a thread
-  // beyond the launch count (the pool resized meanwhile) gets its own zeroed buffers.
-  template <typename F>
-  void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) const {
-    at::parallel_for(begin, end, grain, [&](int64_t b0, int64_t b1) {
-      const int64_t tid = at::get_thread_num();
-      if (tid >= 0 && tid < nthreads) {
-        f(b0, b1, base + tid * per_thread);
-      } else {
-        std::vector<float> spare(per_thread, 0.0f);
-        f(b0, b1, spare.data());
-      }
-    });
-  }
-};
+// The vec path's zeroed per-thread buffers: one WorkF per pool thread, none for float64 (the
+// scalar path); `bufs_f32` / `bufs_half`: WorkF row buffers for float32 / half inputs.
+ThreadWorkspaces gate_workspaces(const at::Tensor& x, int bufs_f32, int bufs_half) {
+  const at::ScalarType dt = x.scalar_type();
+  return ThreadWorkspaces(x, dt == at::kDouble ? 0 : WorkF::floats_per_thread(x.size(2), dt == at::kFloat ? bufs_f32
+                                                                                                          : bufs_half));
+}
 
 // The gate inputs (zpre, x [B, T, D], bias_row [B, D], ln_weight [D]) as both directions read them.
 template <typename scalar_t>
@@ -542,7 +149,8 @@ void fwd_range_vec(const scalar_t* zp, const scalar_t* xp, const float* bias, co
       prefetch_run(xp + off + n, std::min<int64_t>(n, (r1 - r - k) * D));
     }
     if constexpr (F32) {
-      simd::fwd_block_f32(zp + off, xp + off, bp, w, bln, yp + off, mean_out + r, rstd_out + r, r, k, D, P, vbuf,
+      gate_norm_blocks::fwd_block_f32(zp + off, xp + off, bp, w, bln, yp + off, mean_out + r, rstd_out + r, r, k, D,
+                                      P, vbuf,
                           kbuf, work.words());
     } else {
       float* zf = work.buf(3);
@@ -550,7 +158,8 @@ void fwd_range_vec(const scalar_t* zp, const scalar_t* xp, const float* bias, co
       float* yf = work.buf(5);
       to_float(zp + off, n, zf);
       to_float(xp + off, n, xf);
-      simd::fwd_block_f32(zf, xf, bp, w, bln, yf, mean_out + r, rstd_out + r, r, k, D, P, vbuf, kbuf, work.words());
+      gate_norm_blocks::fwd_block_f32(zf, xf, bp, w, bln, yf, mean_out + r, rstd_out + r, r, k, D, P, vbuf, kbuf,
+                                      work.words());
       from_float(yf, n, yp + off);
     }
     r += k;
@@ -586,7 +195,7 @@ void bwd_chunk_vec(const scalar_t* dyp, const scalar_t* zp, const scalar_t* xp, 
       prefetch_run(dyp + off + n, nn);
     }
     if constexpr (F32) {
-      simd::bwd_block_f32(zp + off, xp + off, dyp + off, bp, wpad, rstd_in + r, dzp + off,
+      gate_norm_blocks::bwd_block_f32(zp + off, xp + off, dyp + off, bp, wpad, rstd_in + r, dzp + off,
                           dxp == nullptr ? nullptr : dxp + off,
                           part_w, part_b, part_bias, r, k, D, P, work.buf(0), work.buf(1), work.buf(2), work.buf(3),
                           work.buf(4), work.words());
@@ -599,7 +208,7 @@ void bwd_chunk_vec(const scalar_t* dyp, const scalar_t* zp, const scalar_t* xp, 
       to_float(zp + off, n, zf);
       to_float(xp + off, n, xf);
       to_float(dyp + off, n, dyf);
-      simd::bwd_block_f32(zf, xf, dyf, bp, wpad, rstd_in + r, dzf, dxf, part_w, part_b, part_bias, r, k,
+      gate_norm_blocks::bwd_block_f32(zf, xf, dyf, bp, wpad, rstd_in + r, dzf, dxf, part_w, part_b, part_bias, r, k,
                           D, P, work.buf(0), work.buf(1), work.buf(2), work.buf(3), work.buf(4), work.words());
       from_float(dzf, n, dzp + off);
       if (dxp != nullptr) from_float(dxf, n, dxp + off);
@@ -733,17 +342,6 @@ void bwd_chunks(const scalar_t* dyp, const scalar_t* zp, const scalar_t* xp, con
 // ---- argument checks ----------------------------------------------------------------------
 at::ScalarType param_dtype(at::ScalarType x) { return x == at::kDouble ? at::kDouble : at::kFloat; }
 
-void check_param(const at::Tensor& t, at::ScalarType want, at::IntArrayRef shape, const char* op, const char* name,
-                 const char* shape_name) {
-  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == want, op, ": ", name, " must be ", want,
-                   " (float32 for float32/half inputs, float64 for float64; the op layer casts it), got ",
-                   t.scalar_type());
-  TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " must have shape ", shape_name, " = ", shape, ", got ",
-                    t.sizes());
-  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
-}
-
 // `seed`: the int64 Philox key in memory, read only when p > 0 (docs/ops.md: p == 0 never reads it).
 Params make_params(double alpha, double beta, double p, const int64_t* seed, const char* op) {
   checks::dropout_p(p, op);
@@ -751,24 +349,18 @@ Params make_params(double alpha, double beta, double p, const int64_t* seed, con
   P.alpha = alpha;
   P.beta = beta;
   P.p = p;
-  P.seed = p > 0.0 ? checks::seed_value(*seed, op) : 0u;
+  P.seed = p > 0.0 ? checks::philox_key(*seed) : 0u;
   P.thr = vgmr::dropout_threshold(p);
   P.scale = vgmr::dropout_scale(p);
   return P;
 }
 
+constexpr const char* kParam = " (float32 for float32/half inputs, float64 for float64; the op layer casts it)";
+
 void check_main(const at::Tensor& zpre, const at::Tensor& bias_row, const at::Tensor& x, const at::Tensor& ln_weight,
                 const char* op) {
   check_cpu_float(x, op, "x");
-  checks::dim(x, 3, op, "x", "[B, T, D]");
-  check_cpu_float(zpre, op, "zpre");
-  checks::same_dtype(zpre, x, op, "zpre", "x");
-  TORCH_CHECK_VALUE(zpre.sizes() == x.sizes(), op, ": zpre must have the shape of x ", x.sizes(), ", got ",
-                    zpre.sizes());
-  TORCH_CHECK_VALUE(x.size(2) >= 1, op, ": x must have D >= 1 features, got ", x.sizes());
-  const at::ScalarType pt = param_dtype(x.scalar_type());
-  check_param(bias_row, pt, {x.size(0), x.size(2)}, op, "bias_row", "[B, D]");
-  check_param(ln_weight, pt, {x.size(2)}, op, "ln_weight", "[D]");
+  checks::gate_inputs(check_cpu, zpre, bias_row, x, ln_weight, param_dtype(x.scalar_type()), kParam, op);
 }
 
 }  // namespace
@@ -780,14 +372,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gate_norm_one(const at::Tensor& z
                                                              const at::Tensor& ln_bias, double alpha, double beta,
                                                              double p, const int64_t* seed, const char* op) {
   check_main(zpre, bias_row, x, ln_weight, op);
-  check_param(ln_bias, param_dtype(x.scalar_type()), {x.size(2)}, op, "ln_bias", "[D]");
+  checks::typed(check_cpu, ln_bias, param_dtype(x.scalar_type()), x, {x.size(2)}, op, "ln_bias", "x", "[D]", kParam);
   const Params P = make_params(alpha, beta, p, seed, op);
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
   const at::ScalarType pt = param_dtype(x.scalar_type());
   // Allocation order: small outputs, then temporaries, then the big outputs (see WorkF).
   at::Tensor mean = new_output({B, T}, x.options().dtype(pt));
   at::Tensor rstd = new_output({B, T}, x.options().dtype(pt));
-  const ThreadWorkspaces ws(x, kFwdBufsF32, kFwdBufsHalf);
+  const ThreadWorkspaces ws = gate_workspaces(x, kFwdBufsF32, kFwdBufsHalf);
   at::Tensor y = new_output({B, T, D}, x.options());
   const int64_t R = B * T;
   if (R == 0) return {y, mean, rstd};
@@ -811,13 +403,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm
     const at::Tensor& ln_weight, const at::Tensor& mean, const at::Tensor& rstd, double alpha, double beta, double p,
     const int64_t* seed, bool need_dx, const char* op) {
   check_main(zpre, bias_row, x, ln_weight, op);
-  check_cpu_float(dy, op, "dy");
-  checks::same_dtype(dy, x, op, "dy", "x");
-  TORCH_CHECK_VALUE(dy.sizes() == x.sizes(), op, ": dy must have the shape of x ", x.sizes(), ", got ", dy.sizes());
+  checks::like(check_cpu, dy, x, x.sizes(), op, "dy", "x", "[B, T, D]");
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
   const at::ScalarType pt = param_dtype(x.scalar_type());
-  check_param(mean, pt, {B, T}, op, "mean", "[B, T]");
-  check_param(rstd, pt, {B, T}, op, "rstd", "[B, T]");
+  checks::gate_stats(check_cpu, mean, rstd, x, pt, op);
   const Params P = make_params(alpha, beta, p, seed, op);
 
   // Fixed chunks of rows within one batch row: tc steps of T each (about 64K elements).
@@ -830,7 +419,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm
   at::Tensor dw = new_output({D}, x.options().dtype(pt));
   at::Tensor db = new_output({D}, x.options().dtype(pt));
   at::Tensor part = new_output({std::max<int64_t>(nchunks, 1), 3, Dp}, x.options().dtype(pt));
-  const ThreadWorkspaces ws(x, kBwdBufsF32, kBwdBufsHalf);
+  const ThreadWorkspaces ws = gate_workspaces(x, kBwdBufsF32, kBwdBufsHalf);
   at::Tensor dzpre = new_output({B, T, D}, x.options());
   // no input gradient asked for: an empty dx, and the kernels never write one
   at::Tensor dx = need_dx ? new_output({B, T, D}, x.options()) : at::empty({0}, x.options());

@@ -1,4 +1,4 @@
-// CUDA dispatch key of the vgmr:: operators (schemas: csrc/ops.cpp, contract: docs/ops.md).
+// CUDA dispatch key of the vgmr:: operators (schemas: vgmr_fast/schemas.py, contract: docs/ops.md).
 // The thin torch-typed layer: argument checks (TORCH_CHECK_VALUE / _TYPE -> ValueError /
 // TypeError), output and scratch allocation through torch's caching allocator, the device
 // guard and the current stream; the kernels themselves are raw-pointer launchers
@@ -66,24 +66,15 @@ void check_cuda(const at::Tensor& t, const char* op, const char* name) {
   vgmr::checks::contiguous(t, op, name);
 }
 
-// `t`: a CUDA tensor on `ref`'s device, of `ref`'s dtype, of shape `want` (named `shape_name`).
+// `t`: a CUDA tensor on `ref`'s device, of `ref`'s dtype / of dtype `dtype` (csrc/op_checks.h).
 void check_like(const at::Tensor& t, const at::Tensor& ref, at::IntArrayRef want, const char* op, const char* name,
                 const char* ref_name, const char* shape_name) {
-  check_cuda(t, op, name);
-  vgmr::checks::same_device(t, ref, op, name, ref_name);
-  vgmr::checks::same_dtype(t, ref, op, name, ref_name);
-  vgmr::checks::shape(t, want, op, name, shape_name);
+  vgmr::checks::like(check_cuda, t, ref, want, op, name, ref_name, shape_name);
 }
-
-// `t`: a CUDA tensor on `ref`'s device, of dtype `dtype` (`why` says which), of shape `want`.
 void check_typed(const at::Tensor& t, at::ScalarType dtype, const at::Tensor& ref, at::IntArrayRef want,
                  const char* op, const char* name, const char* ref_name, const char* shape_name, const char* why) {
-  check_cuda(t, op, name);
-  vgmr::checks::same_device(t, ref, op, name, ref_name);
-  vgmr::checks::dtype(t, dtype, op, name, why);
-  vgmr::checks::shape(t, want, op, name, shape_name);
+  vgmr::checks::typed(check_cuda, t, dtype, ref, want, op, name, ref_name, shape_name, why);
 }
-
 
 DType element_dtype(const at::Tensor& t, const char* op, const char* name) {
   switch (t.scalar_type()) {
@@ -119,8 +110,8 @@ struct DropoutArgs {
   bool on;
 };
 
-// The seed's value cannot be range-checked here without a device sync; the kernels use its
-// 64 bits as the Philox key (the op layer checks a Python int against [0, 2^63)).
+// The kernels use the seed's 64 bits as the Philox key (checks::philox_key: every backend's
+// rule), read on the device: no host sync.
 DropoutArgs dropout_args(double p, const int64_t* seed, const char* op) {
   vgmr::checks::dropout_p(p, op);
   DropoutArgs d;
@@ -217,15 +208,8 @@ constexpr const char* kFloatParam = " (float32 for float32/half inputs; the op l
 // zpre, x [B, T, D] (one dtype), bias_row [B, D], ln_weight [D] float32, all on x's device.
 DType check_gate_inputs(const at::Tensor& zpre, const at::Tensor& bias_row, const at::Tensor& x,
                         const at::Tensor& ln_weight, const char* op) {
-  check_cuda(x, op, "x");
-  vgmr::checks::dim(x, 3, op, "x", "[B, T, D]");
-  const DType dt = element_dtype(x, op, "x");
-  const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
-  TORCH_CHECK_VALUE(D >= 1, op, ": x must have D >= 1 features, got D = ", D);
-  check_like(zpre, x, {B, T, D}, op, "zpre", "x", "[B, T, D]");
-  check_typed(bias_row, at::kFloat, x, {B, D}, op, "bias_row", "x", "[B, D]", kFloatParam);
-  check_typed(ln_weight, at::kFloat, x, {D}, op, "ln_weight", "x", "[D]", kFloatParam);
-  return dt;
+  vgmr::checks::gate_inputs(check_cuda, zpre, bias_row, x, ln_weight, at::kFloat, kFloatParam, op);
+  return element_dtype(x, op, "x");
 }
 
 // One modality; `seed`: device pointer to its int64 key (checked by the caller).
@@ -257,9 +241,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_norm
   const DType dt = check_gate_inputs(zpre, bias_row, x, ln_weight, op);
   const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
   check_like(dy, x, {B, T, D}, op, "dy", "x", "[B, T, D]");
-  const char* saved = " (saved by the forward)";
-  check_typed(mean, at::kFloat, x, {B, T}, op, "mean", "x", "[B, T]", saved);
-  check_typed(rstd, at::kFloat, x, {B, T}, op, "rstd", "x", "[B, T]", saved);
+  vgmr::checks::gate_stats(check_cuda, mean, rstd, x, at::kFloat, op);
   const DropoutArgs drop = dropout_args(p, seed, op);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::TensorOptions f32 = x.options().dtype(at::kFloat);

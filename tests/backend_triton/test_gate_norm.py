@@ -209,7 +209,13 @@ import vgmr_fast.triton as VT
 from vgmr_fast import reference as ref
 assert VT.NEEDS_FAKE, "VGMR_TRITON_CUSTOM_OP=1 must select the custom_op path"
 assert "Tensor seed" in str(torch.ops.vgmr_triton.gate_norm.default._schema)
-assert "int T" in str(torch.ops.vgmr_triton.summary_pool_backward.default._schema)
+from vgmr_fast import schemas
+assert "SymInt T" in str(torch.ops.vgmr_triton.summary_pool_backward.default._schema)
+for name in schemas.TRITON_OPS:
+    got = torch._C.parse_schema(str(getattr(torch.ops.vgmr_triton, name).default._schema))
+    want = torch._C.parse_schema(f"vgmr_triton::{name}" + schemas.triton_schema(name))
+    args = lambda sch: [(a.name, str(a.type), repr(a.default_value)) for a in sch.arguments]
+    assert args(got) == args(want), name
 dev = "cpu" if VT.INTERPRET else "cuda"
 g = torch.Generator().manual_seed(0)
 zpre, x, dy = (torch.randn(2, 5, 35, generator=g).to(dev) for _ in range(3))
@@ -233,8 +239,8 @@ print("ok")
 
 
 def test_custom_op_mode_subprocess():
-    # The custom_op fallback (torch < 2.6, or VGMR_TRITON_CUSTOM_OP=1): exact vgmr:: schemas
-    # ("int seed", "int T"), NEEDS_FAKE = True, same kernels.
+    # The custom_op fallback (torch < 2.6, or VGMR_TRITON_CUSTOM_OP=1): the schemas of the triton_op
+    # path (vgmr_fast.schemas.triton_schema: "Tensor seed", "SymInt T"), NEEDS_FAKE = True, same kernels.
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, VGMR_TRITON_CUSTOM_OP="1")
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")

@@ -250,7 +250,7 @@ def test_cpp_checks_raise_not_crash():
     with pytest.raises((ValueError, RuntimeError), match="p must be"):
         op(zpre, bias_row, x, w, b, ALPHA, BETA, 1.5, s0)
     with pytest.raises((ValueError, RuntimeError), match="seed"):
-        op(zpre, bias_row, x, w, b, ALPHA, BETA, 0.1, torch.tensor(-3))
+        op(zpre, bias_row, x, w, b, ALPHA, BETA, 0.1, torch.tensor([3, 4]))
     y, mean, rstd = op(zpre, bias_row, x, w, b, ALPHA, BETA, 0.0, s0)
     bwd = torch.ops.vgmr.gate_norm_backward
     with pytest.raises((ValueError, RuntimeError), match="mean"):

@@ -13,6 +13,7 @@ import torch
 
 from helpers import BACKENDS, cap, device_of, gate_norm_inputs
 from vgmr_fast import ops
+from vgmr_fast.dropout_stream import _philox_words
 from vgmr_fast.ops import dropout
 
 pytestmark = pytest.mark.usefixtures("vgmr_debug_nan_fill")
@@ -87,12 +88,39 @@ def test_seed_changed_after_forward_is_caught_by_autograd():
 def test_p_zero_never_reads_the_seed():
     args, _ = _args(2, 3, 9)
     y0 = ops.gate_norm(*args, p=0.0, seed=0)
-    # a negative seed value is out of the contract's range: fine while p == 0 (never read) ...
     y1 = torch.ops.vgmr.gate_norm(*args, ALPHA, BETA, 0.0, torch.tensor(-5))[0]
     assert torch.equal(y0, y1)
-    # ... and a clear error when the kernel reads it
-    with pytest.raises(ValueError, match="seed"):
-        torch.ops.vgmr.gate_norm(*args, ALPHA, BETA, 0.1, torch.tensor(-5))
+
+
+# A seed tensor's 64 bits are the uint64 Philox key on every backend (docs/math.md §5a): a
+# negative value v is the key v + 2**64, both key words non-zero or the high one all ones.
+NEGATIVE_SEEDS = [-5, -(2**63), -(2**32) + 3]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("value", NEGATIVE_SEEDS, ids=["minus5", "int64-min", "minus-2**32+3"])
+def test_negative_seed_tensor_is_its_uint64_key(backend, value):
+    dev = device_of(backend)
+    B, T, D = 2, 3, 37
+    cap(backend, B * T)
+    args, dy = _args(B, T, D, device=dev, seed=2)
+    key = value + 2**64
+    keep = dropout.keep_mask(torch.tensor(value), B * T, D, 0.3, device=dev).view(B, T, D)
+    # the stream itself: the tensor's key words are those of the uint64 value
+    counters = torch.arange(5, dtype=torch.int64)
+    words = dropout.philox4x32(torch.tensor(value), counters)
+    assert torch.equal(words, _philox_words(key, counters))
+    assert not torch.equal(keep, dropout.keep_mask(2**62, B * T, D, 0.3, device=dev).view(B, T, D))
+    y = ops.gate_norm(*args, alpha=ALPHA, beta=BETA, p=0.3, seed=torch.tensor(value, device=dev), backend=backend)
+    assert bool((y[~keep] == 0).all())
+    assert not bool((y[keep] == 0).any())
+
+
+def test_philox_words_op_takes_all_64_bits():
+    counters = torch.arange(9, dtype=torch.int64)
+    for value in NEGATIVE_SEEDS:
+        assert torch.equal(torch.ops.vgmr.philox_words(value, counters),
+                           _philox_words(value + 2**64, counters))
 
 
 def test_unused_seed_is_not_an_inference_tensor():

@@ -1,4 +1,8 @@
-"""Argument checks shared by the public ops: ValueError / TypeError naming the argument."""
+"""The Python argument checks, once: ValueError / TypeError naming the argument.
+
+The public ops' checks (``<name>: expected ...``) and, below them, the raw operators' checks in
+the wording of the C++ ones (``<op>: <name> must ...``, csrc/op_checks.h), which the Triton
+launchers and the fake kernels call."""
 from __future__ import annotations
 
 import math
@@ -129,3 +133,79 @@ def unused_seeds(ref: torch.Tensor, shape: tuple) -> torch.Tensor:
         if cacheable and not _capturing(ref.device):  # not from a CUDA graph's private memory pool
             _UNUSED_SEED[key] = t
     return t
+
+
+# ---- the raw operators' checks --------------------------------------------------------------
+# What the vgmr_triton:: launchers check, in the wording of the C++ operators (csrc/op_checks.h):
+# "<op>: <name> must ...". The device rule is the backend's own (``on_device(op, name, t)``).
+def op_float(op: str, name: str, t, dtypes: tuple, what: str) -> None:
+    """``t`` is a tensor of one of ``dtypes`` (``what`` names them)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{op}: {name} must be {what}, got {t.dtype}")
+
+
+def op_dtype(op: str, name: str, t: torch.Tensor, want: torch.dtype, why: str = "") -> None:
+    """No silent casts: a side input of the wrong dtype is an error naming it."""
+    if t.dtype != want:
+        raise TypeError(f"{op}: {name} must be {want}{why}, got {t.dtype}")
+
+
+def op_like(op: str, name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str) -> None:
+    """``t`` has ``ref``'s dtype and shape."""
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{op}: {name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
+    if t.shape != ref.shape:
+        raise ValueError(f"{op}: {name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(t.shape)}")
+
+
+def op_typed(op: str, name: str, t: torch.Tensor, want: torch.dtype, shape_: tuple, shape_name: str,
+             why: str = "") -> None:
+    """``t`` has dtype ``want`` and shape ``shape_`` (``shape_name`` says which)."""
+    op_dtype(op, name, t, want, why)
+    if tuple(t.shape) != tuple(shape_):
+        raise ValueError(f"{op}: {name} must be {shape_name} = {tuple(shape_)}, got {tuple(t.shape)}")
+
+
+def op_seed(op: str, s, ref: torch.Tensor | None) -> None:
+    """The raw ops' ``seed`` (checks::seed_tensor): a one-element int64 tensor on ``ref``'s device
+    (not checked when ``ref`` is None: the fake kernels); its value is not read here."""
+    if not isinstance(s, torch.Tensor) or s.dtype != torch.int64:
+        raise TypeError(f"{op}: seed must be an int64 tensor, got {getattr(s, 'dtype', type(s).__name__)}")
+    if s.numel() != 1:
+        raise ValueError(f"{op}: seed must have exactly one element, got shape {tuple(s.shape)}")
+    if ref is not None and s.device != ref.device:
+        raise ValueError(f"{op}: seed is on {s.device} but x is on {ref.device}")
+
+
+def op_seeds(op: str, seeds, M: int) -> None:
+    """The grouped raw ops' ``seeds`` (checks::grouped_count): an int64 tensor ``[M]``."""
+    if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64:
+        raise TypeError(f"{op}: seeds must be an int64 tensor, got {getattr(seeds, 'dtype', type(seeds).__name__)}")
+    if tuple(seeds.shape) != (M,):
+        raise ValueError(f"{op}: seeds must have shape [M] = [{M}], got {tuple(seeds.shape)}")
+
+
+def gate_inputs(op: str, zpre, bias_row, x, ln_weight, float_check) -> tuple:
+    """gate_norm's gate inputs as the C++ kernels check them (checks::gate_inputs): x [B, T, D]
+    with D >= 1 (its dtype checked by ``float_check(op, name, t)``), zpre like x, bias_row [B, D]
+    and ln_weight [D] float32 (the op layer casts them). Returns (B, T, D)."""
+    float_check(op, "x", x)
+    if x.dim() != 3:
+        raise ValueError(f"{op}: x must be [B, T, D], got shape {tuple(x.shape)}")
+    float_check(op, "zpre", zpre)
+    op_like(op, "zpre", zpre, x, "x")
+    B, T, D = x.shape
+    if D < 1:
+        raise ValueError(f"{op}: x must have D >= 1 features, got shape {tuple(x.shape)}")
+    why = " (the op layer casts it)"
+    op_typed(op, "bias_row", bias_row, torch.float32, (B, D), "[B, D]", why)
+    op_typed(op, "ln_weight", ln_weight, torch.float32, (D,), "[D]", why)
+    return B, T, D
+
+
+def gate_stats(op: str, mean: torch.Tensor, rstd: torch.Tensor, B: int, T: int) -> None:
+    """gate_norm_backward's saved statistics: float32 [B, T]."""
+    for name, t in (("mean", mean), ("rstd", rstd)):
+        op_typed(op, name, t, torch.float32, (B, T), "[B, T]", " (saved by the forward)")

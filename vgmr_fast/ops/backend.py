@@ -23,6 +23,8 @@ from typing import Callable
 
 import torch
 
+from .. import schemas
+
 BACKENDS = ("auto", "cpu", "cuda", "triton")
 #: What ``backend="auto"`` picks for CUDA tensors (Triton until a committed GPU run shows
 #: the CUDA C++ path correct and faster).
@@ -33,8 +35,11 @@ OPS = ("summary_pool", "interaction", "gate_norm")
 # ---- the C++ extension ----------------------------------------------------------------
 _C = None
 _C_ERROR: BaseException | None = None
-try:  # importing the extension registers the vgmr:: schemas and kernels
+_VGMR_LIBRARY = None  # owns the vgmr:: schemas (vgmr_fast/schemas.py) while the process runs
+try:  # importing the extension registers the vgmr:: kernels; their schemas are defined here
     from .. import _C as _C  # type: ignore[no-redef]
+
+    _VGMR_LIBRARY = schemas.define("vgmr", {**schemas.SCHEMAS, **schemas.DEBUG_SCHEMAS})
 except Exception as e:  # noqa: BLE001  (missing build, ABI mismatch, ...)
     _C, _C_ERROR = None, e
 

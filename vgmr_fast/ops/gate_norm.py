@@ -173,35 +173,20 @@ def dx_shape(x: torch.Tensor, need_dx: bool):
     return x.shape if need_dx else (0,)
 
 
-def _fake_seed_check(op: str, seed) -> None:
-    """The kernels' seed checks, for the fake kernels (compile and meta see the same errors)."""
-    if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64:
-        raise TypeError(f"{op}: seed must be an int64 tensor, got {getattr(seed, 'dtype', type(seed).__name__)}")
-    if seed.numel() != 1:
-        raise ValueError(f"{op}: seed must have exactly one element, got shape {tuple(seed.shape)}")
-
-
-def _fake_seeds_check(op: str, seeds, M: int) -> None:
-    if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64:
-        raise TypeError(f"{op}: seeds must be an int64 tensor, got {getattr(seeds, 'dtype', type(seeds).__name__)}")
-    if tuple(seeds.shape) != (M,):
-        raise ValueError(f"{op}: seeds must have shape [M] = [{M}], got {tuple(seeds.shape)}")
-
-
 def _register(ns: str, needs_fake: bool) -> None:
     """Fake kernels and autograd for ``<ns>::gate_norm`` (ns = vgmr or vgmr_triton)."""
     if needs_fake:
 
         @torch.library.register_fake(f"{ns}::gate_norm")
         def _fake(zpre, bias_row, x, ln_weight, ln_bias, alpha, beta, p, seed):
-            _fake_seed_check(f"{ns}::gate_norm", seed)
+            C.op_seed(f"{ns}::gate_norm", seed, None)
             B, T, _ = x.shape
             stat = torch.float64 if x.dtype == torch.float64 else torch.float32
             return x.new_empty(x.shape), x.new_empty(B, T, dtype=stat), x.new_empty(B, T, dtype=stat)
 
         @torch.library.register_fake(f"{ns}::gate_norm_backward")
         def _fake_backward(dy, zpre, bias_row, x, ln_weight, mean, rstd, alpha, beta, p, seed, need_dx=True):
-            _fake_seed_check(f"{ns}::gate_norm_backward", seed)
+            C.op_seed(f"{ns}::gate_norm_backward", seed, None)
             return (
                 zpre.new_empty(zpre.shape),
                 bias_row.new_empty(bias_row.shape),
@@ -214,7 +199,7 @@ def _register(ns: str, needs_fake: bool) -> None:
 
         @torch.library.register_fake(f"{ns}::gate_norm_grouped")
         def _fake_grouped(zpre, bias_row, x, ln_weight, ln_bias, alpha, beta, p, seeds):
-            _fake_seeds_check(f"{ns}::gate_norm_grouped", seeds, len(x))
+            C.op_seeds(f"{ns}::gate_norm_grouped", seeds, len(x))
             ys = [t.new_empty(t.shape) for t in x]
             stats = [t.new_empty(t.shape[:2], dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
                      for t in x]
@@ -223,7 +208,7 @@ def _register(ns: str, needs_fake: bool) -> None:
         @torch.library.register_fake(f"{ns}::gate_norm_grouped_backward")
         def _fake_grouped_backward(dy, zpre, bias_row, x, ln_weight, mean, rstd, alpha, beta, p, seeds,
                                    need_dx=None):
-            _fake_seeds_check(f"{ns}::gate_norm_grouped_backward", seeds, len(x))
+            C.op_seeds(f"{ns}::gate_norm_grouped_backward", seeds, len(x))
             need = [True] * len(x) if need_dx is None else need_dx
             return ([t.new_empty(t.shape) for t in zpre], [t.new_empty(t.shape) for t in bias_row],
                     [t.new_empty(dx_shape(t, n)) for t, n in zip(x, need)], [t.new_empty(t.shape) for t in ln_weight],

@@ -21,12 +21,10 @@ Module attributes the op layer reads:
     torch, ``VGMR_TRITON_CUSTOM_OP=1`` in the environment, or the stub ops): the op
     layer must register fake kernels.
 
-Schemas: ``triton_op`` infers the schema from the annotations and maps Python
-``int`` to ``SymInt``, so under it ``T`` reads ``SymInt`` where the
-native ``vgmr::`` schemas say ``int`` (same eager behaviour; ``SymInt`` is the more
-permissive type for tracing); ``seed`` is a one-element int64 tensor the kernels
-load (CONTRACT: no ``.item()`` on the host).  The ``custom_op`` path (``VGMR_TRITON_CUSTOM_OP=1``)
-uses the exact ``vgmr::`` schema strings below.
+Schemas: :mod:`vgmr_fast.schemas`, the one list both namespaces are defined from, here with
+``int`` read as ``SymInt`` (:func:`vgmr_fast.schemas.triton_schema`: a size may stay symbolic
+while torch.compile traces the launcher; same eager behaviour); ``seed`` is a one-element int64
+tensor the kernels load (no ``.item()`` on the host).
 ``AVAILABLE``
     Triton is importable and the kernels can run here: ``TRITON_INTERPRET=1`` was
     set before Triton was imported, or a CUDA device is present.  Computed lazily
@@ -40,7 +38,8 @@ import os
 
 import torch
 
-from ..dropout_stream import check_seed_tensor
+from ..ops import _checks
+from ..schemas import TRITON_OPS, triton_schema
 
 __all__ = ["AVAILABLE", "NEEDS_FAKE", "INTERPRET", "CONFIG", "is_available", "unavailable_reason", "launch",
            "recording"]
@@ -147,19 +146,6 @@ def check_device(op: str, ref_name: str, ref: torch.Tensor, **others) -> None:
             raise ValueError(f"{op}: {name} is on {t.device}, but {ref_name} is on {dev} (mixed devices)")
 
 
-def check_dtype(op: str, name: str, t: torch.Tensor, want: torch.dtype, why: str = "") -> None:
-    """No silent casts: a side input of the wrong dtype is an error naming it (as in the C++ ops)."""
-    if t.dtype != want:
-        raise TypeError(f"{op}: {name} must be {want}{why}, got {t.dtype}")
-
-
-def check_seed(op: str, seed: torch.Tensor, ref: torch.Tensor) -> None:
-    """``seed``: a one-element int64 tensor on ``ref``'s device; the kernels load it (no host sync)."""
-    if not isinstance(seed, torch.Tensor):
-        raise TypeError(f"{op}: seed must be a one-element int64 tensor, got {type(seed).__name__}")
-    check_seed_tensor(seed, ref, f"{op}: seed")
-
-
 # ---------------------------------------------------------------------------
 # Launching, and recording launches for the ahead-of-time compile (aot.py)
 # ---------------------------------------------------------------------------
@@ -202,39 +188,29 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def check_float(op: str, name: str, t: torch.Tensor) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+    """The Triton kernels' element dtypes (the checks themselves: vgmr_fast.ops._checks)."""
+    _checks.op_float(op, name, t, _FLOAT_DTYPES, "float32, float16 or bfloat16")
+
+
+#: The Python functions behind the ops, by op name (what define_op was given).
+LAUNCHERS: dict = {}
 
 
 def define_op(name: str):
-    """Define ``vgmr_triton::<name>`` from an annotated Python function (schema inferred)."""
+    """Define ``vgmr_triton::<name>`` from a Python function, with the schema of
+    :func:`vgmr_fast.schemas.triton_schema` (tests/ops/test_schemas.py holds the
+    function's annotations to it)."""
 
     def dec(fn):
+        LAUNCHERS[name] = fn
         qualname = f"vgmr_triton::{name}"
+        schema = triton_schema(name)
         if _HAS_TRITON_OP:
-            return torch.library.triton_op(qualname, fn, mutates_args=())
-        return torch.library.custom_op(qualname, fn, mutates_args=(), schema=_SCHEMAS[name])
+            return torch.library.triton_op(qualname, fn, mutates_args=(), schema=schema)
+        return torch.library.custom_op(qualname, fn, mutates_args=(), schema=schema)
 
     return dec
 
-
-_SCHEMAS = {
-    "summary_pool": "(Tensor h, Tensor? mask) -> (Tensor, Tensor, Tensor)",
-    "summary_pool_backward": "(Tensor dmean, Tensor dmax, Tensor? mask, Tensor argmax, int T) -> Tensor",
-    "interaction": "(Tensor s) -> Tensor",
-    "interaction_backward": "(Tensor du, Tensor s) -> Tensor",
-    "gate_norm": (
-        "(Tensor zpre, Tensor bias_row, Tensor x, Tensor ln_weight, Tensor ln_bias, "
-        "float alpha, float beta, float p, Tensor seed) -> (Tensor, Tensor, Tensor)"
-    ),
-    "gate_norm_backward": (
-        "(Tensor dy, Tensor zpre, Tensor bias_row, Tensor x, Tensor ln_weight, Tensor mean, "
-        "Tensor rstd, float alpha, float beta, float p, Tensor seed, bool need_dx=True) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
-    ),
-}
 
 _LOAD_ERROR: BaseException | None = _IMPORT_ERROR
 
@@ -253,10 +229,10 @@ if _LOAD_ERROR is not None:
 
         return fn
 
-    for _name, _schema in _SCHEMAS.items():
+    for _name in TRITON_OPS:
         _q = f"vgmr_triton::{_name}"
         try:
-            torch.library.custom_op(_q, _stub(_q), mutates_args=(), schema=_schema)
+            torch.library.custom_op(_q, _stub(_q), mutates_args=(), schema=triton_schema(_name))
         except Exception:  # already defined before the failure: keep it
             pass
 

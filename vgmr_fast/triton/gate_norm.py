@@ -45,8 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import (CONFIG, alloc, check_device, check_dtype, check_float, check_seed, define_op, launch,
-               num_warps_for, sm_count)
+from ..ops import _checks as C
+from . import CONFIG, alloc, check_device, check_float, define_op, launch, num_warps_for, sm_count
 from .philox import keep_block, keep_threshold, seed_key
 
 _OP = "vgmr_triton::gate_norm"
@@ -438,31 +438,6 @@ def _dropout_args(p: float):
     return False, 0, 1.0
 
 
-def _check_inputs(op, zpre, bias_row, x, ln_weight):
-    """What vgmr::gate_norm checks (csrc/cpu/gate_norm.cpp), with errors naming the argument.
-    Side inputs must already be float32: no silent casts (the op layer casts them)."""
-    check_float(op, "x", x)
-    if x.dim() != 3:
-        raise ValueError(f"{op}: x must be [B, T, D], got shape {tuple(x.shape)}")
-    check_float(op, "zpre", zpre)
-    if zpre.dtype != x.dtype:
-        raise TypeError(f"{op}: zpre must have the dtype of x ({x.dtype}), got {zpre.dtype}")
-    if zpre.shape != x.shape:
-        raise ValueError(f"{op}: zpre must have the shape of x {tuple(x.shape)}, got {tuple(zpre.shape)}")
-    B, T, D = x.shape
-    if D < 1:
-        raise ValueError(f"{op}: x must have D >= 1 features, got shape {tuple(x.shape)}")
-    why = " (the op layer casts it)"
-    check_dtype(op, "bias_row", bias_row, torch.float32, why)
-    if tuple(bias_row.shape) != (B, D):
-        raise ValueError(f"{op}: bias_row must be [B, D] = {(B, D)}, got {tuple(bias_row.shape)}")
-    check_dtype(op, "ln_weight", ln_weight, torch.float32, why)
-    if tuple(ln_weight.shape) != (D,):
-        raise ValueError(f"{op}: ln_weight must be [D] = ({D},), got {tuple(ln_weight.shape)}")
-    check_device(op, "x", x, zpre=zpre, bias_row=bias_row, ln_weight=ln_weight)
-    return B, T, D
-
-
 # ---------------------------------------------------------------------------
 # Ops
 # ---------------------------------------------------------------------------
@@ -471,12 +446,10 @@ def gate_norm(
     zpre: torch.Tensor, bias_row: torch.Tensor, x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
     alpha: float, beta: float, p: float, seed: torch.Tensor,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    B, T, D = _check_inputs(_OP, zpre, bias_row, x, ln_weight)
-    check_dtype(_OP, "ln_bias", ln_bias, torch.float32, " (the op layer casts it)")
-    if tuple(ln_bias.shape) != (D,):
-        raise ValueError(f"{_OP}: ln_bias must be [D] = ({D},), got {tuple(ln_bias.shape)}")
-    check_device(_OP, "x", x, ln_bias=ln_bias)
-    check_seed(_OP, seed, x)
+    B, T, D = C.gate_inputs(_OP, zpre, bias_row, x, ln_weight, check_float)
+    C.op_typed(_OP, "ln_bias", ln_bias, torch.float32, (D,), "[D]", " (the op layer casts it)")
+    check_device(_OP, "x", x, zpre=zpre, bias_row=bias_row, ln_weight=ln_weight, ln_bias=ln_bias)
+    C.op_seed(_OP, seed, x)
     has_drop, thresh, keep_div = _dropout_args(p)
     zpre = zpre.contiguous()
     x = x.contiguous()
@@ -522,18 +495,12 @@ def gate_norm_backward(
     seed: torch.Tensor,
     need_dx: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    B, T, D = _check_inputs(_OP_BWD, zpre, bias_row, x, ln_weight)
+    B, T, D = C.gate_inputs(_OP_BWD, zpre, bias_row, x, ln_weight, check_float)
     check_float(_OP_BWD, "dy", dy)
-    if dy.dtype != x.dtype:
-        raise TypeError(f"{_OP_BWD}: dy must have the dtype of x ({x.dtype}), got {dy.dtype}")
-    if dy.shape != x.shape:
-        raise ValueError(f"{_OP_BWD}: dy must have the shape of x {tuple(x.shape)}, got {tuple(dy.shape)}")
-    for name, t in (("mean", mean), ("rstd", rstd)):
-        check_dtype(_OP_BWD, name, t, torch.float32)
-        if tuple(t.shape) != (B, T):
-            raise ValueError(f"{_OP_BWD}: {name} must be [B, T] = {(B, T)}, got {tuple(t.shape)}")
-    check_device(_OP_BWD, "x", x, dy=dy, mean=mean, rstd=rstd)
-    check_seed(_OP_BWD, seed, x)
+    C.op_like(_OP_BWD, "dy", dy, x, "x")
+    C.gate_stats(_OP_BWD, mean, rstd, B, T)
+    check_device(_OP_BWD, "x", x, zpre=zpre, bias_row=bias_row, ln_weight=ln_weight, dy=dy, mean=mean, rstd=rstd)
+    C.op_seed(_OP_BWD, seed, x)
     has_drop, thresh, keep_div = _dropout_args(p)
     dev = x.device
     dy = dy.contiguous()
