@@ -49,8 +49,11 @@ def _warn_once(key: str, msg: str) -> None:
 
 
 def _autocast_on(device: torch.device) -> bool:
-    """Whether autocast is on for ``device`` (meta and other devices without autocast: never)."""
-    return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
+    """Whether autocast is on for ``device``; meta has no autocast (``is_autocast_enabled("meta")`` raises).
+
+    A plain comparison, not ``torch.amp.is_autocast_available``: torch 2.11's Dynamo cannot trace
+    that builtin, and the fused path runs only on CPU, CUDA and meta tensors."""
+    return device.type != "meta" and torch.is_autocast_enabled(device.type)
 
 
 def _linear_init(out_features: int, in_features: int):
