@@ -52,8 +52,8 @@ def _nvcc_toolkit(nvcc):
 
 def find_cuda_home(torch_guess, environ=os.environ, which=shutil.which):
     """The CUDA toolkit to build with, or None when there is none with headers."""
-    if environ.get("CUDA_HOME") or environ.get("CUDA_PATH"):
-        given = environ.get("CUDA_HOME") or environ.get("CUDA_PATH")
+    given = environ.get("CUDA_HOME") or environ.get("CUDA_PATH")
+    if given:
         if not _has_cuda_headers(given):
             raise SystemExit(f"setup.py: CUDA_HOME/CUDA_PATH={given!r} has no include/cuda_runtime.h; "
                              "point it at a CUDA toolkit, unset it, or set VGMR_FAST_NO_CUDA=1")
