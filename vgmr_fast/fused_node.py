@@ -18,12 +18,17 @@ from .ops import backend as _backend
 # Static configuration of one fused call (a named tuple: compilers treat it as a constant).
 # ``low``: the autocast dtype the layer computes in (None: the parameters' dtype).
 # ``ranks``: the raw gate's rank per modality (None: full rank, docs/math.md §4a).
+# ``aux``: also return what the auxiliaries are made of (t, Zpre, the bias rows).
 _Spec = collections.namedtuple("_Spec", ("M", "d", "alpha", "beta", "p", "backend", "mlp", "k", "nb", "u_blocks",
-                                         "recompute", "grouped", "low", "ranks"))
+                                         "recompute", "grouped", "low", "ranks", "aux"))
 
 # Under autocast these stay in float32: the bias-row GEMM (its output feeds gate_norm's float32
 # side input), the LayerNorm parameters, and the beta = 0 input of the bias-row GEMMs.
 _FULL_PRECISION = ("rw", "lnw", "lnb", "zero")
+
+_TWICE = ("vgmr_fast.VGMR: the fused layer's backward ran a second time over one forward (retain_graph=True); "
+          "it releases each activation at its last use. Run the forward again for each backward, or build the "
+          "module with backend='reference' to backpropagate through one graph several times")
 
 
 def _pdt(x: torch.Tensor) -> torch.dtype:
@@ -44,125 +49,298 @@ def _bmm_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a.transpose(1, 2), b)
 
 
-def _x_gemm(x2, w, b, u, d):
-    """The GEMM on X shared by P's first layer and the raw gate: ``(P's pre-activation, tail)``.
-    Full rank (``u`` None): ``w = [P1; W_r]``, tail = ``X W_r^T + b_r``. Low rank: ``w = [P1; V^T]``,
-    tail = ``A = X V`` (no bias: ``b_r`` joins the ``A U^T`` GEMM, :func:`_zpre`)."""
-    if u is None:
-        o = torch.addmm(b, x2, w.t())
-        return o[:, :d], o[:, d:]
-    o = torch.mm(x2, w.t())
-    return o[:, :d] + b[:d], o[:, d:]
+# ---- what the forward keeps for the backward --------------------------------------------------
+def _keep(ctx, inputs: list, kept: dict, release: bool) -> None:
+    """Keep ``inputs`` (the call's own inputs) through ``save_for_backward`` and the activations
+    ``kept`` (name -> tensor, list of tensors or None) for the backward.
+
+    ``release``: the activations are held on ``ctx`` instead, so that the backward drops each one
+    at its last use (autograd frees what ``save_for_backward`` holds only after the whole backward);
+    they pass through the saved-tensor hooks in force (``torch.autograd.graph.saved_tensors_hooks``:
+    offloading, counting) as saved tensors do. Used when they are none of the call's outputs (an
+    output held on ``ctx`` would be a reference cycle) and no compiler traces the call (it plans
+    the backward's memory itself)."""
+    ctx.kept_layout = tuple((n, None if v is None or isinstance(v, torch.Tensor) else len(v)) for n, v in kept.items())
+    flat = [t for v in kept.values() for t in (v if isinstance(v, (list, tuple)) else [v])]
+    ctx.n_inputs, ctx.release = len(inputs), release
+    if release:
+        hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        ctx.kept = [(None, t) if t is None or hooks is None else (hooks[1], hooks[0](t)) for t in flat]
+        ctx.save_for_backward(*inputs)
+    else:
+        ctx.save_for_backward(*inputs, *flat)
 
 
-def _zpre(tail, b, u, h, wh, d):
-    """§4 ``Zpre = (X W_r^T + b_r) + H W_h^T`` from :func:`_x_gemm`'s tail: at full rank the tail
-    already holds ``X W_r^T + b_r``; at low rank ``A U^T + b_r`` is a fresh buffer, so ``H W_h^T``
-    accumulates into it in place (one pass over ``[B*T, D]`` fewer than a new output)."""
-    if u is None:
-        return torch.addmm(tail, h, wh.t())
-    return torch.addmm(b[d:], tail, u.t()).addmm_(h, wh.t())
+def _take(ctx) -> tuple:
+    """``(inputs, kept)`` as :func:`_keep` was given them; released activations leave ``ctx``."""
+    saved = list(ctx.saved_tensors)
+    inputs = saved[:ctx.n_inputs]
+    if ctx.release:
+        packed, ctx.kept = ctx.kept, None
+        if packed is None:
+            raise RuntimeError(_TWICE)
+        flat = [t if unpack is None else unpack(t) for unpack, t in packed]
+        del packed
+    else:
+        flat = saved[ctx.n_inputs:]
+    del saved
+    kept, i = {}, 0
+    for name, n in ctx.kept_layout:
+        if n is None:
+            kept[name], i = flat[i], i + 1
+        else:
+            kept[name], i = flat[i:i + n], i + n
+    return inputs, kept
+
+
+# ---- forward stages (docs/math.md §1-§5) -------------------------------------------------------
+def _projection(spec, P, x2s, rows_per):
+    """§1 P's first layer and the X side of the §4 gate GEMM, both on X: ``(pre_all, tails)``.
+
+    ``pre_all``: P's pre-activation of every modality in one ``[sum B T_m, d]`` buffer (one GELU
+    serves all). Full rank: tail = ``X W_r^T``, its own contiguous GEMM output, into which
+    ``H W_h^T`` accumulates (:func:`_zpre`; ``b_r`` rides in the bias row, whose sum with Zpre is
+    all the gate reads). Low rank: one GEMM on ``[P1; V^T]``, tail = ``A = X V``."""
+    d = spec.d
+    pre_all = x2s[0].new_empty(sum(rows_per), d)
+    tails = []
+    for x2, w, b, u, pre in zip(x2s, P["xw"], P["xb"], P["gu"], pre_all.split(rows_per)):
+        if u is None:
+            torch.addmm(b[:d], x2, w[:d].t(), out=pre)
+            tails.append(torch.mm(x2, w[d:].t()))
+        else:
+            o = torch.mm(x2, w.t())
+            torch.add(o[:, :d], b[:d], out=pre)
+            tails.append(o[:, d:])
+    return pre_all, tails
+
+
+def _hidden(spec, P, pre_all, rows_per, m=None):
+    """§1 H = P's output: every modality's (``m`` None) or modality m's; ``(GELU output, H)``."""
+    if not spec.mlp:
+        pres = pre_all.split(rows_per)
+        return None, (list(pres) if m is None else pres[m])
+    if m is None:
+        acts = F.gelu(pre_all)
+        if len(set(rows_per)) == 1:  # every modality has as many rows: one batched GEMM
+            hs = torch.baddbmm(P["b2"].unsqueeze(1), acts.view(len(rows_per), rows_per[0], -1),
+                               P["w2"].transpose(1, 2))
+            return acts, list(hs.unbind(0))
+        return acts, [torch.addmm(b2, a, w2.t())
+                      for a, w2, b2 in zip(acts.split(rows_per), P["w2"].unbind(0), P["b2"].unbind(0))]
+    act = F.gelu(pre_all.split(rows_per)[m])
+    return act, torch.addmm(P["b2"][m], act, P["w2"][m].t())
+
+
+def _zpre(tail, u, h, wh):
+    """§4 ``Zpre = X W_r^T + H W_h^T`` (low rank: ``A U^T + H W_h^T``), accumulated in place into
+    a fresh GEMM output (the tail at full rank, ``A U^T`` at low rank)."""
+    z = tail if u is None else torch.mm(tail, u.t())
+    return z.addmm_(h, wh.t())
+
+
+def _values(spec, ns, P, hs, masks, B, Ts):
+    """§1 summary, §2 interaction, §3 values and the heads: ``(t, t_ext, kept)``; ``t_ext`` is t
+    with the constant columns the bias row's bias columns meet."""
+    M, d = spec.M, spec.d
+    if not spec.k:
+        return None, hs[0].new_full((M, B, spec.nb), 2.0, dtype=P["rw"].dtype), {}
+    pooled, argmaxes = [], []
+    for h, T, mk in zip(hs, Ts, masks):
+        mean, mx, am = ns.summary_pool(h.view(B, T, d), mk)
+        pooled += [mean, mx]
+        argmaxes.append(am)
+    summary_in = torch.stack(pooled, dim=1).view(B, M, 2 * d).transpose(0, 1)  # [M, B, 2d]
+    e_pre = torch.baddbmm(P["eb1"].unsqueeze(1), summary_in, P["ew1"].transpose(1, 2))
+    e = F.gelu(e_pre)
+    s = torch.baddbmm(P["eb2"].unsqueeze(1), e, P["ew2"].transpose(1, 2))
+    s_bm = s.transpose(0, 1).contiguous()  # the interaction op reads [B, M, d]
+    u = ns.interaction(s_bm)
+    if len(spec.u_blocks) != 3 * M - 1:
+        u = u.view(B, M, 3 * M - 1, d)[:, :, list(spec.u_blocks)].reshape(B, M, len(spec.u_blocks) * d)
+    r_pre = torch.baddbmm(P["vb1"].unsqueeze(1), u.transpose(0, 1), P["vw1"].transpose(1, 2))
+    r1 = F.gelu(r_pre)
+    r = torch.baddbmm(P["vb2"].unsqueeze(1), r1, P["vw2"].transpose(1, 2))
+    # heads: t = tanh(z/2) = 2 sigmoid(z) - 1 (vgmr.py's module docstring)
+    t = torch.tanh(torch.baddbmm(P["hb"].unsqueeze(1), r, P["hw"].transpose(1, 2), beta=0.5, alpha=0.5))
+    t_ext = F.pad(t, (0, spec.nb), value=2.0).to(P["rw"].dtype)
+    kept = dict(summary_in=summary_in, e_pre=e_pre, e=e, s_bm=s_bm, u=u, r_pre=r_pre, r1=r1, r=r, t=t,
+                argmaxes=argmaxes)
+    return t, t_ext, kept
+
+
+def _bias_rows(spec, P, b_rs, t_ext, dims):
+    """§4 the per-sample bias row of every modality: ``b_r + (t_ext RW^T) / 2``."""
+    return [torch.addmm(br, tm, rw.t(), alpha=0.5) for br, tm, rw in zip(b_rs, t_ext.unbind(0), P["rw"].split(dims))]
+
+
+def _gate_norm(spec, ns, zpres, rows, xs, lnws, lnbs, seeds):
+    """§5 gate_norm of every modality: ``(ys, stats)`` (stats: mean and rstd of each modality)."""
+    if spec.grouped:  # every modality in one operator call
+        ys, means, rstds = ns.gate_norm_grouped(zpres, rows, xs, lnws, lnbs, spec.alpha, spec.beta, spec.p, seeds)
+        return list(ys), [s for pair in zip(means, rstds) for s in pair]
+    ys, stats = [], []
+    for m in range(spec.M):
+        y, mean, rstd = ns.gate_norm(zpres[m], rows[m], xs[m], lnws[m], lnbs[m], spec.alpha, spec.beta, spec.p,
+                                     _seed_arg(seeds, m))
+        ys.append(y)
+        stats += [mean, rstd]
+    return ys, stats
+
+
+def _gate_norm_backward(spec, ns, dys, zpres, rows, xs, lnws, stats, seeds, need_x):
+    """§5 backward of every modality: ``[(dZpre, dbias_row, dX, dln_weight, dln_bias)] * M``."""
+    if spec.grouped:
+        out = ns.gate_norm_grouped_backward(dys, zpres, rows, xs, lnws, stats[0::2], stats[1::2], spec.alpha,
+                                            spec.beta, spec.p, seeds, need_x)
+        return list(zip(*out))
+    return [ns.gate_norm_backward(dys[m], zpres[m], rows[m], xs[m], lnws[m], stats[2 * m], stats[2 * m + 1],
+                                  spec.alpha, spec.beta, spec.p, _seed_arg(seeds, m), need_x[m])
+            for m in range(spec.M)]
+
+
+def _needs(spec, needs_input_grad) -> tuple:
+    """What the backward computes: ``(need_x, need, need_p1, need_h, chain)``, from the inputs' and
+    each parameter's ``needs_input_grad``; each stage of the chain back to X runs only when
+    something before it needs it."""
+    M = spec.M
+    need_x = list(needs_input_grad[2:2 + M])
+    need = _unflatten_params(spec, needs_input_grad[2 + 2 * M:])
+    need_p1 = [need_x[m] or need["xw"][m] or need["xb"][m] for m in range(M)]  # P's first layer
+    need_h = [need_p1[m] or (spec.mlp and (need["w2"] or need["b2"])) for m in range(M)]  # dH_m
+    chain, below = {}, any(need_h)
+    for stage, (w_name, b_name) in (("e1", ("ew1", "eb1")), ("e2", ("ew2", "eb2")), ("v1", ("vw1", "vb1")),
+                                    ("v2", ("vw2", "vb2")), ("heads", ("hw", "hb"))):  # summary back to heads
+        below = below or bool(need.get(w_name)) or bool(need.get(b_name))
+        chain[stage] = bool(spec.k) and below
+    return need_x, need, need_p1, need_h, chain
+
+
+def _values_backward(spec, ns, P, kept, g, need, chain, drows, dt_extra, dims, dt_half, du_buf, need_summary):
+    """Backward of :func:`_values` from the bias rows' gradients (§4 heads, §3 values, §2
+    interaction, §1 summary): the weight gradients asked for, into ``g``; returns ``(dmean, dmax)``
+    (``[M, B, d]`` each, the pooled summary's gradients) when H needs them, else ``(None, None)``."""
+    M, d, k = spec.M, spec.d, spec.k
+    summary_in, e_pre, e, s_bm, u, r_pre, r1, r, t = (kept.pop(n) for n in (
+        "summary_in", "e_pre", "e", "s_bm", "u", "r_pre", "r1", "r", "t"))
+    if not chain["heads"]:
+        return None, None
+    B = s_bm.shape[0]
+    # heads: t = tanh((hb + r hw^T) / 2), so dz = tanh'(.) dt / 2; the 1/2 rides on the GEMMs
+    for dr, rw, out in zip(drows, P["rw"].split(dims), dt_half.unbind(0)):
+        torch.addmm(P["zero"], dr, rw[:, :k], beta=0.0, alpha=0.25, out=out)
+    if dt_extra is not None:
+        dt_half = dt_half + 0.5 * dt_extra
+    dzh = torch.ops.aten.tanh_backward(dt_half.to(t.dtype), t)
+    del dt_half, t
+    _linear_grads(g, need, "hw", "hb", dzh, r)
+    if not chain["v2"]:
+        return None, None
+    dr_ = torch.bmm(dzh, P["hw"])  # §3 values
+    del dzh
+    _linear_grads(g, need, "vw2", "vb2", dr_, r1)
+    if not chain["v1"]:
+        return None, None
+    dr_pre = torch.ops.aten.gelu_backward(torch.bmm(dr_, P["vw2"]), r_pre)
+    del dr_
+    _linear_grads(g, need, "vw1", "vb1", dr_pre, u.transpose(0, 1))
+    if not chain["e2"]:
+        return None, None
+    width = len(spec.u_blocks) * d
+    if du_buf is not None and not torch.compiler.is_compiling():
+        # written as [B, M, width], the layout the interaction reads (a compiler fuses the
+        # transpose itself, and Dynamo takes no strided out=)
+        du = du_buf
+        torch.bmm(dr_pre, P["vw1"], out=du.transpose(0, 1))
+    else:
+        du = torch.bmm(dr_pre, P["vw1"]).transpose(0, 1)  # [B, M, width]
+    del dr_pre
+    if width != (3 * M - 1) * d:
+        full = du.new_zeros(B, M, 3 * M - 1, d)
+        full[:, :, list(spec.u_blocks)] = du.reshape(B, M, len(spec.u_blocks), d)
+        du = full.view(B, M, (3 * M - 1) * d)
+    # §2 interaction, §1 summary
+    ds = ns.interaction_backward(du.contiguous(), s_bm).transpose(0, 1)  # [M, B, d]
+    del du
+    _linear_grads(g, need, "ew2", "eb2", ds, e)
+    if not chain["e1"]:
+        return None, None
+    de_pre = torch.ops.aten.gelu_backward(torch.bmm(ds, P["ew2"]), e_pre)
+    del ds
+    _linear_grads(g, need, "ew1", "eb1", de_pre, summary_in)
+    if not need_summary:
+        return None, None
+    return torch.bmm(de_pre, P["ew1"][:, :, :d]), torch.bmm(de_pre, P["ew1"][:, :, d:])  # contiguous per m
+
+
+def _autocast_operands(spec, xs, params):
+    """Under autocast: the features and every GEMM weight in the autocast dtype, one cast for all
+    (the bias-row GEMM, the LayerNorm and the zero stay as given)."""
+    low = [i for i, n in enumerate(_param_slots(spec)) if n not in _FULL_PRECISION and params[i] is not None]
+    _, cast = _cast_group(xs + [params[i] for i in low], spec.low)
+    params = list(params)
+    for i, t in zip(low, cast[len(xs):]):
+        params[i] = t
+    return list(cast[:len(xs)]), params
+
+
+def _norm_params(P, xs, dims, bias=True):
+    """The LayerNorm's weight and bias of each modality, in gate_norm's statistics dtype."""
+    pdt = _pdt(xs[0])
+    lnws = [w.to(pdt) for w in P["lnw"].split(dims)]
+    return lnws, ([b.to(pdt) for b in P["lnb"].split(dims)] if bias else None)
 
 
 class _FusedVGMR(torch.autograd.Function):
     """The whole layer as one autograd node: the raw fused ops, the GEMMs, and a backward written
-    out by hand, so that it launches what the math needs (no per-piece scatters, no zero-filled
-    gradients of unused outputs) and saves only what it cannot cheaply recompute: the P
-    pre-activation, H, Zpre (or, with ``recompute_gate_gemm``, not even Zpre), and small per-row
-    or per-sample tensors. Inputs: ``spec, seeds, *xs, *masks, *params, zero``; outputs:
-    ``*ys, t (when the value heads exist), *zpres, *rows`` (the last three feed the auxiliaries).
+    out by hand, stage by stage (§5 back to §1), so that it launches what the math needs (no
+    per-piece scatters, no zero-filled gradients of unused outputs, only the gradients asked for)
+    and keeps only what it cannot cheaply recompute: P's pre-activation, Zpre (or, with
+    ``recompute_gate_gemm``, not even that), and small per-row or per-sample tensors, each dropped
+    at its last use in the backward. Inputs: ``spec, seeds, *xs, *masks, *params``; outputs:
+    ``*ys``, and with ``spec.aux`` also ``t (when the value heads exist), *zpres, *rows``.
     """
 
     @staticmethod
     def forward(ctx, spec, seeds, *flat):
-        M, d, k = spec.M, spec.d, spec.k
+        M, d = spec.M, spec.d
         ns = _backend.namespace(spec.backend)
         # the raw ops read dense rows (no-ops for the usual contiguous inputs)
-        xs = [x.contiguous() for x in flat[:M]]
+        xs_given = [x.contiguous() for x in flat[:M]]
         masks = [None if mk is None else mk.contiguous() for mk in flat[M:2 * M]]
-        params = list(flat[2 * M:])
-        xs_full = xs  # gate_norm reads the features as given (float32 under autocast)
+        params_given = list(flat[2 * M:])
+        xs, params = xs_given, params_given  # what the GEMMs read
         if spec.low is not None:
-            # autocast: the features and every GEMM weight in the autocast dtype, one cast for all
-            low = [i for i, n in enumerate(_param_slots(spec)) if n not in _FULL_PRECISION and params[i] is not None]
-            _, cast = _cast_group(xs + [params[i] for i in low], spec.low)
-            xs = cast[:M]
-            for i, t in zip(low, cast[M:]):
-                params[i] = t
-        P = _unflatten_params(spec, params)
+            xs, params = _autocast_operands(spec, xs_given, params_given)
+        P, P_given = _unflatten_params(spec, params), _unflatten_params(spec, params_given)
         B = xs[0].shape[0]
         Ts, dims = [x.shape[1] for x in xs], [x.shape[2] for x in xs]
+        rows_per = [B * T for T in Ts]
         x2s = [x.reshape(B * T, D) for x, T, D in zip(xs, Ts, dims)]
-        xo = [_x_gemm(x2, w, b, u, d) for x2, w, b, u in zip(x2s, P["xw"], P["xb"], P["gu"])]
-        if spec.mlp:
-            pre_all = torch.cat([o[0] for o in xo])
-            acts = F.gelu(pre_all).split([B * T for T in Ts])
-            hs = [torch.addmm(b2, a, w2.t()) for a, w2, b2 in zip(acts, P["w2"].unbind(0), P["b2"].unbind(0))]
-        else:
-            pre_all = None
-            hs = [o[0].contiguous() for o in xo]
-        saved_small = []
-        if k:
-            pooled, argmaxes = [], []
-            for h, T, mk in zip(hs, Ts, masks):
-                mean, mx, am = ns.summary_pool(h.view(B, T, d), mk)
-                pooled += [mean, mx]
-                argmaxes.append(am)
-            summary_in = torch.stack(pooled, dim=1).view(B, M, 2 * d).transpose(0, 1)  # [M, B, 2d]
-            e_pre = torch.baddbmm(P["eb1"].unsqueeze(1), summary_in, P["ew1"].transpose(1, 2))
-            e = F.gelu(e_pre)
-            s = torch.baddbmm(P["eb2"].unsqueeze(1), e, P["ew2"].transpose(1, 2))
-            s_bm = s.transpose(0, 1).contiguous()  # the interaction op reads [B, M, d]
-            u = ns.interaction(s_bm)
-            if len(spec.u_blocks) != 3 * M - 1:
-                u = u.view(B, M, 3 * M - 1, d)[:, :, list(spec.u_blocks)].reshape(B, M, len(spec.u_blocks) * d)
-            u_t = u.transpose(0, 1)
-            r_pre = torch.baddbmm(P["vb1"].unsqueeze(1), u_t, P["vw1"].transpose(1, 2))
-            r1 = F.gelu(r_pre)
-            r = torch.baddbmm(P["vb2"].unsqueeze(1), r1, P["vw2"].transpose(1, 2))
-            t = torch.tanh(torch.baddbmm(P["hb"].unsqueeze(1), r, P["hw"].transpose(1, 2), beta=0.5, alpha=0.5))
-            t_ext = F.pad(t, (0, spec.nb), value=2.0).to(P["rw"].dtype)
-            saved_small = [summary_in, e_pre, e, s_bm, u, r_pre, r1, r, t, *argmaxes]
-        else:
-            t = None
-            t_ext = xs[0].new_full((M, B, spec.nb), 2.0, dtype=P["rw"].dtype)
-        row_ws = P["rw"].split(dims)
-        rows = [torch.addmm(P["zero"], tm, rw.t(), beta=0.0, alpha=0.5) for tm, rw in zip(t_ext.unbind(0), row_ws)]
-        zpres = [_zpre(o[1], b, u, h, wh, d).view(B, T, D)
-                 for o, b, u, h, wh, T, D in zip(xo, P["xb"], P["gu"], hs, P["wh"], Ts, dims)]
-        kept_a = [] if spec.recompute else [o[1] for o, u in zip(xo, P["gu"]) if u is not None]
-        del xo
+        pre_all, tails = _projection(spec, P, x2s, rows_per)
+        _, hs = _hidden(spec, P, pre_all, rows_per)
+        t, t_ext, kept_values = _values(spec, ns, P, hs, masks, B, Ts)
+        rows = _bias_rows(spec, P, [b[d:] for b in P_given["xb"]], t_ext, dims)
+        a_low = [None if u is None else tail for tail, u in zip(tails, P["gu"])]
+        zpres = [_zpre(tail, u, h, wh).view(B, T, D) for tail, u, h, wh, T, D in zip(tails, P["gu"], hs, P["wh"], Ts, dims)]
+        del tails
         # under autocast gate_norm runs in float32 on the features as given: Zpre (the GEMMs'
         # output, in the autocast dtype) is cast once for all modalities
-        zpres_g = zpres if spec.low is None else _cast_group(zpres, xs_full[0].dtype)[1]
-        pdt = _pdt(xs_full[0])
-        lnws = [w.to(pdt) for w in P["lnw"].split(dims)]
-        lnbs = [b.to(pdt) for b in P["lnb"].split(dims)]
-        rows_p = [r_.to(pdt) for r_ in rows]
-        ys, stats = [], []
-        if spec.grouped:  # every modality in one operator call
-            ys, means, rstds = ns.gate_norm_grouped(zpres_g, rows_p, list(xs_full), lnws, lnbs,
-                                                    spec.alpha, spec.beta, spec.p, seeds)
-            ys = list(ys)
-            for mean, rstd in zip(means, rstds):
-                stats += [mean, rstd]
-        else:
-            for m in range(M):
-                y, mean, rstd = ns.gate_norm(zpres_g[m], rows_p[m], xs_full[m], lnws[m], lnbs[m],
-                                             spec.alpha, spec.beta, spec.p, _seed_arg(seeds, m))
-                ys.append(y)
-                stats += [mean, rstd]
-        outs = tuple(ys + ([t] if k else []) + zpres_g + rows)
+        zpres_g = zpres if spec.low is None else _cast_group(zpres, xs_given[0].dtype)[1]
+        lnws, lnbs = _norm_params(P, xs_given, dims)
+        rows = [r_.to(_pdt(xs_given[0])) for r_ in rows]
+        ys, stats = _gate_norm(spec, ns, zpres_g, rows, xs_given, lnws, lnbs, seeds)
+        outs = tuple(ys + (([t] if spec.k else []) + zpres_g + rows if spec.aux else []))
         if ctx is None:  # no gradient asked for: nothing to keep
             return outs
         ctx.set_materialize_grads(False)
         ctx.spec, ctx.shape = spec, (B, tuple(Ts), tuple(dims))
         ctx.has_mask = [mk is not None for mk in masks]
-        kept_z = [] if spec.recompute else zpres
-        kept_h = [] if spec.mlp else hs  # H is recomputed from the saved pre-activation
-        full_x = [] if spec.low is None else xs_full
-        ctx.save_for_backward(seeds, *xs, *full_x, *[mk for mk in masks if mk is not None], *params,
-                              pre_all, *kept_h, *kept_z, *kept_a, t_ext, *rows_p, *stats, *saved_small)
+        kept = dict(xs_low=None if spec.low is None else xs, params_low=None if spec.low is None else params,
+                    pre_all=pre_all, hs=None if spec.mlp else hs, zpres=None if spec.recompute else zpres,
+                    a_low=None if spec.recompute else a_low, t_ext=t_ext, rows=rows, stats=stats, **kept_values)
+        _keep(ctx, [seeds, *xs_given, *[mk for mk in masks if mk is not None], *params_given], kept,
+              release=not spec.aux and not torch.compiler.is_compiling())
         return outs
 
     @staticmethod
@@ -176,227 +354,185 @@ class _FusedVGMR(torch.autograd.Function):
         M, d, k = spec.M, spec.d, spec.k
         ns = _backend.namespace(spec.backend)
         B, Ts, dims = ctx.shape
-        saved = list(ctx.saved_tensors)
-        seeds = saved.pop(0)
-        xs = [saved.pop(0) for _ in range(M)]
-        xs_full = xs if spec.low is None else [saved.pop(0) for _ in range(M)]
-        masks = [saved.pop(0) if has else None for has in ctx.has_mask]
-        n_params = _param_count(spec)
-        flat_params = [saved.pop(0) for _ in range(n_params)]
-        P = _unflatten_params(spec, flat_params)
-        pre_all = saved.pop(0)
-        if spec.mlp:  # GELU and P's second GEMM again, instead of saving H and the GELU output
-            acts = F.gelu(pre_all).split([B * T for T in Ts])
-            hs = [torch.addmm(b2, a, w2.t()) for a, w2, b2 in zip(acts, P["w2"].unbind(0), P["b2"].unbind(0))]
-        else:
-            hs = [saved.pop(0) for _ in range(M)]
+        rows_per = [B * T for T in Ts]
+        inputs, kept = _take(ctx)
+        seeds, xs_given = inputs[0], inputs[1:1 + M]
+        n_masks = sum(ctx.has_mask)
+        present = list(inputs[1 + M:1 + M + n_masks])
+        masks = [present.pop(0) if has else None for has in ctx.has_mask]
+        params_given = list(inputs[1 + M + n_masks:])
+        del inputs
+        xs = kept.pop("xs_low") or xs_given
+        params = kept.pop("params_low") or params_given
+        P = _unflatten_params(spec, params)
         x2s = [x.reshape(B * T, D) for x, T, D in zip(xs, Ts, dims)]
-        if spec.recompute:
-            # the forward's GEMMs again, same shapes and strides: bit for bit the Zpre gate_norm saw
-            tails = [_x_gemm(x2, w, b, u, d)[1] for x2, w, b, u in zip(x2s, P["xw"], P["xb"], P["gu"])]
-            zpres = [_zpre(tail, b, u, h, wh, d).view(B, T, D)
-                     for tail, b, u, h, wh, T, D in zip(tails, P["xb"], P["gu"], hs, P["wh"], Ts, dims)]
-            a_low = [tail if u is not None else None for tail, u in zip(tails, P["gu"])]
-            tails = None
-        else:
-            zpres = [saved.pop(0) for _ in range(M)]
-            a_low = [saved.pop(0) if u is not None else None for u in P["gu"]]
-        if spec.low is not None:  # the forward's cast again: the Zpre gate_norm saw
-            zpres = _cast_group(zpres, xs_full[0].dtype)[1]
-        t_ext = saved.pop(0)
-        rows_p = [saved.pop(0) for _ in range(M)]
-        stats = [saved.pop(0) for _ in range(2 * M)]
-        if k:
-            summary_in, e_pre, e, s_bm, u, r_pre, r1, r, t = saved[:9]
-            argmaxes = saved[9:9 + M]
+        pre_all = kept.pop("pre_all")
+        need_x, need, need_p1, need_h, chain = _needs(spec, ctx.needs_input_grad)
         dys = grads[:M]
-        dt_extra = grads[M] if k else None
-        dz_extra = grads[M + (1 if k else 0):][:M]
-        drow_extra = grads[M + (1 if k else 0) + M:][:M]
-        pdt = _pdt(xs_full[0])
-        lnws = [w.to(pdt) for w in P["lnw"].split(dims)]
+        aux_grads = grads[M:] if spec.aux else ()
+        dt_extra = aux_grads[0] if aux_grads and k else None
+        dz_extra = list(aux_grads[(1 if k else 0):][:M]) or [None] * M
+        drow_extra = list(aux_grads[(1 if k else 0) + M:][:M]) or [None] * M
+        lnws, _ = _norm_params(P, xs_given, dims, bias=False)
 
-        # Only the gradients asked for: the inputs' and each parameter's needs_input_grad, and
-        # each stage of the chain back to X only when something before it needs it.
-        need_x = list(ctx.needs_input_grad[2:2 + M])
-        need = _unflatten_params(spec, ctx.needs_input_grad[2 + 2 * M:])
-        need_p1 = [need_x[m] or need["xw"][m] or need["xb"][m] for m in range(M)]  # P's first layer
-        need_h = [need_p1[m] or (spec.mlp and (need["w2"] or need["b2"])) for m in range(M)]  # dH_m
-        chain, below = {}, any(need_h)
-        for stage in ("e1", "e2", "v1", "v2", "heads"):  # from the summary back to the heads
-            w_name, b_name = {"e1": ("ew1", "eb1"), "e2": ("ew2", "eb2"), "v1": ("vw1", "vb1"),
-                              "v2": ("vw2", "vb2"), "heads": ("hw", "hb")}[stage]
-            below = below or bool(need.get(w_name)) or bool(need.get(b_name))
-            chain[stage] = bool(k) and below
-
-        # §5 gate_norm
-        dys = [torch.zeros_like(x) if dy is None else dy.to(x.dtype).contiguous() for dy, x in zip(dys, xs_full)]
-        if spec.grouped:
-            grouped = ns.gate_norm_grouped_backward(dys, zpres, rows_p, list(xs_full), lnws, stats[0::2], stats[1::2],
-                                                    spec.alpha, spec.beta, spec.p, seeds, need_x)
-            per_modality = list(zip(*grouped))
+        # §5 gate_norm (Zpre recomputed first with recompute_gate_gemm: the forward's GEMMs, same
+        # shapes and strides, so bit for bit the Zpre gate_norm saw)
+        acts = hs = None
+        if spec.recompute:
+            _, tails = _projection(spec, P, x2s, rows_per)
+            acts, hs = _hidden(spec, P, pre_all, rows_per)
+            a_low = [None if u is None else tail for tail, u in zip(tails, P["gu"])]
+            zpres = [_zpre(tail, u, h, wh).view(B, T, D)
+                     for tail, u, h, wh, T, D in zip(tails, P["gu"], hs, P["wh"], Ts, dims)]
+            del tails
         else:
-            per_modality = [ns.gate_norm_backward(dys[m], zpres[m], rows_p[m], xs_full[m], lnws[m], stats[2 * m],
-                                                  stats[2 * m + 1], spec.alpha, spec.beta, spec.p,
-                                                  _seed_arg(seeds, m), need_x[m]) for m in range(M)]
-        dys = zpres = stats = None
+            zpres, a_low = kept.pop("zpres"), kept.pop("a_low")
+        if spec.low is not None:  # the forward's cast again: the Zpre gate_norm saw
+            zpres = _cast_group(zpres, xs_given[0].dtype)[1]
+        dys = [torch.zeros_like(x) if dy is None else dy.to(x.dtype).contiguous() for dy, x in zip(dys, xs_given)]
+        per_modality = _gate_norm_backward(spec, ns, dys, zpres, kept.pop("rows"), list(xs_given), lnws,
+                                           kept.pop("stats"), seeds, need_x)
+        del dys, zpres
         dzs, drows, dxs, dlnw, dlnb = [], [], [], [], []
-        for m in range(M):
-            dz, drow, dx, dw, db = per_modality[m]
+        for m, (dz, drow, dx, dw, db) in enumerate(per_modality):
             if dz_extra[m] is not None:
                 dz = dz + dz_extra[m]
             if drow_extra[m] is not None:
                 drow = drow + drow_extra[m]
             dzs.append(dz.view(B * Ts[m], dims[m]))
             drows.append(drow.to(P["rw"].dtype))
-            dxs.append(dx if need_x[m] else None)
+            dxs.append(dx.view(B * Ts[m], dims[m]) if need_x[m] else None)
             dlnw.append(dw)
             dlnb.append(db)
-        per_modality = None
+        del per_modality, dz, drow, dx, dw, db
         if spec.low is not None:  # the GEMMs below take dZ in the autocast dtype
-            dzs = _cast_group(dzs, spec.low)[1]
-        # One workspace holds every gradient that gathers per-modality pieces: each GEMM writes its
-        # piece in place (out=), so gathering costs one allocation instead of a cat / stack each
-        # (under autocast a second one, float32, for the bias-row GEMM's gradients).
+            dzs = list(_cast_group(dzs, spec.low)[1])
+
+        # The gradients that gather per-modality pieces share one allocation: each GEMM writes its
+        # piece in place (out=), so gathering costs no cat / stack (under autocast a second one,
+        # float32, for the bias-row GEMM's gradients).
         ws = _Workspace(xs[0])
         ws_full = ws if P["rw"].dtype == xs[0].dtype else _Workspace(P["rw"])
-        width = len(spec.u_blocks) * d
         ws_rw = ws_full.take(sum(dims), P["rw"].shape[1]) if need["rw"] else None
-        if chain["heads"]:
-            ws_dt = ws_full.take(M, B, k)
-            ws_du = ws.take(B, M, width) if chain["e2"] and width == (3 * M - 1) * d else None
+        ws_dt = ws_full.take(M, B, k) if chain["heads"] else None
+        width = len(spec.u_blocks) * d
+        ws_du = ws.take(B, M, width) if chain["e2"] and width == (3 * M - 1) * d else None
         ws_w2 = ws.take(M, d, d) if spec.mlp and need["w2"] else None
-        ws_dh = ws.take(sum(B * T for T in Ts), d) if spec.mlp and need["b2"] else None  # b2: one reduction
-        ws_dact = ws.take(sum(B * T for T in Ts), d) if spec.mlp and all(need_p1) else None
+        ws_b2 = ws.take(M, d) if spec.mlp and need["b2"] else None
         ws_xw = [ws.take(d + (D if r is None else r), D) if need["xw"][m] else None
                  for m, (D, r) in enumerate(zip(dims, spec.ranks))]
         ws_xb = [ws.take(d + D) if need["xb"][m] else None for m, D in enumerate(dims)]
         ws.allocate()
         if ws_full is not ws:
             ws_full.allocate()
-        g = {}
+        g = {"xw": [None if w is None else w() for w in ws_xw], "xb": [None if b is None else b() for b in ws_xb],
+             "gu": [None] * M, "wh": [None] * M}
         if spec.low is None:  # (under autocast the final cast gathers them)
             if need["lnw"]:
                 g["lnw"] = torch.cat(dlnw).to(P["lnw"].dtype)
             if need["lnb"]:
                 g["lnb"] = torch.cat(dlnb).to(P["lnb"].dtype)
-        # §4 bias rows: rows_m = (t_ext_m RW_m^T) / 2
+
+        # §4 bias rows: rows_m = b_r + (t_ext_m RW_m^T) / 2
+        t_ext = kept.pop("t_ext")
         if ws_rw is not None:
-            for dr, tm, out in zip(drows, t_ext.unbind(0), ws_rw().split(dims)):
-                torch.addmm(P["zero"], dr.t(), tm, beta=0.0, alpha=0.5, out=out)
             g["rw"] = ws_rw()
-        g["wh"] = [torch.mm(dz.t(), h) if need["wh"][m] else None for m, (dz, h) in enumerate(zip(dzs, hs))]
-        dhs = [None] * M
-        if chain["heads"]:
-            # heads: t = tanh((hb + r hw^T) / 2), so dz = tanh'(.) dt / 2; the 1/2 rides on the GEMMs
-            dt_half = ws_dt()
-            for dr, rw, out in zip(drows, P["rw"].split(dims), dt_half.unbind(0)):
-                torch.addmm(P["zero"], dr, rw[:, :k], beta=0.0, alpha=0.25, out=out)
-            if dt_extra is not None:
-                dt_half = dt_half + 0.5 * dt_extra
-            dzh = torch.ops.aten.tanh_backward(dt_half.to(t.dtype), t)
-            dt_half = None
-            _linear_grads(g, need, "hw", "hb", dzh, r)
-        drows = None
-        if chain["v2"]:
-            # §3 values
-            dr_ = torch.bmm(dzh, P["hw"])
-            dzh = None
-            _linear_grads(g, need, "vw2", "vb2", dr_, r1)
-        if chain["v1"]:
-            dr_pre = torch.ops.aten.gelu_backward(torch.bmm(dr_, P["vw2"]), r_pre)
-            dr_ = None
-            _linear_grads(g, need, "vw1", "vb1", dr_pre, u.transpose(0, 1))
-        if chain["e2"]:
-            if ws_du is not None and not torch.compiler.is_compiling():
-                # written as [B, M, width], the layout the interaction reads (a compiler fuses the
-                # transpose itself, and Dynamo takes no strided out=)
-                du = ws_du()
-                torch.bmm(dr_pre, P["vw1"], out=du.transpose(0, 1))
-            else:
-                du = torch.bmm(dr_pre, P["vw1"]).transpose(0, 1)  # [B, M, width]
-            dr_pre = None
-            if len(spec.u_blocks) != 3 * M - 1:
-                full = du.new_zeros(B, M, 3 * M - 1, d)
-                full[:, :, list(spec.u_blocks)] = du.reshape(B, M, len(spec.u_blocks), d)
-                du = full.view(B, M, (3 * M - 1) * d)
-            # §2 interaction, §1 summary
-            ds = ns.interaction_backward(du.contiguous(), s_bm).transpose(0, 1)  # [M, B, d]
-            du = None
-            _linear_grads(g, need, "ew2", "eb2", ds, e)
-        if chain["e1"]:
-            de_pre = torch.ops.aten.gelu_backward(torch.bmm(ds, P["ew2"]), e_pre)
-            ds = None
-            _linear_grads(g, need, "ew1", "eb1", de_pre, summary_in)
-            if any(need_h):
-                dmean = torch.bmm(de_pre, P["ew1"][:, :, :d])  # [M, B, d], contiguous per modality
-                dmax = torch.bmm(de_pre, P["ew1"][:, :, d:])
-                dhs = [ns.summary_pool_backward(dmean[m], dmax[m], masks[m], argmaxes[m], Ts[m]).view(B * Ts[m], d)
-                       if need_h[m] else None for m in range(M)]
-                dmean = dmax = None
-            de_pre = None
-        # gate GEMM: zpre = (x W_r^T + b_r) + h W_h^T
-        if ws_dh is not None:  # every modality's dH, written into one buffer
-            pieces = ws_dh().split([B * T for T in Ts])
-            dhs = [torch.mm(dz, wh, out=out) if dh is None else torch.addmm(dh, dz, wh, out=out)
-                   for dh, dz, wh, out in zip(dhs, dzs, P["wh"], pieces)]
-        else:
-            dhs = [None if not need_h[m] else dz @ wh if dh is None else dh.addmm_(dz, wh)
-                   for m, (dh, dz, wh) in enumerate(zip(dhs, dzs, P["wh"]))]
-        dpres = dhs
-        if spec.mlp:
-            if ws_w2 is not None:
-                g["w2"] = ws_w2()
-                for dh, a, out in zip(dhs, acts, g["w2"].unbind(0)):
-                    torch.mm(dh.t(), a, out=out)
-            if need["b2"]:
-                lengths = torch.tensor([B * T for T in Ts], device=pre_all.device)
-                g["b2"] = torch.segment_reduce(ws_dh(), "sum", lengths=lengths)  # [M, d], one launch
-            acts = None
-            if ws_dact is not None:  # every modality: one GELU backward over all rows
-                dact = ws_dact()
-                for dh, w2, out in zip(dhs, P["w2"].unbind(0), dact.split([B * T for T in Ts])):
-                    torch.mm(dh, w2, out=out)
-                dhs = None
-                dpres = list(torch.ops.aten.gelu_backward(dact, pre_all).split([B * T for T in Ts]))
-                dact = None
-            else:
-                pres = pre_all.split([B * T for T in Ts])
-                dpres = [torch.ops.aten.gelu_backward(dh @ w2, pre) if need_p1[m] else None
-                         for m, (dh, w2, pre) in enumerate(zip(dhs, P["w2"].unbind(0), pres))]
-                dhs = None
-        # [P1; W_r] (or [P1; V^T]) share one GEMM on X: each half of its weight gradient is written
-        # into its final buffer, and dX accumulates in place into gate_norm's dX (no [BT, d + D] buffer)
-        g["xw"], g["xb"], g["gu"], dx_out = [None] * M, [None] * M, [None] * M, [None] * M
+            for dr, tm, out in zip(drows, t_ext.unbind(0), g["rw"].split(dims)):
+                torch.addmm(P["zero"], dr.t(), tm, beta=0.0, alpha=0.5, out=out)
+        for m, gb in enumerate(g["xb"]):
+            if gb is not None:
+                torch.sum(drows[m], 0, out=gb[d:])
+        del t_ext
+        dmean = dmax = None
+        if k:
+            dmean, dmax = _values_backward(spec, ns, P, kept, g, need, chain, drows, dt_extra, dims,
+                                           None if ws_dt is None else ws_dt(), None if ws_du is None else ws_du(),
+                                           any(need_h))
+        argmaxes = kept.pop("argmaxes", None)
+        del drows
+
+        # §1 and the §4 gate GEMM, modality by modality: Zpre = X W_r^T + H W_h^T (low rank
+        # A U^T + H W_h^T), H = GELU(X P1^T + b1) P2^T + b2; each modality's dZ is dropped at its
+        # last use, and dX accumulates in place into gate_norm's dX
+        if not spec.mlp:
+            hs = list(pre_all.split(rows_per))  # H is P's (linear) output
+        elif acts is None and (any(need["wh"]) or any(need_h)):
+            acts = F.gelu(pre_all)  # H itself is recomputed per modality, at its use
+        acts_m = acts.split(rows_per) if acts is not None else [None] * M
+        dacts = None  # GELU's output gradient of every modality, allocated once the first dZ is gone
+        dpres, dx_low = [None] * M, [None] * M
         for m in range(M):
-            dpre, dz, x2, u = dpres[m], dzs[m], x2s[m], P["gu"][m]
-            dtail = dz  # the gradient of the shared GEMM's tail: dZ at full rank, dA = dZ U at low rank
+            dz, x2, u, wh = dzs[m], x2s[m], P["gu"][m], P["wh"][m]
+            if need["wh"][m]:
+                h = hs[m] if hs is not None else torch.addmm(P["b2"][m], acts_m[m], P["w2"][m].t())
+                g["wh"][m] = torch.mm(dz.t(), h)
+                del h
+            dtail = dz  # the gradient of the tail: dZ at full rank, dA = dZ U at low rank
             if u is not None:  # §4a: dU = dZ^T A, dA = dZ U
                 if need["gu"][m]:
                     g["gu"][m] = torch.mm(dz.t(), a_low[m])
                 dtail = torch.mm(dz, u) if need_x[m] or need["xw"][m] else None
-            if ws_xw[m] is not None:
-                gw = ws_xw[m]()
-                torch.mm(dpre.t(), x2, out=gw[:d])
-                torch.mm(dtail.t(), x2, out=gw[d:])
-                g["xw"][m] = gw
-            if ws_xb[m] is not None:
-                gb = ws_xb[m]()
-                torch.sum(dpre, 0, out=gb[:d])
-                torch.sum(dz, 0, out=gb[d:])
-                g["xb"][m] = gb
-            if need_x[m]:
-                w = P["xw"][m]
-                dx = dxs[m].view(B * Ts[m], dims[m])
+            if g["xw"][m] is not None:
+                torch.mm(dtail.t(), x2, out=g["xw"][m][d:])
+            dh = None
+            if need_h[m]:
+                if dmean is not None:
+                    dh = ns.summary_pool_backward(dmean[m], dmax[m], masks[m], argmaxes[m], Ts[m])
+                    dh = dh.view(B * Ts[m], d).addmm_(dz, wh)
+                else:
+                    dh = torch.mm(dz, wh)
+            if need_x[m]:  # (under autocast gathered in the autocast dtype, added to the float32 dX once)
                 if spec.low is None:
-                    dx.addmm_(dpre, w[:d]).addmm_(dtail, w[d:])
-                else:  # accumulated in float32, the features' dtype
-                    dx.add_(torch.mm(dpre, w[:d]).addmm_(dtail, w[d:]))
-                dx_out[m] = dx.view(B, Ts[m], dims[m])
-            dpres[m] = dzs[m] = dtail = None  # free each modality's buffers at their last use
+                    dxs[m].addmm_(dtail, P["xw"][m][d:])
+                else:
+                    dx_low[m] = torch.mm(dtail, P["xw"][m][d:])
+            dzs[m] = dz = dtail = None
+            if dh is None:
+                continue
+            if spec.mlp:
+                if ws_w2 is not None:
+                    torch.mm(dh.t(), acts_m[m], out=ws_w2()[m])
+                if ws_b2 is not None:
+                    torch.sum(dh, 0, out=ws_b2()[m])
+                if need_p1[m]:
+                    if dacts is None:
+                        dacts = pre_all.new_empty(pre_all.shape)
+                    torch.mm(dh, P["w2"][m], out=dacts.split(rows_per)[m])
+            else:
+                dpres[m] = dh
+            del dh
+        del dzs, acts, acts_m, hs
+        if spec.mlp:
+            if ws_w2 is not None:
+                g["w2"] = ws_w2()
+            if ws_b2 is not None:
+                g["b2"] = ws_b2()
+            if dacts is not None:  # every modality: one GELU backward over all rows
+                dpres = list(torch.ops.aten.gelu_backward(dacts, pre_all).split(rows_per))
+            del dacts
+        del pre_all
+        for m in range(M):
+            dpre = dpres[m]
+            if dpre is None or not need_p1[m]:
+                continue
+            if g["xw"][m] is not None:
+                torch.mm(dpre.t(), x2s[m], out=g["xw"][m][:d])
+            if g["xb"][m] is not None:
+                torch.sum(dpre, 0, out=g["xb"][m][:d])
+            if need_x[m]:
+                if spec.low is None:
+                    dxs[m].addmm_(dpre, P["xw"][m][:d])
+                else:
+                    dx_low[m].addmm_(dpre, P["xw"][m][:d])
+            dpres[m] = dpre = None
+        for dx, dxl in zip(dxs, dx_low):
+            if dxl is not None:
+                dx.add_(dxl)
+        del dx_low
+        dx_out = [None if dx is None else dx.view(B, T, D) for dx, T, D in zip(dxs, Ts, dims)]
         if spec.low is not None:
             return (None, None, *_full_precision_grads(spec, g, dx_out, dlnw, dlnb, need))
-        return (None, None, *dx_out, *[None] * M, *_flatten_grads(spec, g, flat_params))
+        return (None, None, *dx_out, *[None] * M, *_flatten_grads(spec, g, params_given))
 
 
 class _Workspace:

@@ -404,7 +404,7 @@ class VGMR(nn.Module):
         low = torch.get_autocast_dtype(device.type) if autocast and self.norm_weight.dtype == torch.float32 else None
         spec = _Spec(*(M, self.d, self.alpha, self.beta, p, backend, self.projection == "mlp", self._k, self._nb,
                       tuple(self.u_blocks), self.recompute_gate_gemm,
-                      _backend.has_grouped(backend), low, tuple(self.gate_ranks)))
+                      _backend.has_grouped(backend), low, tuple(self.gate_ranks), bool(return_aux)))
         # indexed, not unpacked: Dynamo traces ParameterList indexing, not its iteration
         params = [self.x_weight[m] for m in range(M)] + [self.x_bias[m] for m in range(M)]
         if spec.mlp:

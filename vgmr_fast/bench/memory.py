@@ -5,10 +5,13 @@
 - CPU: torch 2.13 has no CPU allocator statistics API (``torch.cpu`` exposes no ``memory_*``),
   so the peak comes from the profiler: ``torch.profiler.profile(profile_memory=True)`` records
   every allocation and free that goes through c10's CPU allocator (all tensor storage, including
-  what oneDNN/MKL get through ATen and what torch.compile's generated code allocates); the running
-  sum of those signed sizes in time order, maximised, is the peak of bytes newly allocated during
-  the call. Memory held before the call (inputs, parameters) is not counted; gradients the call
-  allocates are. Allocations made outside c10 (e.g. a library's private scratch via malloc) are
+  what oneDNN/MKL get through ATen and what torch.compile's generated code allocates), with its
+  address; the running sum in time order of the sizes allocated during the call, less those of
+  these same blocks freed during it, maximised, is the peak of bytes newly allocated during the
+  call. Memory held before the call (inputs, parameters, the previous step's gradients) is not
+  counted, nor is its release: a step that drops gradients it did not allocate (``p.grad = None``)
+  gets no head start from them, whichever peer ran before it. Gradients the call allocates are
+  counted. Allocations made outside c10 (e.g. a library's private scratch via malloc) are
   not seen. No tracemalloc (it sees Python objects only).
 
 :func:`timeline` draws one call's memory over time by what it holds (parameters, inputs,
@@ -27,8 +30,9 @@ import sys
 import torch
 
 CPU_METHOD = ("torch.profiler profile_memory=True: max over time of the running sum of c10 CPU "
-              "allocator allocations/frees during one call (bytes newly allocated; inputs and "
-              "parameters held before the call not counted)")
+              "allocator allocations during one call less the frees of those same blocks (bytes "
+              "newly allocated; inputs, parameters and earlier gradients held before the call, and "
+              "their release, not counted)")
 GPU_METHOD = "torch.cuda.max_memory_allocated() - memory_allocated() before the call"
 
 
@@ -50,6 +54,19 @@ def _quiet_stderr():
         os.close(saved)
 
 
+def _allocations(prof):
+    """``(address, signed size)`` of every allocation and free the profiler saw, in time order."""
+    alloc = torch._C._profiler._EventType.Allocation
+    found, stack = [], list(reversed(prof.profiler.kineto_results.experimental_event_tree()))
+    while stack:  # depth first in recorded order, so that ties in time keep it
+        e = stack.pop()
+        stack.extend(reversed(e.children))
+        if e.tag == alloc:
+            found.append((e.start_time_ns, e.extra_fields.ptr, e.extra_fields.alloc_size))
+    found.sort(key=lambda item: item[0])
+    return [(ptr, size) for _, ptr, size in found]
+
+
 def peak_cpu(fn) -> int:
     from torch.profiler import ProfilerActivity, profile
 
@@ -61,12 +78,14 @@ def peak_cpu(fn) -> int:
     with _quiet_stderr():
         with prof:
             fn()
-    events = prof.profiler.kineto_results.events()
-    mem = [(e.start_ns(), i, e.nbytes()) for i, e in enumerate(events) if e.name() == "[memory]"]
-    mem.sort()
     cur = peak = 0
-    for _, _, nb in mem:
-        cur += nb
+    live = {}  # address -> size of the blocks allocated during the call
+    for ptr, size in _allocations(prof):
+        if size > 0:
+            live[ptr] = size
+            cur += size
+        elif ptr in live:
+            cur -= live.pop(ptr)
         peak = max(peak, cur)
     return int(peak)
 
