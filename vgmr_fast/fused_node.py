@@ -99,18 +99,18 @@ def _projection(spec, P, x2s, rows_per):
 
     ``pre_all``: P's pre-activation of every modality in one ``[sum B T_m, d]`` buffer (one GELU
     serves all). Full rank: tail = ``X W_r^T``, its own contiguous GEMM output, into which
-    ``H W_h^T`` accumulates (:func:`_zpre`; ``b_r`` rides in the bias row, whose sum with Zpre is
-    all the gate reads). Low rank: one GEMM on ``[P1; V^T]``, tail = ``A = X V``."""
+    ``H W_h^T`` accumulates (:func:`_zpre`; ``b_r`` is a bias column of the bias rows, whose sum
+    with Zpre is all the gate reads). Low rank: one GEMM on ``[P1; V^T]``, tail = ``A = X V``."""
     d = spec.d
     pre_all = x2s[0].new_empty(sum(rows_per), d)
     tails = []
     for x2, w, b, u, pre in zip(x2s, P["xw"], P["xb"], P["gu"], pre_all.split(rows_per)):
         if u is None:
-            torch.addmm(b[:d], x2, w[:d].t(), out=pre)
+            torch.addmm(b, x2, w[:d].t(), out=pre)
             tails.append(torch.mm(x2, w[d:].t()))
         else:
             o = torch.mm(x2, w.t())
-            torch.add(o[:, :d], b[:d], out=pre)
+            torch.add(o[:, :d], b, out=pre)
             tails.append(o[:, d:])
     return pre_all, tails
 
@@ -169,9 +169,10 @@ def _values(spec, ns, P, hs, masks, B, Ts):
     return t, t_ext, kept
 
 
-def _bias_rows(spec, P, b_rs, t_ext, dims):
-    """§4 the per-sample bias row of every modality: ``b_r + (t_ext RW^T) / 2``."""
-    return [torch.addmm(br, tm, rw.t(), alpha=0.5) for br, tm, rw in zip(b_rs, t_ext.unbind(0), P["rw"].split(dims))]
+def _bias_rows(spec, P, t_ext, dims):
+    """§4 the per-sample bias row of every modality: ``(t_ext RW^T) / 2`` (every bias, b_r among
+    them, meets a constant 2 of ``t_ext``)."""
+    return [torch.addmm(P["zero"], tm, rw.t(), beta=0.0, alpha=0.5) for tm, rw in zip(t_ext.unbind(0), P["rw"].split(dims))]
 
 
 def _gate_norm(spec, ns, zpres, rows, xs, lnws, lnbs, seeds):
@@ -312,7 +313,7 @@ class _FusedVGMR(torch.autograd.Function):
         xs, params = xs_given, params_given  # what the GEMMs read
         if spec.low is not None:
             xs, params = _autocast_operands(spec, xs_given, params_given)
-        P, P_given = _unflatten_params(spec, params), _unflatten_params(spec, params_given)
+        P = _unflatten_params(spec, params)
         B = xs[0].shape[0]
         Ts, dims = [x.shape[1] for x in xs], [x.shape[2] for x in xs]
         rows_per = [B * T for T in Ts]
@@ -320,7 +321,7 @@ class _FusedVGMR(torch.autograd.Function):
         pre_all, tails = _projection(spec, P, x2s, rows_per)
         _, hs = _hidden(spec, P, pre_all, rows_per)
         t, t_ext, kept_values = _values(spec, ns, P, hs, masks, B, Ts)
-        rows = _bias_rows(spec, P, [b[d:] for b in P_given["xb"]], t_ext, dims)
+        rows = _bias_rows(spec, P, t_ext, dims)
         a_low = [None if u is None else tail for tail, u in zip(tails, P["gu"])]
         zpres = [_zpre(tail, u, h, wh).view(B, T, D) for tail, u, h, wh, T, D in zip(tails, P["gu"], hs, P["wh"], Ts, dims)]
         del tails
@@ -421,7 +422,7 @@ class _FusedVGMR(torch.autograd.Function):
         ws_b2 = ws.take(M, d) if spec.mlp and need["b2"] else None
         ws_xw = [ws.take(d + (D if r is None else r), D) if need["xw"][m] else None
                  for m, (D, r) in enumerate(zip(dims, spec.ranks))]
-        ws_xb = [ws.take(d + D) if need["xb"][m] else None for m, D in enumerate(dims)]
+        ws_xb = [ws.take(d) if need["xb"][m] else None for m in range(M)]
         ws.allocate()
         if ws_full is not ws:
             ws_full.allocate()
@@ -433,15 +434,12 @@ class _FusedVGMR(torch.autograd.Function):
             if need["lnb"]:
                 g["lnb"] = torch.cat(dlnb).to(P["lnb"].dtype)
 
-        # §4 bias rows: rows_m = b_r + (t_ext_m RW_m^T) / 2
+        # §4 bias rows: rows_m = (t_ext_m RW_m^T) / 2
         t_ext = kept.pop("t_ext")
         if ws_rw is not None:
             g["rw"] = ws_rw()
             for dr, tm, out in zip(drows, t_ext.unbind(0), g["rw"].split(dims)):
                 torch.addmm(P["zero"], dr.t(), tm, beta=0.0, alpha=0.5, out=out)
-        for m, gb in enumerate(g["xb"]):
-            if gb is not None:
-                torch.sum(drows[m], 0, out=gb[d:])
         del t_ext
         dmean = dmax = None
         if k:
@@ -518,7 +516,7 @@ class _FusedVGMR(torch.autograd.Function):
             if g["xw"][m] is not None:
                 torch.mm(dpre.t(), x2s[m], out=g["xw"][m][:d])
             if g["xb"][m] is not None:
-                torch.sum(dpre, 0, out=g["xb"][m][:d])
+                torch.sum(dpre, 0, out=g["xb"][m])
             if need_x[m]:
                 if spec.low is None:
                     dxs[m].addmm_(dpre, P["xw"][m][:d])

@@ -2,16 +2,18 @@
 
 Data flow, grouped across modalities wherever the shapes agree (one launch serves all M):
 
-    X_m -> [P1_m; W_r] GEMM (one per m: P's first layer and the gate's X W_r^T + b_r share X)
-        -> GELU of all modalities at once -> P2_m GEMM -> H_m -> summary_pool
+    X_m -> X P1_m^T + b1 (into one buffer of every modality) and X W_r^T (its own output)
+        -> GELU of all modalities at once -> P2 GEMM (batched when the modalities' rows agree)
+        -> H_m -> summary_pool
     [mean; max] of all m -> E (batched GEMMs over stacked [M, ...] weights) -> interaction
         -> V (batched GEMMs) -> the global and channel heads (one batched GEMM)
-        -> per-sample gate terms: one GEMM per modality into the bias row (A_g, A_c, every bias)
-    Zpre_m = (X W_r^T + b_r) + H_m W_h^T;   gate_norm(Zpre, bias_row, X) -> X~ (grouped when
-    the backend has a grouped kernel)
+        -> per-sample gate terms: one GEMM per modality into the bias row (A_g, A_c, every bias,
+           b_r among them)
+    Zpre_m = X W_r^T + H_m W_h^T (accumulated in place);   gate_norm(Zpre, bias_row, X) -> X~
+    (grouped when the backend has a grouped kernel)
 
 A low-rank raw gate (docs/math.md §4a) changes only the GEMM chain: the GEMM on X is
-[P1_m; V_m^T], giving P's pre-activation and A = X V, and X W_r^T + b_r becomes A U^T + b_r.
+[P1_m; V_m^T], giving P's pre-activation and A = X V, and X W_r^T becomes A U^T.
 The one autograd node of the fused path lives in :mod:`vgmr_fast.fused_node`.
 
 Parameters live in that layout (stacked ``[M, ...]`` where all modalities share a shape,
@@ -189,11 +191,12 @@ class VGMR(nn.Module):
         def param(*shape):
             return nn.Parameter(torch.empty(*shape))
 
-        # per modality: [P1; W_r] (low rank: [P1; V^T]) share X; P2 stacked (d x d for every m); W_h;
-        # the bias [b1; b_r] either way; U of each low-rank raw gate, keyed by modality index
+        # per modality: [P1; W_r] (low rank: [P1; V^T]) share X; P1's bias b1; P2 stacked (d x d for
+        # every m); W_h; U of each low-rank raw gate, keyed by modality index (b_r is a bias column
+        # of row_weight: it reaches the gate only through Zpre + bias row)
         ranks = self.gate_ranks
         self.x_weight = nn.ParameterList(param(d + (D if r is None else r), D) for D, r in zip(dims, ranks))
-        self.x_bias = nn.ParameterList(param(d + D) for D in dims)
+        self.x_bias = nn.ParameterList(param(d) for D in dims)
         self._low_rank = [r is not None for r in ranks]
         if any(self._low_rank):
             self.gate_u = nn.ParameterDict({str(m): param(D, r) for m, (D, r) in enumerate(zip(dims, ranks))
@@ -211,8 +214,8 @@ class VGMR(nn.Module):
         if k:
             self.head_weight, self.head_bias = param(M, k, d), param(M, k)
         # the per-sample gate terms of every modality, stacked along D: columns
-        # [A_g | A_c | b_h | b_g | b_c] (the biases multiply constant inputs, one GEMM per modality)
-        nb = 1 + g + (1 if self.use_channel_value else 0)
+        # [A_g | A_c | b_h | b_g | b_c | b_r] (the biases multiply constant inputs, one GEMM per modality)
+        nb = 2 + g + (1 if self.use_channel_value else 0)
         self._nb = nb
         self.row_weight = param(total, k + nb)
         self.norm_weight, self.norm_bias = param(total), param(total)
@@ -222,12 +225,12 @@ class VGMR(nn.Module):
             lead, tail = slice(0, d), slice(d, d + D)
             if self.projection == "mlp":
                 slots += [(pre + "proj.0.weight", f"x_weight.{m}", (lead,)),
-                          (pre + "proj.0.bias", f"x_bias.{m}", (lead,)),
+                          (pre + "proj.0.bias", f"x_bias.{m}", ()),
                           (pre + "proj.2.weight", "proj2_weight", (m,)),
                           (pre + "proj.2.bias", "proj2_bias", (m,))]
             else:
                 slots += [(pre + "proj.weight", f"x_weight.{m}", (lead,)),
-                          (pre + "proj.bias", f"x_bias.{m}", (lead,))]
+                          (pre + "proj.bias", f"x_bias.{m}", ())]
             for name, w, b in (("summary.0", "summary_w1", "summary_b1"), ("summary.2", "summary_w2", "summary_b2"),
                                ("value.0", "value_w1", "value_b1"), ("value.2", "value_w2", "value_b2")):
                 slots += [(pre + name + ".weight", w, (m,)), (pre + name + ".bias", b, (m,))]
@@ -243,7 +246,7 @@ class VGMR(nn.Module):
                 slots += [(pre + "gate_raw.u", f"gate_u.{m}", ()),
                           (pre + "gate_raw.v", f"x_weight.{m}", (slice(d, d + ranks[m]),))]
                 self._transposed.add(pre + "gate_raw.v")
-            slots += [(pre + "gate_raw.bias", f"x_bias.{m}", (tail,)),
+            slots += [(pre + "gate_raw.bias", "row_weight", (rows, k + nb - 1)),
                       (pre + "gate_latent.weight", f"gate_latent_weight.{m}", ()),
                       (pre + "gate_latent.bias", "row_weight", (rows, k))]
             if g:
@@ -327,23 +330,20 @@ class VGMR(nn.Module):
 
         # Per-modality pieces of stacked tensors are taken with split / unbind (one launch in the
         # backward: a cat / stack), never with indexing (a scatter and an add per piece).
-        # P's first layer, and X W_r^T + b_r from the same GEMM (unless the gate GEMM is stacked)
+        # P's first layer, and X W_r^T in its own output (H W_h^T accumulates into it; b_r rides
+        # in the bias row), unless the gate GEMM is stacked
         pres, zrs = [], []
         for m in range(M):
             if self._low_rank[m]:  # §4a: [P1; V^T] on X gives P's pre-activation and A = X V
-                b1, br = self.x_bias[m].split([d, dims[m]])
                 pre, a = torch.mm(x2s[m], self.x_weight[m].t()).split([d, self.gate_ranks[m]], dim=1)
-                pres.append(pre + b1)
-                zrs.append(a if stacked else torch.addmm(br, a, self._gate_u(m).t()))
+                pres.append(pre + self.x_bias[m])
+                zrs.append(a if stacked else torch.mm(a, self._gate_u(m).t()))
             elif stacked:
-                w1, wr = self.x_weight[m].split([d, dims[m]])
-                b1, br = self.x_bias[m].split([d, dims[m]])
-                pres.append(torch.addmm(b1, x2s[m], w1.t()))
+                pres.append(torch.addmm(self.x_bias[m], x2s[m], self.x_weight[m][:d].t()))
                 zrs.append(None)
             else:
-                pre, zr = torch.addmm(self.x_bias[m], x2s[m], self.x_weight[m].t()).split([d, dims[m]], dim=1)
-                pres.append(pre)
-                zrs.append(zr)
+                pres.append(torch.addmm(self.x_bias[m], x2s[m], self.x_weight[m][:d].t()))
+                zrs.append(torch.mm(x2s[m], self.x_weight[m][d:].t()))  # H W_h^T accumulates into it
         if self.projection == "mlp":
             acts = F.gelu(torch.cat(pres)).split([B * T for T in Ts])  # one GELU for every modality
             hs = [torch.addmm(b2, a, w2.t()) for a, w2, b2 in
@@ -379,12 +379,11 @@ class VGMR(nn.Module):
         row_ws = self.row_weight.split(dims)
         for m, (x2, h, T, D, tm) in enumerate(zip(x2s, hs, Ts, dims, t_ext.unbind(0))):
             if stacked:  # one GEMM over [X; H] (low rank: over [A; H], with [U, W_h])
-                br = self.x_bias[m][d:]
                 wr, left = (self.x_weight[m][d:], x2) if zrs[m] is None else (self._gate_u(m), zrs[m])
                 w = torch.cat([wr, self.gate_latent_weight[m]], dim=1)
-                z = torch.addmm(br, torch.cat([left, h], dim=1), w.t())
+                z = torch.mm(torch.cat([left, h], dim=1), w.t())
             else:
-                z = torch.addmm(zrs[m], h, self.gate_latent_weight[m].t())
+                z = zrs[m].addmm_(h, self.gate_latent_weight[m].t())
             zpres.append(z.view(B, T, D).to(x2.dtype))  # autocast may hand back a lower precision
             rows.append(torch.addmm(self._zero, tm, row_ws[m].t(), beta=0.0, alpha=0.5))
         p = self.p if self.training else 0.0
