@@ -274,6 +274,37 @@ def _values_backward(spec, ns, P, kept, g, need, chain, drows, dt_extra, dims, d
     return torch.bmm(de_pre, P["ew1"][:, :, :d]), torch.bmm(de_pre, P["ew1"][:, :, d:])  # contiguous per m
 
 
+def _p2_backward(spec, P, g, ws_w2, ws_b2, dh_all, acts, rows_per, need_p1, equal):
+    """Backward of P's second layer ``H = GELU(pre) P2^T + b2`` over every modality's rows
+    (``dh_all``, ``[sum B T_m, d]``): the weight and bias gradients asked for, into ``g``; returns
+    GELU's output gradient (None when P's first layer needs none). Batched over the modalities
+    when their rows agree, one GEMM (reduction) per modality otherwise."""
+    M = spec.M
+    if equal:
+        n = rows_per[0]
+        dh3 = dh_all.view(M, n, -1)
+        if ws_w2 is not None:
+            g["w2"] = torch.bmm(dh3.transpose(1, 2), acts.view(M, n, -1), out=ws_w2())
+        if ws_b2 is not None:
+            g["b2"] = torch.sum(dh3, 1, out=ws_b2())
+        return torch.bmm(dh3, P["w2"]).view(dh_all.shape) if any(need_p1) else None
+    dhs, act_m = dh_all.split(rows_per), acts.split(rows_per)
+    if ws_w2 is not None:
+        g["w2"] = ws_w2()
+        for dh, a, out in zip(dhs, act_m, g["w2"].unbind(0)):
+            torch.mm(dh.t(), a, out=out)
+    if ws_b2 is not None:
+        g["b2"] = ws_b2()
+        for dh, out in zip(dhs, g["b2"].unbind(0)):
+            torch.sum(dh, 0, out=out)
+    if not any(need_p1):
+        return None
+    dact = torch.empty_like(dh_all)
+    for dh, w2, out in zip(dhs, P["w2"].unbind(0), dact.split(rows_per)):
+        torch.mm(dh, w2, out=out)
+    return dact
+
+
 def _autocast_operands(spec, xs, params):
     """Under autocast: the features and every GEMM weight in the autocast dtype, one cast for all
     (the bias-row GEMM, the LayerNorm and the zero stay as given)."""
@@ -422,12 +453,12 @@ class _FusedVGMR(torch.autograd.Function):
         ws_b2 = ws.take(M, d) if spec.mlp and need["b2"] else None
         ws_xw = [ws.take(d + (D if r is None else r), D) if need["xw"][m] else None
                  for m, (D, r) in enumerate(zip(dims, spec.ranks))]
-        ws_xb = [ws.take(d) if need["xb"][m] else None for m in range(M)]
+        ws_xb = ws.take(M, d) if all(need["xb"]) else None  # (one reduction when the rows agree)
         ws.allocate()
         if ws_full is not ws:
             ws_full.allocate()
-        g = {"xw": [None if w is None else w() for w in ws_xw], "xb": [None if b is None else b() for b in ws_xb],
-             "gu": [None] * M, "wh": [None] * M}
+        g = {"xw": [None if w is None else w() for w in ws_xw], "gu": [None] * M, "wh": [None] * M,
+             "xb": list(ws_xb().unbind(0)) if ws_xb is not None else [None] * M}
         if spec.low is None:  # (under autocast the final cast gathers them)
             if need["lnw"]:
                 g["lnw"] = torch.cat(dlnw).to(P["lnw"].dtype)
@@ -457,7 +488,8 @@ class _FusedVGMR(torch.autograd.Function):
         elif acts is None and (any(need["wh"]) or any(need_h)):
             acts = F.gelu(pre_all)  # H itself is recomputed per modality, at its use
         acts_m = acts.split(rows_per) if acts is not None else [None] * M
-        dacts = None  # GELU's output gradient of every modality, allocated once the first dZ is gone
+        equal = len(set(rows_per)) == 1  # P's second layer and the biases batched over modalities
+        dh_all = dpre_all = None  # dH of every modality, allocated once the first dZ is gone
         dpres, dx_low = [None] * M, [None] * M
         for m in range(M):
             dz, x2, u, wh = dzs[m], x2s[m], P["gu"][m], P["wh"][m]
@@ -474,49 +506,48 @@ class _FusedVGMR(torch.autograd.Function):
                 torch.mm(dtail.t(), x2, out=g["xw"][m][d:])
             dh = None
             if need_h[m]:
-                if dmean is not None:
-                    dh = ns.summary_pool_backward(dmean[m], dmax[m], masks[m], argmaxes[m], Ts[m])
-                    dh = dh.view(B * Ts[m], d).addmm_(dz, wh)
+                pool = None if dmean is None else ns.summary_pool_backward(dmean[m], dmax[m], masks[m], argmaxes[m],
+                                                                           Ts[m])
+                if spec.mlp:  # into the buffer P's second layer reads as a whole
+                    if dh_all is None:  # (zeros where a modality needs no dH: P2's gradients read every row)
+                        dh_all = pre_all.new_empty(pre_all.shape) if all(need_h) else pre_all.new_zeros(pre_all.shape)
+                    out = dh_all.split(rows_per)[m]
+                    dh = (torch.mm(dz, wh, out=out) if pool is None
+                          else torch.addmm(pool.view(B * Ts[m], d), dz, wh, out=out))
                 else:
-                    dh = torch.mm(dz, wh)
+                    dh = torch.mm(dz, wh) if pool is None else pool.view(B * Ts[m], d).addmm_(dz, wh)
+                del pool
             if need_x[m]:  # (under autocast gathered in the autocast dtype, added to the float32 dX once)
                 if spec.low is None:
                     dxs[m].addmm_(dtail, P["xw"][m][d:])
                 else:
                     dx_low[m] = torch.mm(dtail, P["xw"][m][d:])
             dzs[m] = dz = dtail = None
-            if dh is None:
-                continue
-            if spec.mlp:
-                if ws_w2 is not None:
-                    torch.mm(dh.t(), acts_m[m], out=ws_w2()[m])
-                if ws_b2 is not None:
-                    torch.sum(dh, 0, out=ws_b2()[m])
-                if need_p1[m]:
-                    if dacts is None:
-                        dacts = pre_all.new_empty(pre_all.shape)
-                    torch.mm(dh, P["w2"][m], out=dacts.split(rows_per)[m])
-            else:
+            if not spec.mlp:
                 dpres[m] = dh
             del dh
-        del dzs, acts, acts_m, hs
-        if spec.mlp:
-            if ws_w2 is not None:
-                g["w2"] = ws_w2()
-            if ws_b2 is not None:
-                g["b2"] = ws_b2()
-            if dacts is not None:  # every modality: one GELU backward over all rows
-                dpres = list(torch.ops.aten.gelu_backward(dacts, pre_all).split(rows_per))
-            del dacts
-        del pre_all
+        del dzs, hs
+        if spec.mlp and dh_all is not None:  # §1 P's second layer: H = GELU(pre) P2^T + b2
+            dact = _p2_backward(spec, P, g, ws_w2, ws_b2, dh_all, acts, rows_per, need_p1, equal)
+            del dh_all
+            if dact is not None:  # every modality: one GELU backward over all rows
+                dpre_all = torch.ops.aten.gelu_backward(dact, pre_all)
+                dpres = list(dpre_all.split(rows_per))
+            del dact
+        del acts, acts_m, pre_all
+        if ws_xb is not None:  # b1 of every modality
+            if dpre_all is not None and equal:
+                torch.sum(dpre_all.view(M, rows_per[0], d), 1, out=ws_xb())
+            else:
+                for dpre, out in zip(dpres, g["xb"]):
+                    torch.sum(dpre, 0, out=out)
+        del dpre_all
         for m in range(M):
             dpre = dpres[m]
             if dpre is None or not need_p1[m]:
                 continue
             if g["xw"][m] is not None:
                 torch.mm(dpre.t(), x2s[m], out=g["xw"][m][:d])
-            if g["xb"][m] is not None:
-                torch.sum(dpre, 0, out=g["xb"][m])
             if need_x[m]:
                 if spec.low is None:
                     dxs[m].addmm_(dpre, P["xw"][m][:d])
