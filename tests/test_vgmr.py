@@ -163,7 +163,8 @@ def test_load_state_dict_strict_errors_and_nesting():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("widths,Ts", [([12, 5], [4, 1]), ([24, 7, 3], [6, 5, 1]), ([9, 1, 4, 6], [3, 2, 4, 1])])
+@pytest.mark.parametrize("widths,Ts", [([12, 5], [4, 1]), ([24, 7, 3], [6, 5, 1]), ([9, 1, 4, 6], [3, 2, 4, 1]),
+                                        ([10, 6, 3], [4, 4, 4])])
 def test_matches_reference_fp32(backend, widths, Ts):
     r, f = pair(widths, backend)
     xs, masks = inputs(widths, Ts=Ts)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from vgmr_fast import reference as R
+from vgmr_fast.bench.memory import peak_cpu
 from vgmr_fast.bench.opcount import count_aten_ops, saved_tensor_bytes
 from vgmr_fast.ops import backend as ops_backend
 from vgmr_fast.vgmr import VGMR, from_reference
@@ -18,6 +19,9 @@ from test_vgmr import check_module, grads, inputs
 # The size the budgets are set at (a MOSEI-like layer): B=32, T=50, widths 768/74/35, d=128, fp32.
 B, T, WIDTHS, D_LATENT = 32, 50, [768, 74, 35], 128
 INFERENCE_BUDGET, TRAINING_BUDGET, SAVED_FRACTION, SAVED_FRACTION_NO_INPUT_GRAD = 30, 100, 0.35, 0.37
+# A training step's peak of bytes newly allocated (bench.memory.peak_cpu: output gradients given,
+# parameter gradients reset to None), as a share of the reference's, without / with input gradients.
+PEAK_FRACTION, PEAK_FRACTION_INPUT_GRAD = 0.75, 0.8
 
 
 def _layer(seed=0, **kw):
@@ -499,6 +503,8 @@ def test_autocast_runs_the_one_node_path_with_grouped_casts(x_grad):
     _, full = count_aten_ops(step)
     extra = AUTOCAST_EXTRA_OPS + (len(WIDTHS) if x_grad else 0)
     assert low.total == full.total + extra, (dict(low.by_name), dict(full.by_name))
+    if not x_grad:  # pre-extracted features: the autocast step keeps the float32 step's budget
+        assert low.total <= TRAINING_BUDGET, dict(low.by_name)
     assert low.by_name["aten::_foreach_copy_"] == 5 and low.by_name.get("aten::_to_copy", 0) == 2, dict(low.by_name)
 
 
@@ -561,3 +567,64 @@ def test_autocast_compile_fullgraph_one_graph():
         assert all(x.grad is not None and x.grad.dtype == torch.float32 for x in xg)
     assert counter.frame_count == 1, counter.frame_count
     torch._dynamo.reset()
+
+
+# ---- activations released at their last use -------------------------------------------------
+def _peak_step(module, xs, masks, x_grad):
+    xg = [x.clone().requires_grad_(x_grad) for x in xs]
+    gy = [torch.randn_like(x) for x in xs]
+    params = list(module.parameters())
+
+    def step():
+        for p in params:
+            p.grad = None
+        torch.autograd.backward(list(module(xg, masks)), gy)
+
+    step()
+    return step
+
+
+@pytest.mark.parametrize("x_grad", [False, True], ids=["features don't need grad", "features need grad"])
+def test_training_step_peak_memory_below_the_reference(x_grad):
+    """Bytes allocated during one training step at their peak (counted by the allocator, not timed):
+    the fused backward drops each activation and gradient buffer at its last use."""
+    r, f, xs, masks = _layer()
+    r.train()
+    f.train()
+    ref_peak = peak_cpu(_peak_step(r, xs, masks, x_grad))
+    fused_peak = peak_cpu(_peak_step(f, xs, masks, x_grad))
+    assert fused_peak <= (PEAK_FRACTION_INPUT_GRAD if x_grad else PEAK_FRACTION) * ref_peak, (fused_peak, ref_peak)
+
+
+def test_second_backward_over_one_forward_is_a_clear_error():
+    widths = [12, 5, 3]
+    torch.manual_seed(5)
+    f = from_reference(R.VGMR(widths, d=8), backend="cpu").train()
+    xs, masks = inputs(widths)
+    loss = sum(o.sum() for o in f(xs, masks))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph=True"):
+        loss.backward()
+
+
+def test_saved_tensor_hooks_see_every_activation():
+    """The activations the node keeps pass through the saved-tensor hooks in force (offloading,
+    counting) as autograd's saved tensors do; gradients under ``save_on_cpu`` are unchanged."""
+    widths = [12, 5, 3]
+    torch.manual_seed(6)
+    f = from_reference(R.VGMR(widths, d=8, dropout=0.0), backend="cpu").train()
+    xs, masks = inputs(widths)
+    xg = [x.clone().requires_grad_() for x in xs]
+    packed, unpacked = [], []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(1) or t,
+                                                  lambda t: unpacked.append(1) or t):
+        out = f(xg, masks)
+    torch.autograd.backward(list(out), [torch.ones_like(o) for o in out])
+    # every activation packed was unpacked once, and there are more of them than the inputs
+    assert len(packed) == len(unpacked) > len(list(f.parameters())) + len(xs), (len(packed), len(unpacked))
+    plain = torch.autograd.grad([o.square().sum() for o in f(xg, masks)], xg + list(f.parameters()))
+    with torch.autograd.graph.save_on_cpu():
+        out = f(xg, masks)
+    offloaded = torch.autograd.grad([o.square().sum() for o in out], xg + list(f.parameters()))
+    for a, b in zip(plain, offloaded):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -94,7 +94,7 @@ def _take(ctx) -> tuple:
 
 
 # ---- forward stages (docs/math.md §1-§5) -------------------------------------------------------
-def _projection(spec, P, x2s, rows_per):
+def _projection(spec, P, x2s, rows_per, pre_all=None):
     """§1 P's first layer and the X side of the §4 gate GEMM, both on X: ``(pre_all, tails)``.
 
     ``pre_all``: P's pre-activation of every modality in one ``[sum B T_m, d]`` buffer (one GELU
@@ -102,7 +102,8 @@ def _projection(spec, P, x2s, rows_per):
     ``H W_h^T`` accumulates (:func:`_zpre`; ``b_r`` is a bias column of the bias rows, whose sum
     with Zpre is all the gate reads). Low rank: one GEMM on ``[P1; V^T]``, tail = ``A = X V``."""
     d = spec.d
-    pre_all = x2s[0].new_empty(sum(rows_per), d)
+    if pre_all is None:
+        pre_all = x2s[0].new_empty(sum(rows_per), d)
     tails = []
     for x2, w, b, u, pre in zip(x2s, P["xw"], P["xb"], P["gu"], pre_all.split(rows_per)):
         if u is None:
@@ -139,9 +140,10 @@ def _zpre(tail, u, h, wh):
     return z.addmm_(h, wh.t())
 
 
-def _values(spec, ns, P, hs, masks, B, Ts):
+def _values(spec, ns, P, hs, masks, B, Ts, s_bm=None):
     """§1 summary, §2 interaction, §3 values and the heads: ``(t, t_ext, kept)``; ``t_ext`` is t
-    with the constant columns the bias row's bias columns meet."""
+    with the constant columns the bias row's bias columns meet. ``s_bm``: a ``[B, M, d]`` buffer
+    for the summary (the layout the interaction reads), or None."""
     M, d = spec.M, spec.d
     if not spec.k:
         return None, hs[0].new_full((M, B, spec.nb), 2.0, dtype=P["rw"].dtype), {}
@@ -153,8 +155,10 @@ def _values(spec, ns, P, hs, masks, B, Ts):
     summary_in = torch.stack(pooled, dim=1).view(B, M, 2 * d).transpose(0, 1)  # [M, B, 2d]
     e_pre = torch.baddbmm(P["eb1"].unsqueeze(1), summary_in, P["ew1"].transpose(1, 2))
     e = F.gelu(e_pre)
-    s = torch.baddbmm(P["eb2"].unsqueeze(1), e, P["ew2"].transpose(1, 2))
-    s_bm = s.transpose(0, 1).contiguous()  # the interaction op reads [B, M, d]
+    if s_bm is None:
+        s_bm = torch.baddbmm(P["eb2"].unsqueeze(1), e, P["ew2"].transpose(1, 2)).transpose(0, 1).contiguous()
+    else:  # written straight into the layout the interaction reads (Dynamo takes no strided out=)
+        torch.baddbmm(P["eb2"].unsqueeze(1), e, P["ew2"].transpose(1, 2), out=s_bm.transpose(0, 1))
     u = ns.interaction(s_bm)
     if len(spec.u_blocks) != 3 * M - 1:
         u = u.view(B, M, 3 * M - 1, d)[:, :, list(spec.u_blocks)].reshape(B, M, len(spec.u_blocks) * d)
@@ -349,9 +353,14 @@ class _FusedVGMR(torch.autograd.Function):
         Ts, dims = [x.shape[1] for x in xs], [x.shape[2] for x in xs]
         rows_per = [B * T for T in Ts]
         x2s = [x.reshape(B * T, D) for x, T, D in zip(xs, Ts, dims)]
-        pre_all, tails = _projection(spec, P, x2s, rows_per)
+        # P's pre-activation and the summary (the interaction's [B, M, d] input) share one allocation
+        fw = _Workspace(x2s[0])
+        pre_buffer = fw.take(sum(rows_per), d)
+        s_buffer = fw.take(B, M, d) if spec.k and not torch.compiler.is_compiling() else None
+        fw.allocate()
+        pre_all, tails = _projection(spec, P, x2s, rows_per, pre_buffer())
         _, hs = _hidden(spec, P, pre_all, rows_per)
-        t, t_ext, kept_values = _values(spec, ns, P, hs, masks, B, Ts)
+        t, t_ext, kept_values = _values(spec, ns, P, hs, masks, B, Ts, None if s_buffer is None else s_buffer())
         rows = _bias_rows(spec, P, t_ext, dims)
         a_low = [None if u is None else tail for tail, u in zip(tails, P["gu"])]
         zpres = [_zpre(tail, u, h, wh).view(B, T, D) for tail, u, h, wh, T, D in zip(tails, P["gu"], hs, P["wh"], Ts, dims)]
