@@ -4,8 +4,11 @@ Modes: ``train`` (module in train mode, dropout p=0.1, forward + backward from f
 output gradients, parameter gradients reset to None each step as ``zero_grad`` does; the
 features need no gradient: pre-extracted features, the paper's setting), ``train-xgrad`` (the
 same with features that require grad: a backbone trained below the layer) and ``infer`` (eval
-mode under ``torch.inference_mode``), with masks. At the first setting ``infer`` also runs over
-the batch sizes of :data:`INFER_BATCHES` (settings ``<name>-B<B>``).
+mode under ``torch.inference_mode``), with masks. At the first setting also ``train-bf16`` (the
+``train`` step under ``torch.autocast(dtype=torch.bfloat16)``, how GPU users train),
+``train-frozen`` (every parameter of the layer frozen, features that require grad: a frozen
+refiner in front of a backbone being trained) and ``infer`` over the batch sizes of
+:data:`INFER_BATCHES` (settings ``<name>-B<B>``).
 
 Peers: ``eager`` (``vgmr_fast.reference.VGMR`` with ``dropout_rng = "torch"``: what a plain-PyTorch
 user writes), ``compile`` (``torch.compile`` of it), on a GPU at the large size also
@@ -30,7 +33,10 @@ from .settings import Setting, make_batch, with_B
 from .timing import Rotator, rotation_count
 
 MODES = ("train", "train-xgrad", "infer")
-TRAIN_MODES = ("train", "train-xgrad")
+FIRST_SETTING_MODES = ("train-bf16", "train-frozen")  # only at the paper's size
+TRAIN_MODES = ("train", "train-xgrad", "train-bf16", "train-frozen")
+X_GRAD_MODES = ("train-xgrad", "train-frozen")  # features that require grad
+TIMELINE_MODES = ("train", "train-xgrad")
 INFER_BATCHES = (1, 4, 32, 128)
 DROPOUT = 0.1
 
@@ -146,7 +152,10 @@ def make_step(ctx: Ctx, s: Setting, peer: str, mode: str):
             with torch.inference_mode():
                 return fwd(xs, masks)
     else:
-        xgrad = mode == "train-xgrad"
+        xgrad, frozen = mode in X_GRAD_MODES, mode == "train-frozen"
+        autocast = mode == "train-bf16"
+        for p in params:  # (peers share the reference module: each group sets its own; measure() thaws)
+            p.requires_grad_(not frozen)
 
         def step():
             xs, masks, grads = rot.next()
@@ -154,7 +163,8 @@ def make_step(ctx: Ctx, s: Setting, peer: str, mode: str):
                 p.grad = None
             if xgrad:  # leaves that require grad, as a backbone's outputs would
                 xs = [x.detach().requires_grad_() for x in xs]
-            outs = fwd(xs, masks)
+            with torch.autocast(ctx.device, dtype=torch.bfloat16, enabled=autocast):
+                outs = fwd(xs, masks)
             torch.autograd.backward(list(outs), grads)
 
     return step, len(rot)
@@ -172,8 +182,8 @@ def floor_bytes(ctx: Ctx, s: Setting, mode: str) -> int:
     params = _nbytes(reference_module(ctx, s).parameters())
     once = _nbytes(xs) + _nbytes(masks) + params + _nbytes(xs)  # outputs have the inputs' shapes
     if mode in TRAIN_MODES:
-        once += _nbytes(grads) + params
-    if mode == "train-xgrad":
+        once += _nbytes(grads) + (0 if mode == "train-frozen" else params)
+    if mode in X_GRAD_MODES:
         once += _nbytes(xs)  # the features' gradients written
     return once
 
@@ -205,6 +215,11 @@ def measure(ctx: Ctx, s: Setting, mode: str, peers: list, level: str = "layer") 
     is_layer = level == "layer"
     res = run_group(ctx, f"{level} {s.name} {mode}", builders, graph=(mode == "infer" and s.name == "mosei"),
                     memory=is_layer, counts=is_layer)
+    if mode == "train-frozen":  # the modules are shared with the other groups
+        for peer in peers:
+            entry = ctx.cache.get(("layer-peer", s.name, peer))
+            for p in (entry[2] if entry else ()):
+                p.requires_grad_(True)
     once = floor_bytes(ctx, s, mode) if is_layer else None
     for peer, r in res.items():
         extra = {}
@@ -213,7 +228,7 @@ def measure(ctx: Ctx, s: Setting, mode: str, peers: list, level: str = "layer") 
             extra["floor_s"] = ctx.floor(once)
             launches = r.get("aten_ops") or (r.get("compiled_kernels") or {}).get("total")
             extra["launch_floor_s"] = ctx.launch_floor(launches)
-            if mode in TRAIN_MODES and (peer == "eager" or (peer.startswith("fused-") and "+" not in peer)):
+            if mode in TIMELINE_MODES and (peer == "eager" or (peer.startswith("fused-") and "+" not in peer)):
                 try:
                     extra["saved_bytes"] = saved_activation_bytes(ctx, s, peer)
                 except Exception as exc:  # noqa: BLE001
@@ -279,12 +294,12 @@ def tasks(ctx: Ctx, settings: list, fullgraph: bool = True) -> list:
     out = []
     for i, s in enumerate(settings):
         peers = layer_peers(ctx, s)
-        for mode in MODES:
+        for mode in MODES + (FIRST_SETTING_MODES if i == 0 else ()):
             out.append(Task(f"layer {s.name} {mode}", (lambda s=s, mode=mode, peers=peers: measure(ctx, s, mode, peers)),
                             group=f"layer/{s.name}"))
         if i == 0:  # memory over time of the training steps, beside eager and compile
             tl_peers = [p for p in peers if p in ("eager", "compile") or (p.startswith("fused-") and "+" not in p)]
-            for mode in TRAIN_MODES:
+            for mode in TIMELINE_MODES:
                 out.append(Task(f"layer {s.name} {mode} memory timeline",
                                 (lambda s=s, mode=mode, p=tl_peers: measure_timeline(ctx, s, mode, p)),
                                 group=f"layer/{s.name}"))

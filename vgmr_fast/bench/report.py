@@ -258,8 +258,20 @@ def layer_summary(records, settings, ctx_info) -> list:
     no_compile = "-" if ctx_info.get("compile") else "- (not run)"
     cols = ["eager"] + fused + ["compile"]
 
+    def vs_compile(mode, peer, field):
+        r, c = lay.get((mode, peer)), lay.get((mode, "compile"))
+        if peer == "compile" or not r or not c or not r.get(field) or not c.get(field):
+            return "-" if (peer == "compile" or r) else no_compile
+        return ratio(c[field] / r[field]) if field == "median_s" else f"{r[field] / c[field]:.0%}"
+
     def cell(key, peer):
         tr, inf = lay.get(("train", peer)), lay.get(("infer", peer))
+        if key.startswith("vs_compile:"):
+            _, mode, field = key.split(":")
+            return vs_compile(mode, peer, field)
+        if key == "ops_train_bf16":
+            r = lay.get(("train-bf16", peer))
+            return launches(r) if r else "-"
         if key == "ops_infer":
             return launches(inf) if inf else ("-" if peer != "compile" else no_compile)
         if key == "ops_train":
@@ -281,10 +293,16 @@ def layer_summary(records, settings, ctx_info) -> list:
         return "-"
 
     names = [("ops_infer", "ATen ops, inference forward"), ("ops_train", "ATen ops, training forward+backward"),
+             ("ops_train_bf16", "ATen ops, bf16-autocast training step"),
              ("train_vs_compile", "training step vs torch.compile(reference)"),
+             ("vs_compile:train-xgrad:median_s", "training step, features that need grad, vs torch.compile(reference)"),
+             ("vs_compile:train-bf16:median_s", "bf16-autocast training step vs torch.compile(reference)"),
+             ("vs_compile:train-frozen:median_s", "frozen layer, features that need grad, vs torch.compile(reference)"),
              ("infer_vs_compile", "inference vs torch.compile(reference)"),
              ("saved", "activations saved for backward (no inputs, no parameters)"),
              ("memory", "training-step peak memory vs eager"),
+             ("vs_compile:train:peak_bytes", "training-step peak memory vs torch.compile(reference)"),
+             ("vs_compile:train-xgrad:peak_bytes", "the same, features that need grad"),
              ("fullgraph", "torch.compile(fullgraph=True) training with dropout")]
     rows = [[label] + [cell(key, p) for p in cols] for key, label in names]
     headers = ["", "reference"] + fused + ["torch.compile(reference)"]
