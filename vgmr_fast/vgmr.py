@@ -37,7 +37,7 @@ from . import inputs
 from . import reference as ref
 from .ops import backend as _backend
 from .dropout_stream import draw_seeds
-from .fused_node import _FusedVGMR, _Spec, _seed_arg
+from .fused_node import _FusedVGMR, _Spec, _bias_rows, _seed_arg, _values
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 EPS = ref.EPS
@@ -62,6 +62,21 @@ def _linear_init(out_features: int, in_features: int):
     """``(weight, bias)`` initialised as ``nn.Linear`` does (same draws from torch's generator)."""
     lin = nn.Linear(in_features, out_features)
     return lin.weight.detach(), lin.bias.detach()
+
+
+class _AutogradOps:
+    """The autograd-capable ops of one backend in the raw ops' call signature, so that the
+    composable path runs the one-node path's stage functions (:mod:`vgmr_fast.fused_node`)."""
+
+    def __init__(self, ops, backend: str):
+        self.ops, self.backend = ops, backend
+
+    def summary_pool(self, h, mask):
+        mean, mx = self.ops.summary_pool(h, mask, backend=self.backend)
+        return mean, mx, None
+
+    def interaction(self, s):
+        return self.ops.interaction(s, backend=self.backend)
 
 
 class _ReferenceOps:
@@ -351,33 +366,17 @@ class VGMR(nn.Module):
         else:
             hs = pres
 
-        # §1 summary: pooled [mean; max] of every modality -> E as batched GEMMs
-        pooled = []
-        for h, T, mk in zip(hs, Ts, masks_list):
-            pooled.extend(ops.summary_pool(h.reshape(B, T, d), mk, backend=backend))
-        summary_in = torch.stack(pooled, dim=1).view(B, M, 2 * d).transpose(0, 1)  # [M, B, 2d]
-        e = F.gelu(torch.baddbmm(self.summary_b1.unsqueeze(1), summary_in, self.summary_w1.transpose(1, 2)))
-        s = torch.baddbmm(self.summary_b2.unsqueeze(1), e, self.summary_w2.transpose(1, 2))  # [M, B, d]
-        # §2 interaction, §3 values
-        u = ops.interaction(s.transpose(0, 1), backend=backend)  # [B, M, (3M-1)d]
-        if len(self.u_blocks) != 3 * M - 1:
-            u = u.view(B, M, 3 * M - 1, d)[:, :, self.u_blocks].reshape(B, M, len(self.u_blocks) * d)
-        r = F.gelu(torch.baddbmm(self.value_b1.unsqueeze(1), u.transpose(0, 1), self.value_w1.transpose(1, 2)))
-        r = torch.baddbmm(self.value_b2.unsqueeze(1), r, self.value_w2.transpose(1, 2))
-        # heads: t = tanh(z/2) = 2 sigmoid(z) - 1, so A (sigmoid(z) - 1/2) = (A t) / 2; the bias
-        # columns of row_weight meet constant 2s (times the GEMM's 1/2: every bias once)
-        t = None
-        if k:
-            t = torch.tanh(torch.baddbmm(self.head_bias.unsqueeze(1), r, self.head_weight.transpose(1, 2),
-                                         beta=0.5, alpha=0.5))  # [M, B, k]
-            t_ext = F.pad(t, (0, self._nb), value=2.0)
-        else:
-            t_ext = r.new_full((M, B, self._nb), 2.0)
+        # §1 summary, §2 interaction, §3 values and the heads: the one-node path's stage, through
+        # the autograd-capable ops (t = tanh(z/2), see the module docstring)
+        p = self.p if self.training else 0.0
+        spec = self._spec(p, backend, None, return_aux)
+        P = self._stacked_params()
+        t, t_ext, _ = _values(spec, _AutogradOps(ops, backend), P, [h.reshape(B, T, d) for h, T in zip(hs, Ts)],
+                              masks_list, B, Ts)
 
         # §4 gate logits and the per-sample bias row, §5 gate_norm
-        zpres, rows = [], []
-        row_ws = self.row_weight.split(dims)
-        for m, (x2, h, T, D, tm) in enumerate(zip(x2s, hs, Ts, dims, t_ext.unbind(0))):
+        zpres = []
+        for m, (x2, h, T, D) in enumerate(zip(x2s, hs, Ts, dims)):
             if stacked:  # one GEMM over [X; H] (low rank: over [A; H], with [U, W_h])
                 wr, left = (self.x_weight[m][d:], x2) if zrs[m] is None else (self._gate_u(m), zrs[m])
                 w = torch.cat([wr, self.gate_latent_weight[m]], dim=1)
@@ -385,8 +384,7 @@ class VGMR(nn.Module):
             else:
                 z = zrs[m].addmm_(h, self.gate_latent_weight[m].t())
             zpres.append(z.view(B, T, D).to(x2.dtype))  # autocast may hand back a lower precision
-            rows.append(torch.addmm(self._zero, tm, row_ws[m].t(), beta=0.0, alpha=0.5))
-        p = self.p if self.training else 0.0
+        rows = _bias_rows(spec, P, t_ext, dims)
         outs = self._gate_norm(ops, backend, zpres, rows, xs_list, p)
         refined = inputs.pack(xs, self.names, outs)
         if not return_aux:
@@ -401,9 +399,7 @@ class VGMR(nn.Module):
         autocast = _autocast_on(device)
         # autocast casts float32 only; the layer then computes in its dtype inside the one node
         low = torch.get_autocast_dtype(device.type) if autocast and self.norm_weight.dtype == torch.float32 else None
-        spec = _Spec(*(M, self.d, self.alpha, self.beta, p, backend, self.projection == "mlp", self._k, self._nb,
-                      tuple(self.u_blocks), self.recompute_gate_gemm,
-                      _backend.has_grouped(backend), low, tuple(self.gate_ranks), bool(return_aux)))
+        spec = self._spec(p, backend, low, return_aux)
         # indexed, not unpacked: Dynamo traces ParameterList indexing, not its iteration
         params = [self.x_weight[m] for m in range(M)] + [self.x_bias[m] for m in range(M)]
         if spec.mlp:
@@ -431,6 +427,22 @@ class VGMR(nn.Module):
         t = outs[M] if self._k else None
         rest = outs[M + (1 if self._k else 0):]
         return refined, self._aux(t, list(rest[:M]), list(rest[M:2 * M]))
+
+    def _spec(self, p: float, backend: str, low, aux: bool) -> _Spec:
+        """The static configuration of one call (the one-node path's, whose stages both paths run)."""
+        grouped = backend not in ("reference",) and _backend.has_grouped(backend)
+        return _Spec(self.num_modalities, self.d, self.alpha, self.beta, p, backend, self.projection == "mlp", self._k,
+                     self._nb, tuple(self.u_blocks), self.recompute_gate_gemm, grouped, low, tuple(self.gate_ranks),
+                     bool(aux))
+
+    def _stacked_params(self) -> dict:
+        """The parameters shared across modalities, under the stage functions' names."""
+        P = {"ew1": self.summary_w1, "eb1": self.summary_b1, "ew2": self.summary_w2, "eb2": self.summary_b2,
+             "vw1": self.value_w1, "vb1": self.value_b1, "vw2": self.value_w2, "vb2": self.value_b2,
+             "rw": self.row_weight, "zero": self._zero}
+        if self._k:
+            P["hw"], P["hb"] = self.head_weight, self.head_bias
+        return P
 
     def _gate_u(self, m: int):
         """U of modality m's low-rank raw gate (None at full rank)."""
