@@ -44,6 +44,15 @@ def _linear_grads(g: dict, need: dict, w: str, b: str, dout: torch.Tensor, inp: 
         g[b] = dout.sum(1)
 
 
+def _gelu_linear_backward(g: dict, need: dict, w: str, b: str, dnext: torch.Tensor, w_next: torch.Tensor,
+                          pre: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
+    """Backward of a batched ``next = GELU(pre) W_next^T``, ``pre = inp W^T + b`` from ``dnext``:
+    ``g[w]``, ``g[b]`` as asked (:func:`_linear_grads`); returns ``dpre``."""
+    dpre = torch.ops.aten.gelu_backward(torch.bmm(dnext, w_next), pre)
+    _linear_grads(g, need, w, b, dpre, inp)
+    return dpre
+
+
 def _bmm_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a^T b`` over a batch: ``[M, n, i]^T [M, n, j] -> [M, i, j]`` (a weight's gradient)."""
     return torch.bmm(a.transpose(1, 2), b)
@@ -246,9 +255,8 @@ def _values_backward(spec, ns, P, kept, g, need, chain, drows, dt_extra, dims, d
     _linear_grads(g, need, "vw2", "vb2", dr_, r1)
     if not chain["v1"]:
         return None, None
-    dr_pre = torch.ops.aten.gelu_backward(torch.bmm(dr_, P["vw2"]), r_pre)
+    dr_pre = _gelu_linear_backward(g, need, "vw1", "vb1", dr_, P["vw2"], r_pre, u.transpose(0, 1))
     del dr_
-    _linear_grads(g, need, "vw1", "vb1", dr_pre, u.transpose(0, 1))
     if not chain["e2"]:
         return None, None
     width = len(spec.u_blocks) * d
@@ -270,9 +278,8 @@ def _values_backward(spec, ns, P, kept, g, need, chain, drows, dt_extra, dims, d
     _linear_grads(g, need, "ew2", "eb2", ds, e)
     if not chain["e1"]:
         return None, None
-    de_pre = torch.ops.aten.gelu_backward(torch.bmm(ds, P["ew2"]), e_pre)
+    de_pre = _gelu_linear_backward(g, need, "ew1", "eb1", ds, P["ew2"], e_pre, summary_in)
     del ds
-    _linear_grads(g, need, "ew1", "eb1", de_pre, summary_in)
     if not need_summary:
         return None, None
     return torch.bmm(de_pre, P["ew1"][:, :, :d]), torch.bmm(de_pre, P["ew1"][:, :, d:])  # contiguous per m

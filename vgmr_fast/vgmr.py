@@ -37,7 +37,7 @@ from . import inputs
 from . import reference as ref
 from .ops import backend as _backend
 from .dropout_stream import draw_seeds
-from .fused_node import _FusedVGMR, _Spec, _bias_rows, _seed_arg, _values
+from .fused_node import _FusedVGMR, _Spec, _bias_rows, _seed_arg, _unflatten_params, _values
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 EPS = ref.EPS
@@ -211,7 +211,7 @@ class VGMR(nn.Module):
         # of row_weight: it reaches the gate only through Zpre + bias row)
         ranks = self.gate_ranks
         self.x_weight = nn.ParameterList(param(d + (D if r is None else r), D) for D, r in zip(dims, ranks))
-        self.x_bias = nn.ParameterList(param(d) for D in dims)
+        self.x_bias = nn.ParameterList(param(d) for _ in dims)
         self._low_rank = [r is not None for r in ranks]
         if any(self._low_rank):
             self.gate_u = nn.ParameterDict({str(m): param(D, r) for m, (D, r) in enumerate(zip(dims, ranks))
@@ -370,7 +370,7 @@ class VGMR(nn.Module):
         # the autograd-capable ops (t = tanh(z/2), see the module docstring)
         p = self.p if self.training else 0.0
         spec = self._spec(p, backend, None, return_aux)
-        P = self._stacked_params()
+        P = _unflatten_params(spec, self._flat_params(spec))
         t, t_ext, _ = _values(spec, _AutogradOps(ops, backend), P, [h.reshape(B, T, d) for h, T in zip(hs, Ts)],
                               masks_list, B, Ts)
 
@@ -400,18 +400,7 @@ class VGMR(nn.Module):
         # autocast casts float32 only; the layer then computes in its dtype inside the one node
         low = torch.get_autocast_dtype(device.type) if autocast and self.norm_weight.dtype == torch.float32 else None
         spec = self._spec(p, backend, low, return_aux)
-        # indexed, not unpacked: Dynamo traces ParameterList indexing, not its iteration
-        params = [self.x_weight[m] for m in range(M)] + [self.x_bias[m] for m in range(M)]
-        if spec.mlp:
-            params += [self.proj2_weight, self.proj2_bias]
-        params += [self.gate_latent_weight[m] for m in range(M)]
-        if any(self._low_rank):
-            params += [self._gate_u(m) for m in range(M)]
-        params += [self.summary_w1, self.summary_b1, self.summary_w2, self.summary_b2,
-                   self.value_w1, self.value_b1, self.value_w2, self.value_b2]
-        if self._k:
-            params += [self.head_weight, self.head_bias]
-        params += [self.row_weight, self.norm_weight, self.norm_bias, self._zero]
+        params = self._flat_params(spec)
         # no gradient asked for (inference): the forward alone, without an autograd node
         run = (_FusedVGMR.apply if torch.is_grad_enabled() and any(t.requires_grad for t in xs_list + params)
                else functools.partial(_FusedVGMR.forward, None))
@@ -430,19 +419,26 @@ class VGMR(nn.Module):
 
     def _spec(self, p: float, backend: str, low, aux: bool) -> _Spec:
         """The static configuration of one call (the one-node path's, whose stages both paths run)."""
-        grouped = backend not in ("reference",) and _backend.has_grouped(backend)
+        grouped = backend != "reference" and _backend.has_grouped(backend)
         return _Spec(self.num_modalities, self.d, self.alpha, self.beta, p, backend, self.projection == "mlp", self._k,
                      self._nb, tuple(self.u_blocks), self.recompute_gate_gemm, grouped, low, tuple(self.gate_ranks),
                      bool(aux))
 
-    def _stacked_params(self) -> dict:
-        """The parameters shared across modalities, under the stage functions' names."""
-        P = {"ew1": self.summary_w1, "eb1": self.summary_b1, "ew2": self.summary_w2, "eb2": self.summary_b2,
-             "vw1": self.value_w1, "vb1": self.value_b1, "vw2": self.value_w2, "vb2": self.value_b2,
-             "rw": self.row_weight, "zero": self._zero}
+    def _flat_params(self, spec: _Spec) -> list:
+        """The parameters in the one-node path's input order (``fused_node._PARAM_ORDER``)."""
+        M = self.num_modalities
+        # indexed, not unpacked: Dynamo traces ParameterList indexing, not its iteration
+        params = [self.x_weight[m] for m in range(M)] + [self.x_bias[m] for m in range(M)]
+        if spec.mlp:
+            params += [self.proj2_weight, self.proj2_bias]
+        params += [self.gate_latent_weight[m] for m in range(M)]
+        if any(self._low_rank):
+            params += [self._gate_u(m) for m in range(M)]
+        params += [self.summary_w1, self.summary_b1, self.summary_w2, self.summary_b2,
+                   self.value_w1, self.value_b1, self.value_w2, self.value_b2]
         if self._k:
-            P["hw"], P["hb"] = self.head_weight, self.head_bias
-        return P
+            params += [self.head_weight, self.head_bias]
+        return params + [self.row_weight, self.norm_weight, self.norm_bias, self._zero]
 
     def _gate_u(self, m: int):
         """U of modality m's low-rank raw gate (None at full rank)."""
