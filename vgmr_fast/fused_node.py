@@ -502,17 +502,24 @@ class _FusedVGMR(torch.autograd.Function):
         if not spec.mlp:
             hs = list(pre_all.split(rows_per))  # H is P's (linear) output
         elif acts is None and (any(need["wh"]) or any(need_h)):
-            acts = F.gelu(pre_all)  # H itself is recomputed per modality, at its use
+            acts = F.gelu(pre_all)  # (H itself is not recomputed: see dW_h below)
         acts_m = acts.split(rows_per) if acts is not None else [None] * M
+        # the column sums of each dZ (dW_h's rank-one part): the b_r column of RW's gradient holds
+        # them (rows = Zpre's per-sample sums' gradient) unless the auxiliaries bring their own
+        dz_sums = ([None] * M if not spec.mlp or not any(need["wh"])
+                   else [c[:, -1] for c in g["rw"].split(dims)] if need["rw"] and not spec.aux
+                   else [dz.sum(0) for dz in dzs])
         equal = len(set(rows_per)) == 1  # P's second layer and the biases batched over modalities
         dh_all = dpre_all = None  # dH of every modality, allocated once the first dZ is gone
         dpres, dx_low = [None] * M, [None] * M
         for m in range(M):
             dz, x2, u, wh = dzs[m], x2s[m], P["gu"][m], P["wh"][m]
             if need["wh"][m]:
-                h = hs[m] if hs is not None else torch.addmm(P["b2"][m], acts_m[m], P["w2"][m].t())
-                g["wh"][m] = torch.mm(dz.t(), h)
-                del h
+                if hs is not None:
+                    g["wh"][m] = torch.mm(dz.t(), hs[m])
+                else:  # dZ^T H = (dZ^T GELU(pre)) P2^T + (column sums of dZ) b2^T: no [rows, d] GEMM
+                    g["wh"][m] = torch.mm(torch.mm(dz.t(), acts_m[m]), P["w2"][m].t())
+                    g["wh"][m].addr_(dz_sums[m], P["b2"][m])
             dtail = dz  # the gradient of the tail: dZ at full rank, dA = dZ U at low rank
             if u is not None:  # §4a: dU = dZ^T A, dA = dZ U
                 if need["gu"][m]:
