@@ -105,7 +105,7 @@ def gemm_forward(weights, xs):
         for W in P:
             h = h @ W.t()
         z = x2 @ Wr.t()
-        z.addmm_(h, Wh.t())
+        z.addmm_(h, Wh.t().to(z.dtype))  # in place, so autocast casts nothing: the GEMM dtype is z's
         outs.append(z.view(x.shape))
     return outs
 
