@@ -596,6 +596,18 @@ def test_training_step_peak_memory_below_the_reference(x_grad):
     assert fused_peak <= (PEAK_FRACTION_INPUT_GRAD if x_grad else PEAK_FRACTION) * ref_peak, (fused_peak, ref_peak)
 
 
+def test_inference_peak_memory_is_the_outputs_and_the_gate_gemm():
+    """An inference forward's peak of bytes newly allocated (counted, not timed): its outputs and
+    Zpre, which gate_norm reads while writing them; P's activations and H are released first."""
+    _, f, xs, masks = _layer()
+    f.eval()
+    with torch.inference_mode():
+        f(xs, masks)
+        peak = peak_cpu(lambda: f(xs, masks))
+    outputs_and_zpre = 2 * sum(x.numel() * x.element_size() for x in xs)
+    assert peak <= 1.1 * outputs_and_zpre, (peak, outputs_and_zpre)
+
+
 def test_second_backward_over_one_forward_is_a_clear_error():
     widths = [12, 5, 3]
     torch.manual_seed(5)

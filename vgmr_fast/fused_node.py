@@ -125,13 +125,14 @@ def _projection(spec, P, x2s, rows_per, pre_all=None):
     return pre_all, tails
 
 
-def _hidden(spec, P, pre_all, rows_per, m=None):
-    """§1 H = P's output: every modality's (``m`` None) or modality m's; ``(GELU output, H)``."""
+def _hidden(spec, P, pre_all, rows_per, m=None, in_place=False):
+    """§1 H = P's output: every modality's (``m`` None) or modality m's; ``(GELU output, H)``.
+    ``in_place``: the GELU overwrites ``pre_all`` (a forward that keeps nothing for a backward)."""
     if not spec.mlp:
         pres = pre_all.split(rows_per)
         return None, (list(pres) if m is None else pres[m])
     if m is None:
-        acts = F.gelu(pre_all)
+        acts = torch._C._nn.gelu_(pre_all) if in_place else F.gelu(pre_all)
         if len(set(rows_per)) == 1:  # every modality has as many rows: one batched GEMM
             hs = torch.baddbmm(P["b2"].unsqueeze(1), acts.view(len(rows_per), rows_per[0], -1),
                                P["w2"].transpose(1, 2))
@@ -366,12 +367,19 @@ class _FusedVGMR(torch.autograd.Function):
         s_buffer = fw.take(B, M, d) if spec.k and not torch.compiler.is_compiling() else None
         fw.allocate()
         pre_all, tails = _projection(spec, P, x2s, rows_per, pre_buffer())
-        _, hs = _hidden(spec, P, pre_all, rows_per)
+        # without a backward P's pre-activation is dead once activated: GELU in place
+        hs = _hidden(spec, P, pre_all, rows_per, in_place=ctx is None)[1]
         t, t_ext, kept_values = _values(spec, ns, P, hs, masks, B, Ts, None if s_buffer is None else s_buffer())
         rows = _bias_rows(spec, P, t_ext, dims)
         a_low = [None if u is None else tail for tail, u in zip(tails, P["gu"])]
         zpres = [_zpre(tail, u, h, wh).view(B, T, D) for tail, u, h, wh, T, D in zip(tails, P["gu"], hs, P["wh"], Ts, dims)]
         del tails
+        # what gate_norm no longer reads is released before its outputs are allocated: H (the
+        # backward recomputes it from pre_all) and, without a backward, the workspace of P's activation
+        if spec.mlp:
+            del hs
+        if ctx is None:
+            del fw, pre_buffer, s_buffer, pre_all, kept_values
         # under autocast gate_norm runs in float32 on the features as given: Zpre (the GEMMs'
         # output, in the autocast dtype) is cast once for all modalities
         zpres_g = zpres if spec.low is None else _cast_group(zpres, xs_given[0].dtype)[1]
