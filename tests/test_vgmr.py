@@ -245,6 +245,26 @@ def test_eval_no_autograd_state(backend):
     assert all(o.grad_fn is None for o in out)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grad_off", [torch.inference_mode, torch.no_grad], ids=["inference_mode", "no_grad"])
+@pytest.mark.parametrize("widths,Ts,kw", [([24, 7, 3], [6, 5, 1], {}), ([10, 6, 3], [4, 4, 4], {}),
+                                           ([12, 5], [4, 3], {"projection": "linear"})])
+def test_forward_without_autograd_matches_reference(backend, grad_off, widths, Ts, kw):
+    """The forward that keeps nothing for a backward (P's GELU in place, buffers released early),
+    against the reference and float64 truth, with an absent modality (all-masked rows)."""
+    r, f = pair(widths, backend, **kw)
+    r.eval(), f.eval()
+    xs, masks = inputs(widths, Ts=Ts)
+    xs, masks = on(backend, xs, masks)
+    truth = copy.deepcopy(r).double()
+    with grad_off():
+        out_t = truth([x.double() for x in xs], masks)
+        out_r = r(xs, masks)
+        out_f = f(xs, masks)
+    assert all(o.grad_fn is None for o in out_f)
+    assert_rule(out_f, out_r, out_t, 1e-6)
+
+
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
 def test_torch_compile_fullgraph(backend):
     r, f = pair([12, 5, 3], backend)
