@@ -375,7 +375,7 @@ class _FusedVGMR(torch.autograd.Function):
         zpres = [_zpre(tail, u, h, wh).view(B, T, D) for tail, u, h, wh, T, D in zip(tails, P["gu"], hs, P["wh"], Ts, dims)]
         del tails
         # what gate_norm no longer reads is released before its outputs are allocated: H (the
-        # backward recomputes it from pre_all) and, without a backward, the workspace of P's activation
+        # backward works from pre_all) and, without a backward, the workspace of P's activation
         if spec.mlp:
             del hs
         if ctx is None:

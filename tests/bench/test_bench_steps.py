@@ -16,8 +16,6 @@ ALL_MODES = layer.MODES + layer.FIRST_SETTING_MODES
 @pytest.mark.parametrize("peer", PEERS + ["gemm-only"])
 def test_every_step_runs(ctx, mode, peer):  # noqa: F811
     skip_unavailable(peer)
-    if ctx.device != "cpu":
-        pytest.skip("CPU-only smoke run of the bench's steps")
     try:
         step, _ = layer.make_step(ctx, SMALL, peer, mode)
     except Skip as exc:
