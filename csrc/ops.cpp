@@ -1,7 +1,8 @@
 // vgmr_fast._C: the kernels of the vgmr:: operators (CPU: csrc/cpu/<op>.cpp; CUDA: csrc/cuda/,
 // TORCH_LIBRARY_IMPL(vgmr, CUDA), built only with VGMR_WITH_CUDA; both from the one operator list
-// of csrc/op_table.h), their C++ autograd, the small debug op philox_words, and the Python module
-// itself (a plain CPython module: flags and the debug switch).
+// of csrc/op_table.h), their C++ autograd, the CPU-only GEMMs of the fused layer (csrc/cpu/gemm.cpp),
+// the small debug op philox_words, and the Python module itself (a plain CPython module: flags and
+// the debug switch).
 //
 // Implementations only: the schemas are vgmr_fast/schemas.py's, which the op layer defines
 // (torch.library, namespace vgmr) when it loads this module, so C++ and Python read one list.
@@ -16,6 +17,7 @@
 #include <vector>
 
 #include "cpu/cpu_common.h"
+#include "cpu/gemm.h"
 #include "op_checks.h"
 #include "op_table.h"
 #include "vgmr_math.h"
@@ -55,6 +57,8 @@ at::Tensor philox_words_cpu(int64_t seed, const at::Tensor& counters) {
 TORCH_LIBRARY_IMPL(vgmr, CPU, m) {
   using namespace vgmr::cpu;
   m.impl("philox_words", &philox_words_cpu);
+  m.impl("gemm", &gemm_cpu);
+  m.impl("gemm_into", &gemm_into_cpu);
   VGMR_IMPL_KERNEL_OPS(m, _cpu)
 }
 
@@ -354,7 +358,8 @@ PyMODINIT_FUNC PyInit__C(void) {
 #endif
   if (PyModule_AddObject(mod, "WITH_CUDA", PyBool_FromLong(with_cuda)) < 0 ||
       PyModule_AddObject(mod, "WITH_OPENMP", PyBool_FromLong(with_openmp)) < 0 ||
-      PyModule_AddObject(mod, "CPP_AUTOGRAD", PyBool_FromLong(1)) < 0) {
+      PyModule_AddObject(mod, "CPP_AUTOGRAD", PyBool_FromLong(1)) < 0 ||
+      PyModule_AddObject(mod, "ONEDNN_MATMUL", PyBool_FromLong(vgmr::cpu::onednn_matmul_available())) < 0) {
     Py_DECREF(mod);
     return nullptr;
   }

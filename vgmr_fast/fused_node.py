@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .ops import backend as _backend
+from .ops.gemm import gemm, gemm_into
 
 
 # Static configuration of one fused call (a named tuple: compilers treat it as a constant).
@@ -39,7 +40,7 @@ def _linear_grads(g: dict, need: dict, w: str, b: str, dout: torch.Tensor, inp: 
     """Weight and bias gradients of a batched linear ``out = inp W^T + b``, each only when asked:
     ``g[w] = dout^T inp``, ``g[b] = sum of dout over rows``."""
     if need[w]:
-        g[w] = _bmm_t(dout, inp)
+        g[w] = gemm(dout.transpose(1, 2), inp)
     if need[b]:
         g[b] = dout.sum(1)
 
@@ -48,14 +49,9 @@ def _gelu_linear_backward(g: dict, need: dict, w: str, b: str, dnext: torch.Tens
                           pre: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
     """Backward of a batched ``next = GELU(pre) W_next^T``, ``pre = inp W^T + b`` from ``dnext``:
     ``g[w]``, ``g[b]`` as asked (:func:`_linear_grads`); returns ``dpre``."""
-    dpre = torch.ops.aten.gelu_backward(torch.bmm(dnext, w_next), pre)
+    dpre = torch.ops.aten.gelu_backward(gemm(dnext, w_next), pre)
     _linear_grads(g, need, w, b, dpre, inp)
     return dpre
-
-
-def _bmm_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a^T b`` over a batch: ``[M, n, i]^T [M, n, j] -> [M, i, j]`` (a weight's gradient)."""
-    return torch.bmm(a.transpose(1, 2), b)
 
 
 # ---- what the forward keeps for the backward --------------------------------------------------
@@ -116,10 +112,10 @@ def _projection(spec, P, x2s, rows_per, pre_all=None):
     tails = []
     for x2, w, b, u, pre in zip(x2s, P["xw"], P["xb"], P["gu"], pre_all.split(rows_per)):
         if u is None:
-            torch.addmm(b, x2, w[:d].t(), out=pre)
-            tails.append(torch.mm(x2, w[d:].t()))
+            gemm_into(pre, x2, w[:d].t(), b)
+            tails.append(gemm(x2, w[d:].t()))
         else:
-            o = torch.mm(x2, w.t())
+            o = gemm(x2, w.t())
             torch.add(o[:, :d], b, out=pre)
             tails.append(o[:, d:])
     return pre_all, tails
@@ -134,20 +130,19 @@ def _hidden(spec, P, pre_all, rows_per, m=None, in_place=False):
     if m is None:
         acts = torch._C._nn.gelu_(pre_all) if in_place else F.gelu(pre_all)
         if len(set(rows_per)) == 1:  # every modality has as many rows: one batched GEMM
-            hs = torch.baddbmm(P["b2"].unsqueeze(1), acts.view(len(rows_per), rows_per[0], -1),
-                               P["w2"].transpose(1, 2))
+            hs = gemm(acts.view(len(rows_per), rows_per[0], -1), P["w2"].transpose(1, 2), P["b2"].unsqueeze(1))
             return acts, list(hs.unbind(0))
-        return acts, [torch.addmm(b2, a, w2.t())
+        return acts, [gemm(a, w2.t(), b2)
                       for a, w2, b2 in zip(acts.split(rows_per), P["w2"].unbind(0), P["b2"].unbind(0))]
     act = F.gelu(pre_all.split(rows_per)[m])
-    return act, torch.addmm(P["b2"][m], act, P["w2"][m].t())
+    return act, gemm(act, P["w2"][m].t(), P["b2"][m])
 
 
 def _zpre(tail, u, h, wh):
     """§4 ``Zpre = X W_r^T + H W_h^T`` (low rank: ``A U^T + H W_h^T``), accumulated in place into
     a fresh GEMM output (the tail at full rank, ``A U^T`` at low rank)."""
-    z = tail if u is None else torch.mm(tail, u.t())
-    return z.addmm_(h, wh.t())
+    z = tail if u is None else gemm(tail, u.t())
+    return gemm_into(z, h, wh.t())
 
 
 def _values(spec, ns, P, hs, masks, B, Ts, s_bm=None):
@@ -163,20 +158,20 @@ def _values(spec, ns, P, hs, masks, B, Ts, s_bm=None):
         pooled += [mean, mx]
         argmaxes.append(am)
     summary_in = torch.stack(pooled, dim=1).view(B, M, 2 * d).transpose(0, 1)  # [M, B, 2d]
-    e_pre = torch.baddbmm(P["eb1"].unsqueeze(1), summary_in, P["ew1"].transpose(1, 2))
+    e_pre = gemm(summary_in, P["ew1"].transpose(1, 2), P["eb1"].unsqueeze(1))
     e = F.gelu(e_pre)
     if s_bm is None:
-        s_bm = torch.baddbmm(P["eb2"].unsqueeze(1), e, P["ew2"].transpose(1, 2)).transpose(0, 1).contiguous()
+        s_bm = gemm(e, P["ew2"].transpose(1, 2), P["eb2"].unsqueeze(1)).transpose(0, 1).contiguous()
     else:  # written straight into the layout the interaction reads (Dynamo takes no strided out=)
-        torch.baddbmm(P["eb2"].unsqueeze(1), e, P["ew2"].transpose(1, 2), out=s_bm.transpose(0, 1))
+        gemm_into(s_bm.transpose(0, 1), e, P["ew2"].transpose(1, 2), P["eb2"].unsqueeze(1))
     u = ns.interaction(s_bm)
     if len(spec.u_blocks) != 3 * M - 1:
         u = u.view(B, M, 3 * M - 1, d)[:, :, list(spec.u_blocks)].reshape(B, M, len(spec.u_blocks) * d)
-    r_pre = torch.baddbmm(P["vb1"].unsqueeze(1), u.transpose(0, 1), P["vw1"].transpose(1, 2))
+    r_pre = gemm(u.transpose(0, 1), P["vw1"].transpose(1, 2), P["vb1"].unsqueeze(1))
     r1 = F.gelu(r_pre)
-    r = torch.baddbmm(P["vb2"].unsqueeze(1), r1, P["vw2"].transpose(1, 2))
+    r = gemm(r1, P["vw2"].transpose(1, 2), P["vb2"].unsqueeze(1))
     # heads: t = tanh(z/2) = 2 sigmoid(z) - 1 (vgmr.py's module docstring)
-    t = torch.tanh(torch.baddbmm(P["hb"].unsqueeze(1), r, P["hw"].transpose(1, 2), beta=0.5, alpha=0.5))
+    t = torch.tanh(gemm(r, P["hw"].transpose(1, 2), P["hb"].unsqueeze(1), beta=0.5, alpha=0.5))
     t_ext = F.pad(t, (0, spec.nb), value=2.0).to(P["rw"].dtype)
     kept = dict(summary_in=summary_in, e_pre=e_pre, e=e, s_bm=s_bm, u=u, r_pre=r_pre, r1=r1, r=r, t=t,
                 argmaxes=argmaxes)
@@ -186,7 +181,7 @@ def _values(spec, ns, P, hs, masks, B, Ts, s_bm=None):
 def _bias_rows(spec, P, t_ext, dims):
     """§4 the per-sample bias row of every modality: ``(t_ext RW^T) / 2`` (every bias, b_r among
     them, meets a constant 2 of ``t_ext``)."""
-    return [torch.addmm(P["zero"], tm, rw.t(), beta=0.0, alpha=0.5) for tm, rw in zip(t_ext.unbind(0), P["rw"].split(dims))]
+    return [gemm(tm, rw.t(), P["zero"], beta=0.0, alpha=0.5) for tm, rw in zip(t_ext.unbind(0), P["rw"].split(dims))]
 
 
 def _gate_norm(spec, ns, zpres, rows, xs, lnws, lnbs, seeds):
@@ -243,7 +238,7 @@ def _values_backward(spec, ns, P, kept, g, need, chain, drows, dt_extra, dims, d
     B = s_bm.shape[0]
     # heads: t = tanh((hb + r hw^T) / 2), so dz = tanh'(.) dt / 2; the 1/2 rides on the GEMMs
     for dr, rw, out in zip(drows, P["rw"].split(dims), dt_half.unbind(0)):
-        torch.addmm(P["zero"], dr, rw[:, :k], beta=0.0, alpha=0.25, out=out)
+        gemm_into(out, dr, rw[:, :k], P["zero"], beta=0.0, alpha=0.25)
     if dt_extra is not None:
         dt_half = dt_half + 0.5 * dt_extra
     dzh = torch.ops.aten.tanh_backward(dt_half.to(t.dtype), t)
@@ -251,7 +246,7 @@ def _values_backward(spec, ns, P, kept, g, need, chain, drows, dt_extra, dims, d
     _linear_grads(g, need, "hw", "hb", dzh, r)
     if not chain["v2"]:
         return None, None
-    dr_ = torch.bmm(dzh, P["hw"])  # §3 values
+    dr_ = gemm(dzh, P["hw"])  # §3 values
     del dzh
     _linear_grads(g, need, "vw2", "vb2", dr_, r1)
     if not chain["v1"]:
@@ -265,9 +260,9 @@ def _values_backward(spec, ns, P, kept, g, need, chain, drows, dt_extra, dims, d
         # written as [B, M, width], the layout the interaction reads (a compiler fuses the
         # transpose itself, and Dynamo takes no strided out=)
         du = du_buf
-        torch.bmm(dr_pre, P["vw1"], out=du.transpose(0, 1))
+        gemm_into(du.transpose(0, 1), dr_pre, P["vw1"], beta=0.0)
     else:
-        du = torch.bmm(dr_pre, P["vw1"]).transpose(0, 1)  # [B, M, width]
+        du = gemm(dr_pre, P["vw1"]).transpose(0, 1)  # [B, M, width]
     del dr_pre
     if width != (3 * M - 1) * d:
         full = du.new_zeros(B, M, 3 * M - 1, d)
@@ -283,7 +278,7 @@ def _values_backward(spec, ns, P, kept, g, need, chain, drows, dt_extra, dims, d
     del ds
     if not need_summary:
         return None, None
-    return torch.bmm(de_pre, P["ew1"][:, :, :d]), torch.bmm(de_pre, P["ew1"][:, :, d:])  # contiguous per m
+    return gemm(de_pre, P["ew1"][:, :, :d]), gemm(de_pre, P["ew1"][:, :, d:])  # contiguous per m
 
 
 def _p2_backward(spec, P, g, ws_w2, ws_b2, dh_all, acts, rows_per, need_p1, equal):
@@ -296,15 +291,15 @@ def _p2_backward(spec, P, g, ws_w2, ws_b2, dh_all, acts, rows_per, need_p1, equa
         n = rows_per[0]
         dh3 = dh_all.view(M, n, -1)
         if ws_w2 is not None:
-            g["w2"] = torch.bmm(dh3.transpose(1, 2), acts.view(M, n, -1), out=ws_w2())
+            g["w2"] = gemm_into(ws_w2(), dh3.transpose(1, 2), acts.view(M, n, -1), beta=0.0)
         if ws_b2 is not None:
             g["b2"] = torch.sum(dh3, 1, out=ws_b2())
-        return torch.bmm(dh3, P["w2"]).view(dh_all.shape) if any(need_p1) else None
+        return gemm(dh3, P["w2"]).view(dh_all.shape) if any(need_p1) else None
     dhs, act_m = dh_all.split(rows_per), acts.split(rows_per)
     if ws_w2 is not None:
         g["w2"] = ws_w2()
         for dh, a, out in zip(dhs, act_m, g["w2"].unbind(0)):
-            torch.mm(dh.t(), a, out=out)
+            gemm_into(out, dh.t(), a, beta=0.0)
     if ws_b2 is not None:
         g["b2"] = ws_b2()
         for dh, out in zip(dhs, g["b2"].unbind(0)):
@@ -313,7 +308,7 @@ def _p2_backward(spec, P, g, ws_w2, ws_b2, dh_all, acts, rows_per, need_p1, equa
         return None
     dact = torch.empty_like(dh_all)
     for dh, w2, out in zip(dhs, P["w2"].unbind(0), dact.split(rows_per)):
-        torch.mm(dh, w2, out=out)
+        gemm_into(out, dh, w2, beta=0.0)
     return dact
 
 
@@ -494,7 +489,7 @@ class _FusedVGMR(torch.autograd.Function):
         if ws_rw is not None:
             g["rw"] = ws_rw()
             for dr, tm, out in zip(drows, t_ext.unbind(0), g["rw"].split(dims)):
-                torch.addmm(P["zero"], dr.t(), tm, beta=0.0, alpha=0.5, out=out)
+                gemm_into(out, dr.t(), tm, P["zero"], beta=0.0, alpha=0.5)
         del t_ext
         dmean = dmax = None
         if k:
@@ -524,17 +519,17 @@ class _FusedVGMR(torch.autograd.Function):
             dz, x2, u, wh = dzs[m], x2s[m], P["gu"][m], P["wh"][m]
             if need["wh"][m]:
                 if hs is not None:
-                    g["wh"][m] = torch.mm(dz.t(), hs[m])
+                    g["wh"][m] = gemm(dz.t(), hs[m])
                 else:  # dZ^T H = (dZ^T GELU(pre)) P2^T + (column sums of dZ) b2^T: no [rows, d] GEMM
-                    g["wh"][m] = torch.mm(torch.mm(dz.t(), acts_m[m]), P["w2"][m].t())
+                    g["wh"][m] = gemm(gemm(dz.t(), acts_m[m]), P["w2"][m].t())
                     g["wh"][m].addr_(dz_sums[m], P["b2"][m])
             dtail = dz  # the gradient of the tail: dZ at full rank, dA = dZ U at low rank
             if u is not None:  # §4a: dU = dZ^T A, dA = dZ U
                 if need["gu"][m]:
-                    g["gu"][m] = torch.mm(dz.t(), a_low[m])
-                dtail = torch.mm(dz, u) if need_x[m] or need["xw"][m] else None
+                    g["gu"][m] = gemm(dz.t(), a_low[m])
+                dtail = gemm(dz, u) if need_x[m] or need["xw"][m] else None
             if g["xw"][m] is not None:
-                torch.mm(dtail.t(), x2, out=g["xw"][m][d:])
+                gemm_into(g["xw"][m][d:], dtail.t(), x2, beta=0.0)
             dh = None
             if need_h[m]:
                 pool = None if dmean is None else ns.summary_pool_backward(dmean[m], dmax[m], masks[m], argmaxes[m],
@@ -543,16 +538,16 @@ class _FusedVGMR(torch.autograd.Function):
                     if dh_all is None:  # (zeros where a modality needs no dH: P2's gradients read every row)
                         dh_all = pre_all.new_empty(pre_all.shape) if all(need_h) else pre_all.new_zeros(pre_all.shape)
                     out = dh_all.split(rows_per)[m]
-                    dh = (torch.mm(dz, wh, out=out) if pool is None
-                          else torch.addmm(pool.view(B * Ts[m], d), dz, wh, out=out))
+                    dh = gemm_into(out, dz, wh, None if pool is None else pool.view(B * Ts[m], d),
+                                   beta=0.0 if pool is None else 1.0)
                 else:
-                    dh = torch.mm(dz, wh) if pool is None else pool.view(B * Ts[m], d).addmm_(dz, wh)
+                    dh = gemm(dz, wh) if pool is None else gemm_into(pool.view(B * Ts[m], d), dz, wh)
                 del pool
             if need_x[m]:  # (under autocast gathered in the autocast dtype, added to the float32 dX once)
                 if spec.low is None:
-                    dxs[m].addmm_(dtail, P["xw"][m][d:])
+                    gemm_into(dxs[m], dtail, P["xw"][m][d:])
                 else:
-                    dx_low[m] = torch.mm(dtail, P["xw"][m][d:])
+                    dx_low[m] = gemm(dtail, P["xw"][m][d:])
             dzs[m] = dz = dtail = None
             if not spec.mlp:
                 dpres[m] = dh
@@ -578,12 +573,12 @@ class _FusedVGMR(torch.autograd.Function):
             if dpre is None or not need_p1[m]:
                 continue
             if g["xw"][m] is not None:
-                torch.mm(dpre.t(), x2s[m], out=g["xw"][m][:d])
+                gemm_into(g["xw"][m][:d], dpre.t(), x2s[m], beta=0.0)
             if need_x[m]:
                 if spec.low is None:
-                    dxs[m].addmm_(dpre, P["xw"][m][:d])
+                    gemm_into(dxs[m], dpre, P["xw"][m][:d])
                 else:
-                    dx_low[m].addmm_(dpre, P["xw"][m][:d])
+                    gemm_into(dx_low[m], dpre, P["xw"][m][:d])
             dpres[m] = dpre = None
         for dx, dxl in zip(dxs, dx_low):
             if dxl is not None:

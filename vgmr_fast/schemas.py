@@ -42,6 +42,16 @@ SCHEMAS = {
 TRITON_OPS = ("summary_pool", "summary_pool_backward", "interaction", "interaction_backward", "gate_norm",
               "gate_norm_backward")
 
+#: CPU-only operators of ``vgmr::``: the fused layer's matrix products (csrc/cpu/gemm.cpp: oneDNN's
+#: matmul for float32, ATen's GEMM otherwise), ``beta * c + alpha * a @ b`` for 2-D or 3-D (batched)
+#: ``a``, ``b``, ``c`` broadcast to the result. ``gemm`` returns a new tensor (no ``c``: zero);
+#: ``gemm_into`` writes ``out``, with ``c`` = ``out`` itself when absent (``beta = 0``: ``out`` is
+#: only written). Other devices use ATen's GEMM directly (vgmr_fast/ops/gemm.py).
+CPU_SCHEMAS = {
+    "gemm": "(Tensor a, Tensor b, Tensor? c=None, float beta=1.0, float alpha=1.0) -> Tensor",
+    "gemm_into": "(Tensor(a!) out, Tensor a, Tensor b, Tensor? c=None, float beta=1.0, float alpha=1.0) -> ()",
+}
+
 #: Debug/test operators of ``vgmr::`` only (CPU kernels): the Philox4x32-10 words of
 #: csrc/vgmr_math.h for int64 counters (``[...] -> [..., 4]``, int64 holding uint32 values;
 #: ``seed``'s 64 bits are the key).

@@ -29,9 +29,9 @@ def _signature(schema, symint_as_int: bool = False, result_names: bool = True):
 
 
 @needs_cpp
-@pytest.mark.parametrize("name", [*schemas.SCHEMAS, *schemas.DEBUG_SCHEMAS])
+@pytest.mark.parametrize("name", [*schemas.SCHEMAS, *schemas.CPU_SCHEMAS, *schemas.DEBUG_SCHEMAS])
 def test_vgmr_ops_are_the_source_schemas(name):
-    source = {**schemas.SCHEMAS, **schemas.DEBUG_SCHEMAS}[name]
+    source = {**schemas.SCHEMAS, **schemas.CPU_SCHEMAS, **schemas.DEBUG_SCHEMAS}[name]
     op = getattr(torch.ops.vgmr, name).default
     assert _signature(op._schema) == _signature(_parsed(f"vgmr::{name}", source))
     assert torch.Tag.pt2_compliant_tag in op.tags

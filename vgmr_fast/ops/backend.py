@@ -39,7 +39,7 @@ _VGMR_LIBRARY = None  # owns the vgmr:: schemas (vgmr_fast/schemas.py) while the
 try:  # importing the extension registers the vgmr:: kernels; their schemas are defined here
     from .. import _C as _C  # type: ignore[no-redef]
 
-    _VGMR_LIBRARY = schemas.define("vgmr", {**schemas.SCHEMAS, **schemas.DEBUG_SCHEMAS})
+    _VGMR_LIBRARY = schemas.define("vgmr", {**schemas.SCHEMAS, **schemas.CPU_SCHEMAS, **schemas.DEBUG_SCHEMAS})
 except Exception as e:  # noqa: BLE001  (missing build, ABI mismatch, ...)
     _C, _C_ERROR = None, e
 
@@ -54,6 +54,11 @@ if _C is not None:
 def has_cpp() -> bool:
     """Whether ``vgmr_fast._C`` (the C++ CPU kernels) is loaded."""
     return _C is not None
+
+
+def has_onednn_matmul() -> bool:
+    """Whether the CPU GEMMs of ``vgmr_fast._C`` found oneDNN's matmul (float32 GEMMs run there)."""
+    return _C is not None and bool(getattr(_C, "ONEDNN_MATMUL", False))
 
 
 def has_cuda_kernels() -> bool:
