@@ -12,6 +12,9 @@ Data flow, grouped across modalities wherever the shapes agree (one launch serve
     Zpre_m = X W_r^T + H_m W_h^T (accumulated in place);   gate_norm(Zpre, bias_row, X) -> X~
     (grouped when the backend has a grouped kernel)
 
+Every GEMM of the fused path is :mod:`vgmr_fast.ops.gemm`'s: on CPU in float32, oneDNN's matmul
+(ATen would send it to MKL's sgemm), ATen's GEMM elsewhere.
+
 A low-rank raw gate (docs/math.md §4a) changes only the GEMM chain: the GEMM on X is
 [P1_m; V_m^T], giving P's pre-activation and A = X V, and X W_r^T becomes A U^T.
 The one autograd node of the fused path lives in :mod:`vgmr_fast.fused_node`.
@@ -36,6 +39,7 @@ from torch import nn
 from . import inputs
 from . import reference as ref
 from .ops import backend as _backend
+from .ops.gemm import use_onednn
 from .dropout_stream import draw_seeds
 from .fused_node import _FusedVGMR, _Spec, _bias_rows, _seed_arg, _unflatten_params, _values
 
@@ -337,6 +341,12 @@ class VGMR(nn.Module):
 
             if self.gate_gemm == "two":
                 return self._forward_fused(xs, xs_list, masks_list, backend, return_aux)
+        with use_onednn(backend != "reference"):  # the reference backend is plain PyTorch throughout
+            return self._forward_composable(xs, xs_list, masks_list, B, backend, ops, return_aux)
+
+    def _forward_composable(self, xs, xs_list, masks_list, B, backend, ops, return_aux):
+        """The composable path (``backend="reference"``, ``gate_gemm="stacked"``, an empty batch):
+        autograd-capable ops, the one-node path's §1-§4 stages where they are shared."""
         M, d, k = self.num_modalities, self.d, self._k
         dims = self.widths
         Ts = [x.shape[1] for x in xs_list]

@@ -6,14 +6,15 @@ import torch
 from vgmr_fast.bench import layer
 from vgmr_fast.bench.common import Skip
 from vgmr_fast.bench.settings import Setting
-from bench_helpers import PEERS, ctx, skip_unavailable  # noqa: F401  (ctx: the fixture)
+from bench_helpers import DEVICE, PEERS, ctx, skip_unavailable  # noqa: F401  (ctx: the fixture)
 
 SMALL = Setting("small", B=3, T=5, widths=(16, 9, 4), d=8, dtype="float32")
 ALL_MODES = layer.MODES + layer.FIRST_SETTING_MODES
 
 
 @pytest.mark.parametrize("mode", ALL_MODES)
-@pytest.mark.parametrize("peer", PEERS + ["gemm-only"])
+@pytest.mark.parametrize("peer", PEERS + ["gemm-only"] + (["fused-cpu" + layer.ATEN_GEMM, "gemm-only-onednn"]
+                                                          if DEVICE == "cpu" else []))
 def test_every_step_runs(ctx, mode, peer):  # noqa: F811
     skip_unavailable(peer)
     try:

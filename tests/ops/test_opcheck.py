@@ -51,6 +51,12 @@ CASES = [
     ("gate_norm", lambda: _gate_args(1, 2, 5, torch.bfloat16, True, 0.1)),
     ("gate_norm", lambda: _gate_args(2, 2, 4, torch.float64, True, 0.2)),
     ("philox_words", lambda: (7, torch.arange(10, dtype=torch.int64).view(2, 5))),
+    # the CPU GEMMs: ATen's path (small) and oneDNN's (float32, >= 1 M multiply-adds), both forms
+    ("gemm", lambda: (_r(4, 6), _r(6, 3, seed=1), None, 1.0, 1.0)),
+    ("gemm", lambda: (_r(2, 40, 300), _r(2, 300, 100, seed=1), _r(2, 1, 100, seed=2), 0.5, 2.0)),
+    ("gemm", lambda: (_r(5, 3, dtype=torch.float64), _r(3, 2, dtype=torch.float64, seed=1), None, 1.0, 1.0)),
+    ("gemm_into", lambda: (_r(64, 300), _r(64, 200, seed=1), _r(200, 300, seed=2), None, 1.0, 0.5)),
+    ("gemm_into", lambda: (_r(64, 300), _r(64, 200, seed=1), _r(200, 300, seed=2), _r(300, seed=3), 1.0, 1.0)),
 ]
 
 

@@ -18,6 +18,11 @@ state_dict), ``fused-<backend>+compile`` (``torch.compile`` of the fused module)
 (``X W_1^T``, ``A W_2^T``) and the gate GEMMs (``X W_r^T`` then ``+= H W_h^T`` in place), forward
 (+ backward: every weight and activation gradient GEMM) -- no bias, activation, pooling,
 small per-sample MLP or normalisation. ``× GEMM-only`` is the layer's time over this floor.
+
+On a CPU where the fused layer's float32 GEMMs run on oneDNN (:mod:`vgmr_fast.ops.gemm`; ATen,
+and so eager and torch.compile, send them to MKL) two more peers separate the GEMM library from
+the rest: ``gemm-only-onednn``, the same floor through the layer's GEMM operators, and
+``fused-cpu/aten-gemm``, the fused module with its GEMMs on ATen's (``use_onednn(False)``).
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ import torch
 from torch import nn
 
 from .. import reference as ref
+from ..ops.gemm import onednn_active, use_onednn
 from . import backends
 from .common import Ctx, Skip, Task, compiled, fused_peers, record, run_group, short_exc
 from .settings import Setting, make_batch, with_B
@@ -39,6 +45,7 @@ X_GRAD_MODES = ("train-xgrad", "train-frozen")  # features that require grad
 TIMELINE_MODES = ("train", "train-xgrad")
 INFER_BATCHES = (1, 4, 32, 128)
 DROPOUT = 0.1
+ATEN_GEMM = "/aten-gemm"  # peer suffix: the fused module with ATen's GEMMs
 
 
 def _seed(s: Setting) -> int:
@@ -65,7 +72,7 @@ def peer_module(ctx: Ctx, s: Setting, peer: str):
     if base in ("eager", "compile", "compile-max-autotune"):
         mod = refm
     elif base.startswith("fused-"):
-        backend = base[len("fused-"):]
+        backend = base[len("fused-"):].removesuffix(ATEN_GEMM)
         try:
             mod = backends.fused_module(list(s.widths), s.d, backend, dropout=DROPOUT)
         except RuntimeError as exc:
@@ -97,17 +104,48 @@ def gemm_weights(refm) -> list:
     return out
 
 
-def gemm_forward(weights, xs):
+def gemm_forward(weights, xs, onednn: bool = False):
+    """The floor's GEMMs: ATen's (autograd records them), or the fused layer's CPU GEMM operators
+    (``onednn``: each product an autograd node whose backward is the same operators)."""
     outs = []
     for x, (P, Wr, Wh) in zip(xs, weights):
         x2 = x.reshape(-1, x.shape[-1])
         h = x2
-        for W in P:
-            h = h @ W.t()
-        z = x2 @ Wr.t()
-        z.addmm_(h, Wh.t().to(z.dtype))  # in place, so autocast casts nothing: the GEMM dtype is z's
+        if onednn:
+            for W in P:
+                h = _LayerGemm.apply(h, W, None, None)
+            z = _LayerGemm.apply(x2, Wr, h, Wh)
+        else:
+            for W in P:
+                h = h @ W.t()
+            z = x2 @ Wr.t()
+            z.addmm_(h, Wh.t().to(z.dtype))  # in place, so autocast casts nothing: the GEMM dtype is z's
         outs.append(z.view(x.shape))
     return outs
+
+
+class _LayerGemm(torch.autograd.Function):
+    """``x W^T (+ h V^T)`` through :mod:`vgmr_fast.ops.gemm`, forward and backward, each gradient
+    only when asked (as autograd does for the ATen floor)."""
+
+    @staticmethod
+    def forward(ctx, x, W, h, V):
+        from ..ops.gemm import gemm, gemm_into
+
+        z = gemm(x, W.t())
+        if h is not None:
+            gemm_into(z, h, V.t())
+        ctx.save_for_backward(x, W, h, V)
+        return z
+
+    @staticmethod
+    def backward(ctx, dz):
+        from ..ops.gemm import gemm
+
+        x, W, h, V = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        return (gemm(dz, W) if need[0] else None, gemm(dz.t(), x) if need[1] else None,
+                gemm(dz, V) if need[2] else None, gemm(dz.t(), h) if need[3] else None)
 
 
 def input_sets(ctx: Ctx, s: Setting):
@@ -128,17 +166,20 @@ def input_sets(ctx: Ctx, s: Setting):
 
 
 def make_step(ctx: Ctx, s: Setting, peer: str, mode: str):
+    if mode == "train-bf16" and (peer == "gemm-only-onednn" or peer.endswith(ATEN_GEMM)):
+        raise Skip("under bf16 autocast the fused layer's GEMMs are ATen's (the oneDNN route serves float32)")
     sets = input_sets(ctx, s)
     rot = Rotator(sets)
-    if peer == "gemm-only":
+    if peer.startswith("gemm-only"):
         key = ("layer-gemm", s.name)
         if key not in ctx.cache:
             ctx.cache[key] = gemm_weights(reference_module(ctx, s))
         weights = ctx.cache[key]
         params = [w for P, Wr, Wh in weights for w in P + [Wr, Wh]]
+        onednn = peer == "gemm-only-onednn"
 
         def fwd(xs, masks):
-            return gemm_forward(weights, xs)
+            return gemm_forward(weights, xs, onednn)
     else:
         fn, mod, params = peer_module(ctx, s, peer)
         mod.train(mode in TRAIN_MODES)
@@ -146,10 +187,11 @@ def make_step(ctx: Ctx, s: Setting, peer: str, mode: str):
         def fwd(xs, masks):
             return fn(xs, masks)
 
+    gemm_library = use_onednn(not peer.endswith(ATEN_GEMM))
     if mode == "infer":
         def step():
             xs, masks, _ = rot.next()
-            with torch.inference_mode():
+            with torch.inference_mode(), gemm_library:
                 return fwd(xs, masks)
     else:
         xgrad, frozen = mode in X_GRAD_MODES, mode == "train-frozen"
@@ -163,9 +205,10 @@ def make_step(ctx: Ctx, s: Setting, peer: str, mode: str):
                 p.grad = None
             if xgrad:  # leaves that require grad, as a backbone's outputs would
                 xs = [x.detach().requires_grad_() for x in xs]
-            with torch.autocast(ctx.device, dtype=torch.bfloat16, enabled=autocast):
-                outs = fwd(xs, masks)
-            torch.autograd.backward(list(outs), grads)
+            with gemm_library:
+                with torch.autocast(ctx.device, dtype=torch.bfloat16, enabled=autocast):
+                    outs = fwd(xs, masks)
+                torch.autograd.backward(list(outs), grads)
 
     return step, len(rot)
 
@@ -228,7 +271,8 @@ def measure(ctx: Ctx, s: Setting, mode: str, peers: list, level: str = "layer") 
             extra["floor_s"] = ctx.floor(once)
             launches = r.get("aten_ops") or (r.get("compiled_kernels") or {}).get("total")
             extra["launch_floor_s"] = ctx.launch_floor(launches)
-            if mode in TIMELINE_MODES and (peer == "eager" or (peer.startswith("fused-") and "+" not in peer)):
+            if mode in TIMELINE_MODES and (peer == "eager" or (peer.startswith("fused-") and "+" not in peer
+                                                              and not peer.endswith(ATEN_GEMM))):
                 try:
                     extra["saved_bytes"] = saved_activation_bytes(ctx, s, peer)
                 except Exception as exc:  # noqa: BLE001
@@ -284,8 +328,18 @@ def layer_peers(ctx: Ctx, s: Setting) -> list:
         peers.append(p)
         if ctx.compile:
             peers.append(p + "+compile")
+    onednn = onednn_gemms(ctx)
+    if onednn:
+        peers.append("fused-cpu" + ATEN_GEMM)
     peers.append("gemm-only")
+    if onednn:
+        peers.append("gemm-only-onednn")
     return peers
+
+
+def onednn_gemms(ctx: Ctx) -> bool:
+    """Whether the fused CPU layer's float32 GEMMs run on oneDNN in this run."""
+    return ctx.device == "cpu" and "cpu" in ctx.backends and onednn_active()
 
 
 def tasks(ctx: Ctx, settings: list, fullgraph: bool = True) -> list:
@@ -298,7 +352,8 @@ def tasks(ctx: Ctx, settings: list, fullgraph: bool = True) -> list:
             out.append(Task(f"layer {s.name} {mode}", (lambda s=s, mode=mode, peers=peers: measure(ctx, s, mode, peers)),
                             group=f"layer/{s.name}"))
         if i == 0:  # memory over time of the training steps, beside eager and compile
-            tl_peers = [p for p in peers if p in ("eager", "compile") or (p.startswith("fused-") and "+" not in p)]
+            tl_peers = [p for p in peers if p in ("eager", "compile")
+                        or (p.startswith("fused-") and "+" not in p and not p.endswith(ATEN_GEMM))]
             for mode in TIMELINE_MODES:
                 out.append(Task(f"layer {s.name} {mode} memory timeline",
                                 (lambda s=s, mode=mode, p=tl_peers: measure_timeline(ctx, s, mode, p)),
@@ -321,7 +376,7 @@ def sweep_tasks(ctx: Ctx, base: Setting, Ts: list) -> list:
     from .settings import with_T
 
     out = []
-    peers = ["eager"] + fused_peers(ctx) + ["gemm-only"]
+    peers = ["eager"] + fused_peers(ctx) + ["gemm-only"] + (["gemm-only-onednn"] if onednn_gemms(ctx) else [])
     for T in Ts:
         s = with_T(base, T)
         out.append(Task(f"sweep T={T} train", (lambda s=s: measure(ctx, s, "train", peers, level="sweep")),

@@ -110,10 +110,13 @@ def derive(records: list) -> None:
         eager = _index(records, level, lay_key, "eager")
         comp = _index(records, level, lay_key, "compile")
         gemm = _index(records, level, lay_key, "gemm-only")
+        gemm_onednn = _index(records, level, lay_key, "gemm-only-onednn")
         for r in records:
             if r["level"] != level or "median_s" not in r:
                 continue
             e, c, g = eager.get(lay_key(r)), comp.get(lay_key(r)), gemm.get(lay_key(r))
+            gd = gemm_onednn.get(lay_key(r))
+            r["x_gemm_only_onednn"] = r["median_s"] / gd["median_s"] if gd else None
             r["vs_eager"] = e["median_s"] / r["median_s"] if e else None
             r["vs_compile"] = c["median_s"] / r["median_s"] if c else None
             r["x_gemm_only"] = r["median_s"] / g["median_s"] if g else None
@@ -223,13 +226,14 @@ def layer_tables(records, settings) -> list:
     return _per_setting(
         records, list(settings) + list(derived.values()), "layer",
         lambda r: [r["mode"], r["peer"], ms(r["median_s"]), _spread(r), ratio(r.get("vs_eager")),
-                   ratio(r.get("vs_compile")), ratio(r.get("x_gemm_only")), launches(r),
+                   ratio(r.get("vs_compile")), ratio(r.get("x_gemm_only")), ratio(r.get("x_gemm_only_onednn")),
+                   launches(r),
                    ratio(r.get("x_floor"), 0), ratio(r.get("x_launch_floor"), 1), mb(r.get("peak_bytes")),
                    pct(r.get("mem_vs_eager")), mb(r.get("saved_bytes"))],
         lambda s: f"VGMR layer, {s['name']} ({s['shape'] if 'shape' in s else describe(s)})",
-        ["mode", "peer", "median ms", "IQR ms", "vs eager", "vs compile", "x GEMM-only", "launches",
-         "x bytes floor", "x launch floor", "peak MiB", "mem % eager", "saved MiB"],
-        ["l", "l"] + ["r"] * 11)
+        ["mode", "peer", "median ms", "IQR ms", "vs eager", "vs compile", "x GEMM-only", "x oneDNN GEMMs",
+         "launches", "x bytes floor", "x launch floor", "peak MiB", "mem % eager", "saved MiB"],
+        ["l", "l"] + ["r"] * 12)
 
 
 def launches(r) -> str:
@@ -332,6 +336,13 @@ def layer_summary(records, settings, ctx_info) -> list:
             if lparts:
                 notes.append(f"launch floor, {what}: launches x {op['seconds'] * 1e6:.2f} us per minimal op: "
                              + ", ".join(lparts))
+    for mode, what in (("train", "training step"), ("train-xgrad", "the same, features that need grad"),
+                       ("infer", "inference forward")):
+        g, gd = lay.get((mode, "gemm-only")), lay.get((mode, "gemm-only-onednn"))
+        if g and gd:
+            notes.append(f"GEMM-only floor, {what}: {ms(g['median_s'])} ms on ATen's GEMM (what eager and "
+                         f"torch.compile call), {ms(gd['median_s'])} ms on oneDNN's (the fused layer's float32 "
+                         f"CPU GEMMs)")
     if full:
         notes.append("fullgraph row: torch.compile(fullgraph=True) of a copy of each module in train mode (dropout "
                      "0.1), backend aot_eager wrapped to count graphs (Dynamo + AOT autograd, no Inductor codegen), "

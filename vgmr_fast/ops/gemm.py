@@ -11,8 +11,6 @@ then are ATen's to the last bit).
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from . import backend as _backend
@@ -22,15 +20,21 @@ __all__ = ["gemm", "gemm_into", "use_onednn", "onednn_active"]
 _enabled = True
 
 
-@contextlib.contextmanager
-def use_onednn(enabled: bool):
-    """Within the block the fused layer's CPU GEMMs run on oneDNN (``True``) or ATen (``False``)."""
-    global _enabled
-    previous, _enabled = _enabled, bool(enabled)
-    try:
-        yield
-    finally:
-        _enabled = previous
+class use_onednn:  # noqa: N801  (a context manager, named like torch.no_grad)
+    """Within the block the fused layer's CPU GEMMs run on oneDNN (``True``) or ATen (``False``);
+    one instance may be entered again and again (and nested)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self._outer = bool(enabled), []
+
+    def __enter__(self):
+        global _enabled
+        self._outer.append(_enabled)
+        _enabled = self.enabled
+
+    def __exit__(self, *exc):
+        global _enabled
+        _enabled = self._outer.pop()
 
 
 def onednn_active() -> bool:
