@@ -14,7 +14,7 @@ from vgmr_fast.bench.opcount import count_aten_ops, saved_tensor_bytes
 from vgmr_fast.ops import backend as ops_backend
 from vgmr_fast.vgmr import VGMR, from_reference
 
-from test_vgmr import check_module, grads, inputs
+from test_vgmr import assert_rule, check_module, grads, inputs, run
 
 # The size the budgets are set at (a MOSEI-like layer): B=32, T=50, widths 768/74/35, d=128, fp32.
 B, T, WIDTHS, D_LATENT = 32, 50, [768, 74, 35], 128
@@ -117,6 +117,41 @@ def test_manual_seed_reproduces_and_masks_change_between_steps():
     c = f(xs, masks)
     assert all(torch.equal(x, y) for x, y in zip(a, c))
     assert not all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_inductor_compiled_module_calls_the_cpu_gemms():
+    """torch.compile (Inductor, fullgraph) of the fused module at the budget size keeps the layer's
+    oneDNN GEMM operators in its generated code, and its training step (dropout, input gradients)
+    and inference satisfy the pass rule against the reference, every gradient included."""
+    from vgmr_fast.bench.opcount import capture_inductor_code
+    from vgmr_fast.ops.gemm import onednn_active
+
+    if not onednn_active():
+        pytest.skip("oneDNN's matmul is not in this torch: the layer's CPU GEMMs are ATen's")
+    r, f, xs, masks = _layer()
+    truth = copy.deepcopy(r).double()
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    with capture_inductor_code() as codes:
+        torch.manual_seed(123)  # the dropout seeds test_vgmr.run draws
+        xg = [x.detach().clone().requires_grad_() for x in xs]
+        out = compiled(xg, masks)
+        loss = sum((o * torch.linspace(-1, 1, o.shape[-1])).sum() for o in out)
+        f.zero_grad(set_to_none=True)
+        loss.backward()
+        got = grads(f, xg)
+        out_t, g_t = run(truth, [x.double() for x in xs], masks)
+        out_r, g_r = run(r, xs, masks)
+        assert_rule(out, out_r, out_t, 1e-6)
+        assert_rule(got, g_r, g_t, 1e-6)
+        for m in (f, r, truth):
+            m.eval()
+        with torch.inference_mode():
+            out = compiled(xs, masks)
+            assert_rule(out, r(xs, masks), truth([x.double() for x in xs], masks), 1e-6)
+    torch._dynamo.reset()
+    assert len(codes) == 3  # training forward and backward, inference
+    assert all("torch.ops.vgmr.gemm" in code for code in codes)
 
 
 def test_compile_fullgraph_training_dropout_one_graph():

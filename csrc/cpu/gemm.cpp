@@ -2,8 +2,8 @@
 //   result = beta * c + alpha * a @ b      (2-D, or 3-D batched over the first dimension)
 // through oneDNN's matmul primitive where it serves (float32, the dims non-empty, oneDNN enabled),
 // ATen's GEMM otherwise. ATen sends float32 to MKL's sgemm, which on AMD EPYC (AVX-512) runs
-// about half as fast as oneDNN's JIT kernels on the same shapes (benchmarks/results: "GEMM
-// libraries"); bfloat16 and float16 already go to oneDNN inside ATen.
+// about half as fast as oneDNN's JIT kernels on the same shapes (docs/ops.md, "The layer's GEMMs");
+// bfloat16 and float16 already go to oneDNN inside ATen.
 //
 // oneDNN is reached through at::native::mkldnn_matmul (result = beta * result + alpha * a @ b,
 // any strides: inputs neither contiguous nor transposed are copied first, the result is written

@@ -1,10 +1,12 @@
 """The fused layer's matrix products: ``beta * c + alpha * a @ b``, 2-D or 3-D (batched).
 
-On CPU they run as ``vgmr::gemm`` / ``vgmr::gemm_into`` (csrc/cpu/gemm.cpp): oneDNN's matmul for
-float32, ATen's GEMM for the other dtypes. ATen alone sends float32 to MKL's sgemm, which on AMD
-EPYC (AVX-512) takes about twice as long on the layer's shapes (benchmarks/results, "GEMM
-libraries"). On other devices, and while torch.compile traces (the compiler picks its own GEMMs),
-they are ATen's ``mm`` / ``addmm`` / ``bmm`` / ``baddbmm`` with the same arguments.
+A float32 CPU product of at least :data:`MIN_ONEDNN_MACS` multiply-adds runs as ``vgmr::gemm`` /
+``vgmr::gemm_into`` (csrc/cpu/gemm.cpp: oneDNN's matmul). ATen alone sends float32 to MKL's sgemm,
+which on the AMD EPYC (AVX-512) of the committed CPU runs takes 2.1-2.3x as long on the layer's
+shapes (docs/ops.md, "The layer's GEMMs"). Everything else -- other devices and dtypes, smaller
+products, calls that record gradients -- is ATen's ``mm`` / ``addmm`` / ``bmm`` / ``baddbmm`` with
+the same arguments. torch.compile traces the operators through their fake kernels and calls them
+from the compiled graph (the mutating ``gemm_into`` functionalized and written back in place).
 
 :func:`use_onednn` turns the oneDNN route off for a block (the bench's ATen-GEMM peer; the results
 then are ATen's to the last bit).
@@ -49,12 +51,11 @@ MIN_ONEDNN_MACS = 1 << 20
 
 
 def _ours(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None) -> bool:
-    """The CPU operators serve: a float32 CPU call large enough for oneDNN to pay off, outside
-    torch.compile's tracing, with no gradient to record (the operators have no autograd; the
-    composable path's differentiable calls stay ATen's)."""
+    """The CPU operators serve: a float32 CPU call large enough for oneDNN to pay off, with no
+    gradient to record (the operators have no autograd; the composable path's differentiable
+    calls stay ATen's)."""
     return (_enabled and a.dtype == torch.float32 and a.device.type == "cpu"
             and a.numel() * b.shape[-1] >= MIN_ONEDNN_MACS and _backend.has_onednn_matmul()
-            and not torch.compiler.is_compiling()
             and not (torch.is_grad_enabled()
                      and (a.requires_grad or b.requires_grad or (c is not None and c.requires_grad))))
 
