@@ -667,6 +667,11 @@ def _cast_group(tensors, dtype):
     """``[t.to(dtype) for t in tensors]`` as one allocation and one copy (two ops, not one per
     tensor): ``(buffer, views)``, the views laid out in order in the one buffer."""
     sizes = [t.numel() for t in tensors]
+    if torch.compiler.is_compiling():
+        # Inductor lowers the foreach copy below to one loop over every tensor that runs ~10x
+        # slower than its per-tensor casts (a bf16-autocast training step: 40 ms against 22)
+        buffer = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
+        return buffer, [piece.view(t.shape) for piece, t in zip(buffer.split(sizes), tensors)]
     buffer = tensors[0].new_empty(sum(sizes), dtype=dtype)
     out = [piece.view(t.shape) for piece, t in zip(buffer.split(sizes), tensors)]
     torch._foreach_copy_(out, list(tensors))
