@@ -12,6 +12,7 @@
 #include "cpu_common.h"
 #include "gemm.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <dlfcn.h>
 
 namespace vgmr {
@@ -68,6 +69,9 @@ void gemm_into_cpu(const at::Tensor& out, const at::Tensor& a, const at::Tensor&
   TORCH_CHECK_TYPE(out.scalar_type() == a.scalar_type(), kGemm, ": out must have a's dtype ", a.scalar_type(),
                    ", got ", out.scalar_type());
   TORCH_CHECK_VALUE(out.device().is_cpu(), kGemm, ": out must be a CPU tensor");
+  at::assert_no_internal_overlap(out);  // (the written tensor shares no memory with itself, a or b)
+  at::assert_no_overlap(out, a);
+  at::assert_no_overlap(out, b);
   const bool has_c = c.has_value() && c->defined();
   if (has_c) {
     TORCH_CHECK_TYPE(c->scalar_type() == a.scalar_type(), kGemm, ": c must have a's dtype ", a.scalar_type(),

@@ -90,7 +90,7 @@ def test_float32_layer_sizes_run_on_onednn_and_small_ones_on_aten():
 
     big, small = torch.randn(1600, 768), torch.randn(4, 8)
     _, c = count_aten_ops(G.gemm, big, torch.randn(768, 128))
-    assert dict(c.by_name) == {"vgmr::gemm": 1} if G.onednn_active() else {"aten::mm": 1}
+    assert dict(c.by_name) == ({"vgmr::gemm": 1} if G.onednn_active() else {"aten::mm": 1})
     _, c = count_aten_ops(G.gemm, small, torch.randn(8, 3))
     assert dict(c.by_name) == {"aten::mm": 1}
     _, c = count_aten_ops(G.gemm, big.double(), torch.randn(768, 128).double())
@@ -101,6 +101,20 @@ def test_float32_layer_sizes_run_on_onednn_and_small_ones_on_aten():
     with G.use_onednn(False):
         _, c = count_aten_ops(G.gemm, big, torch.randn(768, 128))
     assert dict(c.by_name) == {"aten::mm": 1}
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch is built without oneDNN")
+def test_onednn_matmul_is_found_where_torch_has_onednn():
+    assert backend.has_onednn_matmul(), (
+        "at::native::mkldnn_matmul was not found in libtorch_cpu: the layer's float32 CPU GEMMs run on ATen's")
+
+
+def test_out_sharing_memory_with_an_operand_is_an_error():
+    a = torch.randn(64, 64)
+    with pytest.raises(RuntimeError, match="memory location"):
+        torch.ops.vgmr.gemm_into(a, a, torch.randn(64, 64))
+    with pytest.raises(RuntimeError, match="memory location"):
+        torch.ops.vgmr.gemm_into(torch.randn(4, 1).expand(4, 3), torch.randn(4, 5), torch.randn(5, 3))
 
 
 def test_onednn_disabled_by_torch_falls_back_to_aten_bit_for_bit():
