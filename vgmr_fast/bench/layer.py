@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .. import reference as ref
-from ..ops.gemm import onednn_active, use_onednn
+from ..ops.gemm import gemm, gemm_into, onednn_active, use_onednn
 from . import backends
 from .common import Ctx, Skip, Task, compiled, fused_peers, record, run_group, short_exc
 from .settings import Setting, make_batch, with_B
@@ -130,8 +130,6 @@ class _LayerGemm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, W, h, V):
-        from ..ops.gemm import gemm, gemm_into
-
         z = gemm(x, W.t())
         if h is not None:
             gemm_into(z, h, V.t())
@@ -140,8 +138,6 @@ class _LayerGemm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dz):
-        from ..ops.gemm import gemm
-
         x, W, h, V = ctx.saved_tensors
         need = ctx.needs_input_grad
         return (gemm(dz, W) if need[0] else None, gemm(dz.t(), x) if need[1] else None,
