@@ -119,6 +119,25 @@ def test_manual_seed_reproduces_and_masks_change_between_steps():
     assert not all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+def test_gemm_route_of_the_composable_path():
+    """The composable path's inference forward: the reference backend never calls the layer's CPU
+    GEMM operators; gate_gemm="stacked" does (at this size), unless the caller turned the route
+    off, which the path leaves as it found it."""
+    from vgmr_fast.ops.gemm import onednn_active, use_onednn
+
+    if not onednn_active():
+        pytest.skip("oneDNN's matmul is not in this torch: the layer's CPU GEMMs are ATen's")
+    r, _, xs, masks = _layer()
+    names = {}
+    for label, kw, route in (("reference", {"backend": "reference"}, True), ("stacked", {"gate_gemm": "stacked"}, True),
+                             ("stacked, route off", {"gate_gemm": "stacked"}, False)):
+        m = from_reference(r, **kw).eval()
+        with torch.inference_mode(), use_onednn(route):
+            _, c = count_aten_ops(m, xs, masks)
+        names[label] = c.by_name["vgmr::gemm"] + c.by_name["vgmr::gemm_into"]
+    assert names["reference"] == 0 and names["stacked"] > 0 and names["stacked, route off"] == 0, names
+
+
 def test_inductor_compiled_module_calls_the_cpu_gemms():
     """torch.compile (Inductor, fullgraph) of the fused module at the budget size keeps the layer's
     oneDNN GEMM operators in its generated code, and its training step (dropout, input gradients)

@@ -46,6 +46,7 @@ from .fused_node import _FusedVGMR, _Spec, _bias_rows, _seed_arg, _unflatten_par
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 EPS = ref.EPS
 _warned: set = set()
+_ATEN_GEMMS = use_onednn(False)
 
 
 def _warn_once(key: str, msg: str) -> None:
@@ -341,8 +342,10 @@ class VGMR(nn.Module):
 
             if self.gate_gemm == "two":
                 return self._forward_fused(xs, xs_list, masks_list, backend, return_aux)
-        with use_onednn(backend != "reference"):  # the reference backend is plain PyTorch throughout
-            return self._forward_composable(xs, xs_list, masks_list, B, backend, ops, return_aux)
+        if backend == "reference":  # plain PyTorch throughout, its GEMMs included
+            with _ATEN_GEMMS:
+                return self._forward_composable(xs, xs_list, masks_list, B, backend, ops, return_aux)
+        return self._forward_composable(xs, xs_list, masks_list, B, backend, ops, return_aux)
 
     def _forward_composable(self, xs, xs_list, masks_list, B, backend, ops, return_aux):
         """The composable path (``backend="reference"``, ``gate_gemm="stacked"``, an empty batch):

@@ -23,9 +23,10 @@ constexpr const char* kGemm = "vgmr::gemm";
 
 using OneDnnMatmul = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, float, float);
 
+// (A torch built without oneDNN exports the name too, as a stub that throws: hasMKLDNN decides.)
 OneDnnMatmul onednn_matmul() {
-  static const OneDnnMatmul fn = reinterpret_cast<OneDnnMatmul>(
-      dlsym(RTLD_DEFAULT, "_ZN2at6native13mkldnn_matmulERKNS_6TensorES3_S3_ff"));
+  static const OneDnnMatmul fn = at::hasMKLDNN() ? reinterpret_cast<OneDnnMatmul>(dlsym(
+      RTLD_DEFAULT, "_ZN2at6native13mkldnn_matmulERKNS_6TensorES3_S3_ff")) : nullptr;
   return fn;
 }
 

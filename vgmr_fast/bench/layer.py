@@ -267,8 +267,7 @@ def measure(ctx: Ctx, s: Setting, mode: str, peers: list, level: str = "layer") 
             extra["floor_s"] = ctx.floor(once)
             launches = r.get("aten_ops") or (r.get("compiled_kernels") or {}).get("total")
             extra["launch_floor_s"] = ctx.launch_floor(launches)
-            if mode in TIMELINE_MODES and (peer == "eager" or (peer.startswith("fused-") and "+" not in peer
-                                                              and not peer.endswith(ATEN_GEMM))):
+            if mode in TIMELINE_MODES and (peer == "eager" or _own_fused(peer)):
                 try:
                     extra["saved_bytes"] = saved_activation_bytes(ctx, s, peer)
                 except Exception as exc:  # noqa: BLE001
@@ -333,6 +332,11 @@ def layer_peers(ctx: Ctx, s: Setting) -> list:
     return peers
 
 
+def _own_fused(peer: str) -> bool:
+    """A fused module as the package runs it: not compiled, its own GEMM route."""
+    return peer.startswith("fused-") and "+" not in peer and not peer.endswith(ATEN_GEMM)
+
+
 def onednn_gemms(ctx: Ctx) -> bool:
     """Whether the fused CPU layer's float32 GEMMs run on oneDNN in this run."""
     return ctx.device == "cpu" and "cpu" in ctx.backends and onednn_active()
@@ -348,8 +352,7 @@ def tasks(ctx: Ctx, settings: list, fullgraph: bool = True) -> list:
             out.append(Task(f"layer {s.name} {mode}", (lambda s=s, mode=mode, peers=peers: measure(ctx, s, mode, peers)),
                             group=f"layer/{s.name}"))
         if i == 0:  # memory over time of the training steps, beside eager and compile
-            tl_peers = [p for p in peers if p in ("eager", "compile")
-                        or (p.startswith("fused-") and "+" not in p and not p.endswith(ATEN_GEMM))]
+            tl_peers = [p for p in peers if p in ("eager", "compile") or _own_fused(p)]
             for mode in TIMELINE_MODES:
                 out.append(Task(f"layer {s.name} {mode} memory timeline",
                                 (lambda s=s, mode=mode, p=tl_peers: measure_timeline(ctx, s, mode, p)),

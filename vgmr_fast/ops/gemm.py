@@ -41,7 +41,7 @@ class use_onednn:  # noqa: N801  (a context manager, named like torch.no_grad)
 
 def onednn_active() -> bool:
     """Whether float32 CPU GEMMs of the fused layer run on oneDNN here and now."""
-    return _enabled and _backend.has_onednn_matmul() and torch.backends.mkldnn.is_available()
+    return _enabled and _backend.has_onednn_matmul() and torch.backends.mkldnn.enabled
 
 
 #: Below this many multiply-adds a float32 GEMM stays ATen's: oneDNN's fixed cost per call (~13 us
