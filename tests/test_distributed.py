@@ -115,8 +115,8 @@ def worker(mode: str, out: str) -> None:
                      for k, v in model.state_dict().items()}
         torch.save(state, os.path.join(out, f"rank{rank}.pt"))
         # every rank done before any tears gloo down: a rank that exits while the other is still
-        # in a collective or on the store aborts it ("terminate called without an active exception",
-        # seen once in CI under torch 2.11)
+        # in a collective or on the store can abort it ("terminate called without an active
+        # exception", torch 2.11)
         dist.barrier()
     finally:
         dist.destroy_process_group()
